@@ -1,0 +1,187 @@
+import type { BucketConfig } from "../core/token_bucket.ts";
+import { TokenBucket } from "../core/token_bucket.ts";
+import type { KeyPolicy } from "../core/device.ts";
+import { keyUsable, type LiveKey } from "../core/device_keys.ts";
+import type { ErrorCode } from "../core/errors.ts";
+import { kwhText, readingId, type ReadingRow, type ReadingSource } from "../core/reading.ts";
+import { checkKwh, checkTimestamp, collides, type RuleLimits } from "../core/rules.ts";
+import { canonicalMessage, verifyWith } from "../core/signature.ts";
+import type { Principal } from "../core/user.ts";
+import type { InsertResult } from "../db/store.ts";
+import type { Outcome } from "../core/outcome.ts";
+
+/** One reading handed to a meter actor; fields as transmitted, already schema-checked. */
+export interface Submission {
+  meter_id: string;
+  kwh_amount: string | number;
+  reading_timestamp: string;
+  key_id?: string;
+  device_signature: string;
+  source: ReadingSource;
+  /** The HTTP caller; absent for device transports, which authenticated as the meter. */
+  caller?: Principal;
+}
+
+/** What an actor knows of its device, loaded at activation. */
+export interface DeviceState {
+  user_id: string;
+  wallet_address: string | null;
+  revoked: boolean;
+  keys: LiveKey[];
+}
+
+/** Settings shared by every actor (one object, not one copy per actor). */
+export interface ActorSettings {
+  rules: RuleLimits;
+  bucket: BucketConfig;
+  keys: KeyPolicy;
+  /** How many recent reading times each actor remembers. */
+  recent: number;
+}
+
+/** The actor's verdict: a final rejection/duplicate, or a row to persist. */
+export type Verdict =
+  | { kind: "reject"; code: ErrorCode; message: string; retryAfter?: number }
+  | { kind: "duplicate"; outcome: Outcome & { status: "duplicate" } }
+  | { kind: "accept"; row: ReadingRow };
+
+/**
+ * The state of one meter: device keys, the duplicate window over recent readings and the token
+ * bucket. `decide` is the hot path: synchronous, no I/O.
+ */
+export class MeterActor {
+  readonly meterId: string;
+  device: DeviceState | null;
+  /** Recent accepted or in-flight reading times, oldest first. */
+  #recent: number[];
+  #bucket: TokenBucket | undefined;
+  /** Readings handed to the writer and not yet settled; an actor with any is not passivated. */
+  inFlight = 0;
+  lastActive: number;
+
+  constructor(meterId: string, device: DeviceState | null, recent: number[], now: number) {
+    this.meterId = meterId;
+    this.device = device;
+    this.#recent = recent;
+    this.lastActive = now;
+  }
+
+  /** Runs the rules on one submission (parse → validate → verify → window → bucket). */
+  decide(msg: Submission, now: number, settings: ActorSettings): Verdict {
+    const device = this.device;
+    if (device === null) {
+      return reject("unknown_meter", `Meter "${msg.meter_id}" is not registered`);
+    }
+    if (msg.caller && msg.caller.role !== "admin" && msg.caller.user_id !== device.user_id) {
+      return reject("forbidden", `Meter "${msg.meter_id}" belongs to another user`);
+    }
+    if (device.revoked) return reject("device_revoked", `Meter "${msg.meter_id}" is revoked`);
+
+    const kwh = checkKwh(msg.kwh_amount, settings.rules);
+    if (typeof kwh !== "number") return reject(kwh.code, kwh.message);
+    const ts = Date.parse(msg.reading_timestamp);
+    const late = checkTimestamp(ts, now, settings.rules);
+    if (late) return reject(late.code, late.message);
+
+    const message = canonicalMessage(msg.meter_id, msg.reading_timestamp, kwhText(msg.kwh_amount));
+    const keyId = this.#verify(device.keys, msg, message, now, settings.keys);
+    if (typeof keyId !== "string") return keyId;
+
+    for (const other of this.#recent) {
+      if (collides(other, ts, settings.rules.dedupeWindowMs)) {
+        return { kind: "duplicate", outcome: duplicateOf(msg.meter_id, other, ts) };
+      }
+    }
+
+    this.#bucket ??= new TokenBucket(settings.bucket, now);
+    const waitMs = this.#bucket.take(settings.bucket, now);
+    if (waitMs > 0) {
+      return {
+        kind: "reject",
+        code: "rate_limited",
+        message: `Meter "${msg.meter_id}" exceeded its reading rate`,
+        retryAfter: Math.ceil(waitMs / 1000),
+      };
+    }
+
+    this.#remember(ts, settings.recent);
+    this.inFlight++;
+    return {
+      kind: "accept",
+      row: {
+        meter_id: msg.meter_id,
+        ts,
+        kwh_e4: kwh,
+        user_id: device.user_id,
+        wallet_address: device.wallet_address,
+        key_id: keyId,
+        device_signature: msg.device_signature,
+        source: msg.source,
+        submitted_at: now,
+        minted: false,
+      },
+    };
+  }
+
+  /** Settles an accepted row with the store's result, or `"failed"` when it was not written. */
+  settle(ts: number, result: InsertResult | "failed", settings: ActorSettings): void {
+    this.inFlight--;
+    if (result !== "failed" && result.status === "stored") return;
+    const i = this.#recent.lastIndexOf(ts);
+    if (i >= 0) this.#recent.splice(i, 1);
+    if (result !== "failed") this.#remember(result.conflict_ts, settings.recent);
+    // The reading was not stored: it should not cost the meter a token.
+    this.#bucket?.refund(settings.bucket);
+  }
+
+  #remember(ts: number, capacity: number): void {
+    if (this.#recent.length >= capacity) this.#recent.shift();
+    this.#recent.push(ts);
+  }
+
+  #verify(
+    keys: LiveKey[],
+    msg: Submission,
+    message: string,
+    now: number,
+    policy: KeyPolicy,
+  ): string | Verdict {
+    let expiredMatch = false;
+    for (const key of keys) {
+      if (msg.key_id !== undefined && key.key_id !== msg.key_id) continue;
+      if (verifyWith(key.material, message, msg.device_signature)) {
+        if (keyUsable(key, now, policy)) return key.key_id;
+        // Remembered only to tell "expired" from "wrong".
+        expiredMatch = true;
+      }
+    }
+    if (expiredMatch) {
+      return reject("key_expired", `The key of meter "${msg.meter_id}" has expired; rotate it`);
+    }
+    if (msg.key_id !== undefined && !keys.some((k) => k.key_id === msg.key_id)) {
+      return reject("bad_signature", `Meter "${msg.meter_id}" has no key "${msg.key_id}"`);
+    }
+    return reject("bad_signature", "device_signature does not verify with the meter's key");
+  }
+}
+
+function reject(code: ErrorCode, message: string): Verdict {
+  return { kind: "reject", code, message };
+}
+
+/** The duplicate outcome of a reading at `ts` colliding with the stored one at `storedTs`. */
+export function duplicateOf(
+  meterId: string,
+  storedTs: number,
+  ts: number,
+): Outcome & { status: "duplicate" } {
+  return {
+    status: "duplicate",
+    id: readingId(meterId, storedTs),
+    message: storedTs === ts
+      ? `Reading of meter "${meterId}" at ${new Date(ts).toISOString()} is already stored`
+      : `Meter "${meterId}" already has a reading at ${
+        new Date(storedTs).toISOString()
+      }, within the dedupe window`,
+  };
+}

@@ -1,0 +1,205 @@
+import type { Clock } from "../core/clock.ts";
+import { liveKeys } from "../core/device_keys.ts";
+import type { Logger } from "../core/logger.ts";
+import type { Outcome } from "../core/outcome.ts";
+import { type Reading, type ReadingRow, toReading } from "../core/reading.ts";
+import type { InsertResult, Store } from "../db/store.ts";
+import {
+  type ActorSettings,
+  type DeviceState,
+  duplicateOf,
+  MeterActor,
+  type Submission,
+} from "./meter_actor.ts";
+
+/** Where accepted rows go: the writer. `null` means its queue is full. */
+export interface ReadingSink {
+  submit(row: ReadingRow): Promise<InsertResult> | null;
+}
+
+/** Options of {@linkcode ActorRegistry}. */
+export interface RegistryOptions {
+  store: Store;
+  sink: ReadingSink;
+  clock: Clock;
+  logger: Logger;
+  /** Key-encryption key to unseal HMAC secrets at activation. */
+  kek: Uint8Array;
+  settings: ActorSettings;
+  /** Idle actors older than this are passivated by {@linkcode ActorRegistry.sweep}. */
+  idleTtlMs: number;
+  /** Live actors at most; the least recently used idle ones make room. */
+  maxActors: number;
+  /** Messages waiting for an activation, at most, per meter. */
+  mailboxMax: number;
+  /** Called after a reading is committed (publish to the bus). */
+  onCommitted?: (reading: Reading) => void;
+}
+
+interface Activation {
+  mailbox: { msg: Submission; resolve: (outcome: Outcome) => void }[];
+}
+
+/**
+ * The per-meter actor registry: one activation per meter, state loaded before the first message,
+ * messages arriving meanwhile wait in a bounded mailbox; idle actors are passivated and the
+ * number of live ones is capped with least-recently-used eviction.
+ */
+export class ActorRegistry {
+  #o: RegistryOptions;
+  /** Live actors in least-recently-used order (a Map iterates in insertion order). */
+  #actors = new Map<string, MeterActor>();
+  #activating = new Map<string, Activation>();
+
+  constructor(options: RegistryOptions) {
+    this.#o = options;
+  }
+
+  /** Number of live actors. */
+  get size(): number {
+    return this.#actors.size;
+  }
+
+  /** Hands a submission to its meter's actor and resolves with its final outcome. */
+  submit(msg: Submission): Promise<Outcome> {
+    const actor = this.#actors.get(msg.meter_id);
+    if (actor) return this.#turn(actor, msg);
+    const pending = this.#activating.get(msg.meter_id);
+    if (pending) return this.#enqueue(pending, msg);
+    const activation: Activation = { mailbox: [] };
+    this.#activating.set(msg.meter_id, activation);
+    const result = this.#enqueue(activation, msg);
+    this.#activate(msg.meter_id, activation);
+    return result;
+  }
+
+  /** Reloads a meter's device (registered, rotated, revoked): later messages see the change. */
+  invalidate(meterId: string): void {
+    const actor = this.#actors.get(meterId);
+    if (!actor) return;
+    // Keep the actor (its window and bucket) but queue new messages until the device reloads.
+    this.#actors.delete(meterId);
+    const activation: Activation = { mailbox: [] };
+    this.#activating.set(meterId, activation);
+    this.#activate(meterId, activation, actor);
+  }
+
+  /** Passivates actors idle for longer than the TTL; returns how many were dropped. */
+  sweep(): number {
+    const cutoff = this.#o.clock.now() - this.#o.idleTtlMs;
+    let dropped = 0;
+    for (const [id, actor] of this.#actors) {
+      if (actor.lastActive > cutoff) break; // LRU order: the rest are younger
+      if (actor.inFlight > 0) continue;
+      this.#actors.delete(id);
+      dropped++;
+    }
+    return dropped;
+  }
+
+  #enqueue(activation: Activation, msg: Submission): Promise<Outcome> {
+    if (activation.mailbox.length >= this.#o.mailboxMax) {
+      return Promise.resolve({
+        status: "rejected",
+        code: "overloaded",
+        message: `Meter "${msg.meter_id}" has too many readings waiting; retry shortly`,
+        retryAfter: 1,
+      });
+    }
+    return new Promise((resolve) => activation.mailbox.push({ msg, resolve }));
+  }
+
+  async #activate(meterId: string, activation: Activation, previous?: MeterActor): Promise<void> {
+    let actor: MeterActor;
+    try {
+      const device = await this.#loadDevice(meterId);
+      if (previous) {
+        previous.device = device;
+        actor = previous;
+      } else {
+        const recent = device
+          ? await this.#o.store.recentReadingTimes(meterId, this.#o.settings.recent)
+          : [];
+        actor = new MeterActor(meterId, device, recent.reverse(), this.#o.clock.now());
+      }
+    } catch (error) {
+      this.#activating.delete(meterId);
+      this.#o.logger.error("actor activation failed", { meter_id: meterId, error });
+      for (const { resolve } of activation.mailbox) {
+        resolve({
+          status: "rejected",
+          code: "unavailable",
+          message: "The store is unavailable; retry shortly",
+          retryAfter: 1,
+        });
+      }
+      return;
+    }
+    this.#activating.delete(meterId);
+    this.#actors.set(meterId, actor);
+    this.#evict();
+    for (const { msg, resolve } of activation.mailbox) this.#turn(actor, msg).then(resolve);
+  }
+
+  async #loadDevice(meterId: string): Promise<DeviceState | null> {
+    const device = await this.#o.store.getDevice(meterId);
+    if (!device) return null;
+    const owner = await this.#o.store.getUser(device.user_id);
+    return {
+      user_id: device.user_id,
+      wallet_address: owner?.wallet_address ?? null,
+      revoked: device.status === "revoked",
+      keys: liveKeys(meterId, device.keys, this.#o.kek),
+    };
+  }
+
+  #evict(): void {
+    if (this.#actors.size <= this.#o.maxActors) return;
+    for (const [id, actor] of this.#actors) {
+      if (actor.inFlight > 0) continue;
+      this.#actors.delete(id);
+      if (this.#actors.size <= this.#o.maxActors) return;
+    }
+  }
+
+  /** One turn: the synchronous decision, then (for accepted rows) the wait for the commit. */
+  #turn(actor: MeterActor, msg: Submission): Promise<Outcome> {
+    const now = this.#o.clock.now();
+    actor.lastActive = now;
+    // Move to the most-recently-used end.
+    this.#actors.delete(actor.meterId);
+    this.#actors.set(actor.meterId, actor);
+
+    const settings = this.#o.settings;
+    const verdict = actor.decide(msg, now, settings);
+    if (verdict.kind === "reject") {
+      return Promise.resolve({
+        status: "rejected",
+        code: verdict.code,
+        message: verdict.message,
+        retryAfter: verdict.retryAfter,
+      });
+    }
+    if (verdict.kind === "duplicate") return Promise.resolve(verdict.outcome);
+    const row = verdict.row;
+    const pending = this.#o.sink.submit(row);
+    if (pending === null) {
+      actor.settle(row.ts, "failed", settings);
+      return Promise.resolve({
+        status: "rejected",
+        code: "overloaded",
+        message: "The gateway is saturated; retry shortly",
+        retryAfter: 1,
+      });
+    }
+    return pending.then((result): Outcome => {
+      actor.settle(row.ts, result, settings);
+      if (result.status === "duplicate") {
+        return duplicateOf(row.meter_id, result.conflict_ts, row.ts);
+      }
+      const reading = toReading(row);
+      this.#o.onCommitted?.(reading);
+      return { status: "accepted", reading };
+    });
+  }
+}

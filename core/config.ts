@@ -1,0 +1,134 @@
+import { z } from "zod";
+import { ConfigError } from "./errors.ts";
+import { parseDuration } from "./duration.ts";
+
+const duration = (fallback: string) =>
+  z.string().default(fallback).transform((text, ctx) => {
+    const ms = parseDuration(text);
+    if (ms === undefined) {
+      ctx.addIssue({
+        code: "custom",
+        message: `"${text}" is not a duration like 30s, 15m, 24h, 7d`,
+      });
+      return z.NEVER;
+    }
+    return ms;
+  });
+
+const int = (fallback: number, min = 1, max = Number.MAX_SAFE_INTEGER) =>
+  z.coerce.number().int().min(min).max(max).default(fallback);
+
+const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
+
+/** Every environment variable the gateway reads, with its default. */
+const envSchema = z.object({
+  HOST: z.string().min(1).default("0.0.0.0"),
+  PORT: int(8080, 0, 65535),
+  DENO_KV_PATH: z.string().min(1).default("./data/gateway.kv"),
+  ADMIN_EMAIL: z.string().email().default("admin@gridtokenx.local"),
+  ADMIN_PASSWORD: z.string().min(8).optional(),
+  JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
+  JWT_TTL: duration("1h"),
+  DEVICE_KEY_ENCRYPTION_KEY: z.string().regex(/^[0-9a-fA-F]{64}$/, "must be 64 hex characters")
+    .optional(),
+  DEVICE_REGISTER_RATE_LIMIT: int(5),
+  DEVICE_KEY_ROTATION_DAYS: int(90),
+  DEVICE_KEY_ROTATION_GRACE: duration("24h"),
+  GATEWAY_INSTANCE_ID: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
+  LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
+  KWH_MAX: z.coerce.number().positive().default(100),
+  READING_MAX_AGE: duration("7d"),
+  READING_MAX_FUTURE: duration("5m"),
+  DEDUPE_WINDOW: duration("15m"),
+  METER_RATE_BURST: int(200),
+  METER_RATE_PER_MINUTE: z.coerce.number().positive().default(4),
+  ACTOR_IDLE_TTL: duration("30m"),
+  ACTOR_MAX: int(200_000),
+  ACTOR_MAILBOX_MAX: int(256),
+  RECENT_READINGS: int(8, 1, 1024),
+  WRITER_BATCH_MAX: int(1000, 1, 100_000),
+  WRITER_FLUSH_MS: int(5, 0, 10_000),
+  WRITER_QUEUE_MAX: int(20_000),
+  HTTP_BODY_LIMIT: int(64 * 1024, 256),
+  WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
+});
+
+/** Validated configuration of one gateway process. */
+export interface Config {
+  host: string;
+  port: number;
+  kvPath: string;
+  adminEmail: string;
+  adminPassword?: string;
+  jwtSecret?: string;
+  jwtTtlMs: number;
+  /** 32-byte key-encryption key from hex, when given. */
+  kek?: Uint8Array;
+  registerRateLimit: number;
+  keyRotationMs: number;
+  keyGraceMs: number;
+  instanceId: string;
+  logLevel: typeof LOG_LEVELS[number];
+  rules: { kwhMax: number; maxAgeMs: number; maxFutureMs: number; dedupeWindowMs: number };
+  bucket: { burst: number; refillPerMs: number };
+  actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
+  writer: { batchMax: number; flushMs: number; queueMax: number };
+  httpBodyLimit: number;
+  wsSendBufferMax: number;
+}
+
+/** Reads and validates the configuration; throws one ConfigError naming every bad variable. */
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const cleaned = Object.fromEntries(
+    Object.keys(envSchema.shape).map((k) => [k, env[k] === "" ? undefined : env[k]]),
+  );
+  const parsed = envSchema.safeParse(cleaned);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `  ${String(i.path[0])}: ${i.message}`);
+    const names = [...new Set(parsed.error.issues.map((i) => String(i.path[0])))];
+    throw new ConfigError(`Invalid configuration:\n${lines.join("\n")}`, names);
+  }
+  const e = parsed.data;
+  return {
+    host: e.HOST,
+    port: e.PORT,
+    kvPath: e.DENO_KV_PATH,
+    adminEmail: e.ADMIN_EMAIL.toLowerCase(),
+    adminPassword: e.ADMIN_PASSWORD,
+    jwtSecret: e.JWT_SECRET,
+    jwtTtlMs: e.JWT_TTL,
+    kek: e.DEVICE_KEY_ENCRYPTION_KEY ? hexBytes(e.DEVICE_KEY_ENCRYPTION_KEY) : undefined,
+    registerRateLimit: e.DEVICE_REGISTER_RATE_LIMIT,
+    keyRotationMs: e.DEVICE_KEY_ROTATION_DAYS * 86_400_000,
+    keyGraceMs: e.DEVICE_KEY_ROTATION_GRACE,
+    instanceId: e.GATEWAY_INSTANCE_ID ?? `gw-${crypto.randomUUID().slice(0, 8)}`,
+    logLevel: e.LOG_LEVEL,
+    rules: {
+      kwhMax: e.KWH_MAX,
+      maxAgeMs: e.READING_MAX_AGE,
+      maxFutureMs: e.READING_MAX_FUTURE,
+      dedupeWindowMs: e.DEDUPE_WINDOW,
+    },
+    bucket: { burst: e.METER_RATE_BURST, refillPerMs: e.METER_RATE_PER_MINUTE / 60_000 },
+    actors: {
+      idleTtlMs: e.ACTOR_IDLE_TTL,
+      max: e.ACTOR_MAX,
+      mailboxMax: e.ACTOR_MAILBOX_MAX,
+      recent: e.RECENT_READINGS,
+    },
+    writer: {
+      batchMax: e.WRITER_BATCH_MAX,
+      flushMs: e.WRITER_FLUSH_MS,
+      queueMax: e.WRITER_QUEUE_MAX,
+    },
+    httpBodyLimit: e.HTTP_BODY_LIMIT,
+    wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
+  };
+}
+
+/** Decodes hex into bytes. */
+export function hexBytes(hex: string): Uint8Array {
+  const out = new Uint8Array(hex.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(hex.slice(i * 2, i * 2 + 2), 16);
+  return out;
+}

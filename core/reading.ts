@@ -1,0 +1,105 @@
+import { createHash } from "node:crypto";
+import { z } from "zod";
+
+/** Meter identifiers: 1–64 characters of `[A-Za-z0-9._:-]`. */
+export const METER_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
+const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$/;
+const DECIMAL = /^[+-]?(\d{1,20}(\.\d{0,20})?|\.\d{1,20})$/;
+
+/** Where a reading entered the gateway. */
+export type ReadingSource = "mqtt" | "http" | "batch";
+
+export const meterIdSchema = z.string().regex(
+  METER_ID_PATTERN,
+  "meter_id must be 1-64 characters of A-Z a-z 0-9 . _ : -",
+);
+
+export const keyIdSchema = z.string().regex(/^[A-Za-z0-9._:-]{1,64}$/, "key_id is malformed");
+
+export const rfc3339Schema = z.string().max(40).regex(
+  RFC3339,
+  "reading_timestamp must be an RFC 3339 date-time",
+).refine((s) => !Number.isNaN(Date.parse(s)), "reading_timestamp is not a real date");
+
+/** A decimal as a string, or a JSON number (kept in its `JSON.stringify` form for signing). */
+export const kwhSchema = z.union([
+  z.string().max(42).regex(DECIMAL, "kwh_amount must be a decimal number"),
+  z.number().finite(),
+]);
+
+/** The signed fields every transport carries (meter id comes from the body or the topic). */
+export const signedFieldsSchema = z.strictObject({
+  kwh_amount: kwhSchema,
+  reading_timestamp: rfc3339Schema,
+  key_id: keyIdSchema.optional(),
+  device_signature: z.string().min(1).max(256),
+});
+
+/** A reading as submitted over HTTP. */
+export const readingSubmissionSchema = signedFieldsSchema.extend({ meter_id: meterIdSchema });
+
+export type SignedFields = z.infer<typeof signedFieldsSchema>;
+export type ReadingSubmission = z.infer<typeof readingSubmissionSchema>;
+
+/** A reading as stored: time in epoch ms, energy in units of 0.0001 kWh. */
+export interface ReadingRow {
+  meter_id: string;
+  /** Epoch milliseconds of `reading_timestamp`. */
+  ts: number;
+  /** kWh × 10 000 (4 decimals kept). */
+  kwh_e4: number;
+  user_id: string;
+  wallet_address: string | null;
+  key_id: string;
+  device_signature: string;
+  source: ReadingSource;
+  /** Epoch milliseconds when the gateway accepted it. */
+  submitted_at: number;
+  minted: boolean;
+}
+
+/** A reading as the API shows it. */
+export interface Reading {
+  id: string;
+  meter_id: string;
+  user_id: string;
+  wallet_address: string | null;
+  kwh_amount: number;
+  reading_timestamp: string;
+  key_id: string;
+  device_signature: string;
+  source: ReadingSource;
+  submitted_at: string;
+  minted: boolean;
+}
+
+/** The reading's id: derived from its natural key, so every replay and every instance agrees on it. */
+export function readingId(meterId: string, ts: number): string {
+  const h = createHash("sha256").update(`${meterId}\n${ts}`).digest();
+  h[6] = (h[6] & 0x0f) | 0x80; // UUID version 8 (custom)
+  h[8] = (h[8] & 0x3f) | 0x80; // RFC 4122 variant
+  const x = h.toString("hex", 0, 16);
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}
+
+/** Converts a stored row to its API form. */
+export function toReading(row: ReadingRow): Reading {
+  return {
+    id: readingId(row.meter_id, row.ts),
+    meter_id: row.meter_id,
+    user_id: row.user_id,
+    wallet_address: row.wallet_address,
+    kwh_amount: row.kwh_e4 / 10_000,
+    reading_timestamp: new Date(row.ts).toISOString(),
+    key_id: row.key_id,
+    device_signature: row.device_signature,
+    source: row.source,
+    submitted_at: new Date(row.submitted_at).toISOString(),
+    minted: row.minted,
+  };
+}
+
+/** The exact text of `kwh_amount` that was signed. */
+export function kwhText(kwh: string | number): string {
+  return typeof kwh === "string" ? kwh : JSON.stringify(kwh);
+}

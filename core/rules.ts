@@ -1,0 +1,53 @@
+import type { ErrorCode } from "./errors.ts";
+
+/** Limits of the domain rules (DESIGN.md §3), all configurable. */
+export interface RuleLimits {
+  kwhMax: number;
+  maxAgeMs: number;
+  maxFutureMs: number;
+  dedupeWindowMs: number;
+}
+
+/** A rule violation: stable code plus a human message. */
+export interface Violation {
+  code: ErrorCode;
+  message: string;
+}
+
+/** Rule 1: `0 < kwh <= kwhMax`; returns kWh × 10 000 rounded to 4 decimals, or the violation. */
+export function checkKwh(kwh: string | number, limits: RuleLimits): number | Violation {
+  const value = typeof kwh === "number" ? kwh : Number(kwh);
+  if (!Number.isFinite(value) || value <= 0 || value > limits.kwhMax) {
+    return {
+      code: "kwh_out_of_range",
+      message: `kwh_amount must be greater than 0 and at most ${limits.kwhMax}, got "${kwh}"`,
+    };
+  }
+  const e4 = Math.round(value * 10_000);
+  if (e4 === 0) {
+    return { code: "kwh_out_of_range", message: `kwh_amount "${kwh}" rounds to 0 at 4 decimals` };
+  }
+  return e4;
+}
+
+/** Rule 2: not older than `maxAgeMs`, not more than `maxFutureMs` ahead of `now`. */
+export function checkTimestamp(ts: number, now: number, limits: RuleLimits): Violation | null {
+  if (ts < now - limits.maxAgeMs) {
+    return {
+      code: "timestamp_too_old",
+      message: `reading_timestamp is older than ${limits.maxAgeMs / 3_600_000} hours`,
+    };
+  }
+  if (ts > now + limits.maxFutureMs) {
+    return {
+      code: "timestamp_in_future",
+      message: `reading_timestamp is more than ${limits.maxFutureMs / 1000} seconds in the future`,
+    };
+  }
+  return null;
+}
+
+/** Rule 3: two readings of one meter collide when they lie strictly within the window. */
+export function collides(a: number, b: number, windowMs: number): boolean {
+  return Math.abs(a - b) < windowMs;
+}

@@ -1,0 +1,78 @@
+import {
+  createHmac,
+  createPublicKey,
+  type KeyObject,
+  timingSafeEqual,
+  verify as verifySignature,
+} from "node:crypto";
+import { Buffer } from "node:buffer";
+
+/** Device key algorithms. */
+export type KeyAlgorithm = "hmac-sha256" | "ed25519";
+
+const SIGNATURE_BYTES: Record<KeyAlgorithm, number> = { "hmac-sha256": 32, ed25519: 64 };
+
+/** The canonical message a device signs (DESIGN.md §4); values exactly as transmitted. */
+export function canonicalMessage(meterId: string, timestamp: string, kwh: string): string {
+  return `GRIDTOKENX_METER_READING\nmeter_id: ${meterId}\ntimestamp: ${timestamp}\nkwh_amount: ${kwh}`;
+}
+
+/** The message signed as the MQTT CONNECT password (DESIGN.md §8a). */
+export function connectMessage(meterId: string, unixSeconds: string): string {
+  return `GRIDTOKENX_MQTT_CONNECT\nmeter_id: ${meterId}\ntimestamp: ${unixSeconds}`;
+}
+
+/** Decodes a hex or base64url (padding optional) signature; `null` when neither fits. */
+export function decodeSignature(text: string, algorithm: KeyAlgorithm): Buffer | null {
+  const bytes = SIGNATURE_BYTES[algorithm];
+  if (text.length === bytes * 2 && /^[0-9a-fA-F]+$/.test(text)) return Buffer.from(text, "hex");
+  if (!/^[A-Za-z0-9_-]+={0,2}$/.test(text)) return null;
+  const decoded = Buffer.from(text.replace(/=+$/, ""), "base64url");
+  return decoded.length === bytes ? decoded : null;
+}
+
+/** Parses an Ed25519 public key given as 32 raw bytes in hex/base64url/base64, or as PEM. */
+export function parseEd25519PublicKey(text: string): KeyObject | null {
+  try {
+    if (text.includes("BEGIN PUBLIC KEY")) {
+      const key = createPublicKey(text);
+      return key.asymmetricKeyType === "ed25519" ? key : null;
+    }
+    const raw = /^[0-9a-fA-F]{64}$/.test(text)
+      ? Buffer.from(text, "hex")
+      : Buffer.from(text.replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_"), "base64url");
+    if (raw.length !== 32) return null;
+    return createPublicKey({
+      key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") },
+      format: "jwk",
+    });
+  } catch {
+    return null;
+  }
+}
+
+/** Raw 32-byte form (base64url) of an Ed25519 public key, the form we store. */
+export function ed25519Raw(key: KeyObject): string {
+  return (key.export({ format: "jwk" }) as { x: string }).x;
+}
+
+/** Key material ready to verify: an HMAC secret or an Ed25519 public key. */
+export type KeyMaterial =
+  | { algorithm: "hmac-sha256"; secret: Buffer }
+  | { algorithm: "ed25519"; publicKey: KeyObject };
+
+/** Verifies `signature` over `message`; constant-time for HMAC. */
+export function verifyWith(material: KeyMaterial, message: string, signature: string): boolean {
+  const sig = decodeSignature(signature, material.algorithm);
+  if (sig === null) return false;
+  if (material.algorithm === "hmac-sha256") {
+    const mac = createHmac("sha256", material.secret).update(message).digest();
+    return timingSafeEqual(mac, sig);
+  }
+  return verifySignature(null, Buffer.from(message), material.publicKey, sig);
+}
+
+/** Signs `message` with an HMAC secret (the reference signer; returns hex). */
+export function signHmac(secret: Uint8Array, message: string): string {
+  return createHmac("sha256", secret).update(message).digest("hex");
+}

@@ -1,0 +1,89 @@
+import type { AuditEntry, DeviceRecord } from "../core/device.ts";
+import type { ReadingRow } from "../core/reading.ts";
+import type { User, UserRecord } from "../core/user.ts";
+
+/** What happened to one row of {@linkcode Store.insertReadings}. */
+export type InsertResult =
+  | { status: "stored" }
+  /** `conflict_ts`: the stored reading (epoch ms) that this one collides with. */
+  | { status: "duplicate"; conflict_ts: number };
+
+/** A page of results with an opaque cursor for the next one (`null` at the end). */
+export interface Page<T> {
+  items: T[];
+  next_cursor: string | null;
+}
+
+/** Filters of {@linkcode Store.listReadings}. */
+export interface ReadingQuery {
+  /** Only readings of this owner's meters. */
+  user_id?: string;
+  meter_id?: string;
+  /** Inclusive lower bound, epoch ms. */
+  from?: number;
+  /** Exclusive upper bound, epoch ms. */
+  to?: number;
+  minted?: boolean;
+  order: "asc" | "desc";
+  limit: number;
+  cursor?: string;
+}
+
+/** Totals over a set of readings. */
+export interface ReadingStats {
+  meter_count: number;
+  reading_count: number;
+  /** Sum of kWh × 10 000. */
+  kwh_e4: number;
+  minted_count: number;
+  first_ts: number | null;
+  last_ts: number | null;
+}
+
+/** Options every store honours. */
+export interface StoreOptions {
+  /** Rule 3: readings of one meter strictly closer than this collide. */
+  dedupeWindowMs: number;
+}
+
+/**
+ * The persistence port: users, devices (with keys and audit log) and readings.
+ * Every adapter passes tests/contracts/store_contract.ts.
+ */
+export interface Store {
+  /** Creates a user; throws `GatewayError("conflict")` when the email is taken. */
+  createUser(user: UserRecord): Promise<void>;
+  getUser(id: string): Promise<User | null>;
+  /** Looks a user up by (lower-cased) email, with the password hash. */
+  getUserByEmail(email: string): Promise<UserRecord | null>;
+  countUsers(): Promise<number>;
+
+  /** Registers a device and writes its audit entry; throws `GatewayError("conflict")` if known. */
+  createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void>;
+  getDevice(meterId: string): Promise<DeviceRecord | null>;
+  /** Replaces a device (rotation, revocation) and writes the audit entry in one transaction. */
+  updateDevice(device: DeviceRecord, audit: AuditEntry): Promise<void>;
+  /** Devices ordered by meter id; optionally only one owner's. */
+  listDevices(
+    query: { user_id?: string; limit: number; cursor?: string },
+  ): Promise<Page<DeviceRecord>>;
+  /** Audit entries, oldest first; optionally of one meter. */
+  listAudit(query: { meter_id?: string; limit: number }): Promise<AuditEntry[]>;
+
+  /**
+   * Inserts readings; one result per row, in order. A row whose meter already has a stored
+   * reading at the same instant or strictly within the dedupe window (including earlier rows
+   * of the same call) is not stored and reports the colliding reading.
+   */
+  insertReadings(rows: ReadingRow[]): Promise<InsertResult[]>;
+  /** The most recent readings' timestamps of a meter, newest first (actor rehydration). */
+  recentReadingTimes(meterId: string, limit: number): Promise<number[]>;
+  getReading(meterId: string, ts: number): Promise<ReadingRow | null>;
+  listReadings(query: ReadingQuery): Promise<Page<ReadingRow>>;
+  /** Totals over one owner's readings, or all when `user_id` is absent. */
+  readingStats(query: { user_id?: string }): Promise<ReadingStats>;
+
+  /** Cheap liveness probe of the backend. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,183 @@
+import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
+import type { Clock } from "../core/clock.ts";
+import { GatewayError } from "../core/errors.ts";
+import { meterIdSchema } from "../core/reading.ts";
+import type { DeviceService } from "../services/devices.ts";
+import type { TokenService } from "../services/tokens.ts";
+import { type AuthEnv, bearerAuth, perAddressLimit, requireRole } from "./middleware.ts";
+import {
+  commonErrors,
+  DeviceSchema,
+  ErrorSchema,
+  IssuedKeySchema,
+  jsonBody,
+  jsonResponse,
+  MeterParam,
+} from "./schemas.ts";
+import { validationHook } from "./validation.ts";
+
+const RegisterSchema = z.strictObject({
+  meter_id: meterIdSchema,
+  user_id: z.string().min(1).max(64),
+  algorithm: z.enum(["hmac-sha256", "ed25519"]).default("hmac-sha256"),
+  public_key: z.string().min(1).max(512).optional(),
+}).openapi("DeviceRegistration");
+
+const ImportSchema = z.strictObject({
+  devices: z.array(RegisterSchema).min(1).max(10_000),
+}).openapi("DeviceImport");
+
+const ImportResultSchema = z.object({
+  results: z.array(z.object({
+    meter_id: z.string(),
+    key_id: z.string().optional(),
+    algorithm: z.string().optional(),
+    secret_hex: z.string().optional(),
+    error: z.object({ code: z.string(), message: z.string() }).optional(),
+  })),
+}).openapi("DeviceImportResult");
+
+const ListQuery = z.object({
+  user_id: z.string().max(64).optional(),
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
+  cursor: z.string().max(512).optional(),
+});
+
+const RotateSchema = z.strictObject({ public_key: z.string().min(1).max(512).optional() })
+  .openapi("DeviceRotation");
+const RevokeSchema = z.strictObject({ reason: z.string().max(500).optional() });
+
+const security = [{ bearer: [] }];
+const tags = ["devices"];
+
+const register = createRoute({
+  method: "post",
+  path: "/register",
+  tags,
+  security,
+  summary: "Register a meter to a user and issue its first key (rate-limited per address)",
+  request: { body: jsonBody(RegisterSchema) },
+  responses: {
+    201: jsonResponse(IssuedKeySchema, "Registered; an HMAC secret is shown only here"),
+    409: jsonResponse(ErrorSchema, "Meter already registered"),
+    429: jsonResponse(ErrorSchema, "Too many registrations from this address"),
+    ...commonErrors,
+  },
+});
+
+const bulk = createRoute({
+  method: "post",
+  path: "/import",
+  tags,
+  security,
+  summary: "Register many meters in one request (fleet provisioning)",
+  request: { body: jsonBody(ImportSchema) },
+  responses: { 200: jsonResponse(ImportResultSchema, "One result per device"), ...commonErrors },
+});
+
+const list = createRoute({
+  method: "get",
+  path: "/",
+  tags,
+  security,
+  summary: "List devices",
+  request: { query: ListQuery },
+  responses: {
+    200: jsonResponse(
+      z.object({ items: z.array(DeviceSchema), next_cursor: z.string().nullable() }),
+      "Devices",
+    ),
+    ...commonErrors,
+  },
+});
+
+const rotate = createRoute({
+  method: "post",
+  path: "/{meter_id}/rotate",
+  tags,
+  security,
+  summary: "Issue a new key; the old one stays valid for the grace period",
+  // The body is optional, so it is parsed in the handler (an empty body means `{}`).
+  request: { params: MeterParam },
+  responses: { 200: jsonResponse(IssuedKeySchema, "New key"), ...commonErrors },
+});
+
+const revoke = createRoute({
+  method: "post",
+  path: "/{meter_id}/revoke",
+  tags,
+  security,
+  summary: "Revoke a meter on every instance",
+  request: { params: MeterParam },
+  responses: { 200: jsonResponse(DeviceSchema, "Revoked device"), ...commonErrors },
+});
+
+/** `/api/admin/devices`: provisioning, rotation, revocation (admin and operator). */
+export function adminDeviceRoutes(
+  deps: { devices: DeviceService; tokens: TokenService; clock: Clock; registerPerMinute: number },
+) {
+  const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
+  app.use(bearerAuth(deps.tokens), requireRole("admin", "operator"));
+  const limit = perAddressLimit({
+    perMinute: deps.registerPerMinute,
+    clock: deps.clock,
+    what: "device registration",
+  });
+  app.use("/register", limit);
+  app.use("/import", limit);
+  return app
+    .openapi(register, async (c) => {
+      const issued = await deps.devices.register(c.req.valid("json"), c.var.principal.user_id);
+      return c.json(issued, 201);
+    })
+    .openapi(bulk, async (c) => {
+      const results = [];
+      for (const device of c.req.valid("json").devices) {
+        try {
+          results.push(await deps.devices.register(device, c.var.principal.user_id));
+        } catch (error) {
+          if (!(error instanceof GatewayError)) throw error;
+          results.push({
+            meter_id: device.meter_id,
+            error: { code: error.code, message: error.message },
+          });
+        }
+      }
+      return c.json({ results }, 200);
+    })
+    .openapi(list, async (c) => c.json(await deps.devices.list(c.req.valid("query")), 200))
+    .openapi(rotate, async (c) => {
+      const body = optionalJson(await c.req.text(), RotateSchema);
+      const issued = await deps.devices.rotate(
+        c.req.valid("param").meter_id,
+        body,
+        c.var.principal.user_id,
+      );
+      return c.json(issued, 200);
+    })
+    .openapi(revoke, async (c) => {
+      const body = optionalJson(await c.req.text(), RevokeSchema);
+      const view = await deps.devices.revoke(
+        c.req.valid("param").meter_id,
+        c.var.principal.user_id,
+        body.reason,
+      );
+      return c.json(view, 200);
+    });
+}
+
+/** Bodies that may be omitted entirely (rotate/revoke): empty means `{}`. */
+function optionalJson<T extends z.ZodType>(text: string, schema: T): z.infer<T> {
+  if (text.trim() === "") return schema.parse({});
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    throw new GatewayError("invalid_payload", "Request body is not valid JSON");
+  }
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) {
+    throw new GatewayError("invalid_payload", `Invalid json: ${parsed.error.issues[0].message}`);
+  }
+  return parsed.data;
+}

@@ -1,0 +1,163 @@
+import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
+import type { ActorRegistry } from "../actors/registry.ts";
+import { GatewayError } from "../core/errors.ts";
+import type { Outcome } from "../core/outcome.ts";
+import {
+  meterIdSchema,
+  type Reading,
+  readingSubmissionSchema,
+  toReading,
+} from "../core/reading.ts";
+import type { Principal } from "../core/user.ts";
+import type { Store } from "../db/store.ts";
+import type { TokenService } from "../services/tokens.ts";
+import { type AuthEnv, bearerAuth } from "./middleware.ts";
+import { commonErrors, ErrorSchema, jsonBody, jsonResponse, ReadingSchema } from "./schemas.ts";
+import { validationHook } from "./validation.ts";
+
+const SubmissionSchema = readingSubmissionSchema.meta({
+  id: "ReadingSubmission",
+  example: {
+    meter_id: "meter-1",
+    kwh_amount: "12.5",
+    reading_timestamp: "2026-11-29T10:15:00Z",
+    device_signature: "9396d1b1e4fbc88d8cdcba4b9fcf3ff17d6e5f33bc5a003d893823c5ccfc6ceb",
+  },
+});
+
+const isoDate = z.string().max(40).refine(
+  (s) => !Number.isNaN(Date.parse(s)),
+  "must be a date-time",
+);
+
+const ListQuery = z.object({
+  meter_id: meterIdSchema.optional(),
+  from: isoDate.optional().openapi({ description: "Inclusive lower bound (RFC 3339)" }),
+  to: isoDate.optional().openapi({ description: "Exclusive upper bound (RFC 3339)" }),
+  minted: z.enum(["true", "false"]).optional(),
+  order: z.enum(["asc", "desc"]).default("desc"),
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
+  cursor: z.string().max(1024).optional(),
+});
+
+const StatsSchema = z.object({
+  meter_count: z.number().int(),
+  reading_count: z.number().int(),
+  total_kwh: z.number(),
+  minted_count: z.number().int(),
+  first_reading_at: z.string().nullable(),
+  last_reading_at: z.string().nullable(),
+}).openapi("ReadingStats");
+
+const security = [{ bearer: [] }];
+const tags = ["meters"];
+
+const submit = createRoute({
+  method: "post",
+  path: "/submit-reading",
+  tags,
+  security,
+  summary: "Submit a signed reading; 201 only after it is stored",
+  request: { body: jsonBody(SubmissionSchema) },
+  responses: {
+    201: jsonResponse(ReadingSchema, "Stored"),
+    409: jsonResponse(ErrorSchema, "Duplicate; details.id is the stored reading's id"),
+    422: jsonResponse(ErrorSchema, "Rule violation"),
+    429: jsonResponse(ErrorSchema, "Meter rate limit; see Retry-After"),
+    503: jsonResponse(ErrorSchema, "Writer saturated; see Retry-After"),
+    ...commonErrors,
+  },
+});
+
+const list = createRoute({
+  method: "get",
+  path: "/readings",
+  tags,
+  security,
+  summary: "List readings (own meters; admins all)",
+  request: { query: ListQuery },
+  responses: {
+    200: jsonResponse(
+      z.object({ items: z.array(ReadingSchema), next_cursor: z.string().nullable() }),
+      "A page of readings",
+    ),
+    ...commonErrors,
+  },
+});
+
+const stats = createRoute({
+  method: "get",
+  path: "/stats",
+  tags,
+  security,
+  summary: "Totals of the caller's readings (admins: all, or one user's)",
+  request: { query: z.object({ user_id: z.string().max(64).optional() }) },
+  responses: { 200: jsonResponse(StatsSchema, "Totals"), ...commonErrors },
+});
+
+/** Turns a non-accepted outcome into the error the HTTP layer maps. */
+export function outcomeError(outcome: Exclude<Outcome, { status: "accepted" }>): GatewayError {
+  if (outcome.status === "duplicate") {
+    return new GatewayError("duplicate", outcome.message, { details: { id: outcome.id } });
+  }
+  return new GatewayError(outcome.code, outcome.message, { retryAfter: outcome.retryAfter });
+}
+
+/** `/api/meters`: submission, listing and stats. */
+export function meterRoutes(deps: { registry: ActorRegistry; store: Store; tokens: TokenService }) {
+  const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
+  app.use(bearerAuth(deps.tokens));
+
+  /** Users may only name their own meters. */
+  async function assertOwner(principal: Principal, meterId: string): Promise<void> {
+    if (principal.role === "admin") return;
+    const device = await deps.store.getDevice(meterId);
+    if (device && device.user_id !== principal.user_id) {
+      throw new GatewayError("forbidden", `Meter "${meterId}" belongs to another user`);
+    }
+  }
+
+  return app
+    .openapi(submit, async (c) => {
+      const outcome = await deps.registry.submit({
+        ...c.req.valid("json"),
+        source: "http",
+        caller: c.var.principal,
+      });
+      if (outcome.status !== "accepted") throw outcomeError(outcome);
+      return c.json(outcome.reading as Reading, 201);
+    })
+    .openapi(list, async (c) => {
+      const q = c.req.valid("query");
+      const principal = c.var.principal;
+      if (q.meter_id) await assertOwner(principal, q.meter_id);
+      const page = await deps.store.listReadings({
+        user_id: principal.role === "admin" ? undefined : principal.user_id,
+        meter_id: q.meter_id,
+        from: q.from ? Date.parse(q.from) : undefined,
+        to: q.to ? Date.parse(q.to) : undefined,
+        minted: q.minted === undefined ? undefined : q.minted === "true",
+        order: q.order,
+        limit: q.limit,
+        cursor: q.cursor,
+      });
+      return c.json({ items: page.items.map(toReading), next_cursor: page.next_cursor }, 200);
+    })
+    .openapi(stats, async (c) => {
+      const principal = c.var.principal;
+      const requested = c.req.valid("query").user_id;
+      if (requested && principal.role !== "admin" && requested !== principal.user_id) {
+        throw new GatewayError("forbidden", "Only admins may read another user's stats");
+      }
+      const userId = principal.role === "admin" ? requested : principal.user_id;
+      const s = await deps.store.readingStats({ user_id: userId });
+      return c.json({
+        meter_count: s.meter_count,
+        reading_count: s.reading_count,
+        total_kwh: s.kwh_e4 / 10_000,
+        minted_count: s.minted_count,
+        first_reading_at: s.first_ts === null ? null : new Date(s.first_ts).toISOString(),
+        last_reading_at: s.last_ts === null ? null : new Date(s.last_ts).toISOString(),
+      }, 200);
+    });
+}

@@ -1,0 +1,88 @@
+import type { Context, MiddlewareHandler } from "hono";
+import { getConnInfo } from "hono/deno";
+import type { Clock } from "../core/clock.ts";
+import { GatewayError } from "../core/errors.ts";
+import type { Principal, Role } from "../core/user.ts";
+import type { TokenService } from "../services/tokens.ts";
+
+/** Hono environment of authenticated routes. */
+export type AuthEnv = { Variables: { principal: Principal } };
+
+/** Requires a bearer token; sets `principal`. */
+export function bearerAuth(tokens: TokenService): MiddlewareHandler<AuthEnv> {
+  return async function bearerAuth(c, next) {
+    const header = c.req.header("authorization") ?? "";
+    const match = /^Bearer\s+(\S+)$/i.exec(header);
+    if (!match) {
+      throw new GatewayError("unauthorized", "Send an Authorization: Bearer <token> header");
+    }
+    c.set("principal", await tokens.verify(match[1]));
+    await next();
+  };
+}
+
+/** Requires one of `roles`. */
+export function requireRole(...roles: Role[]): MiddlewareHandler<AuthEnv> {
+  return async function requireRole(c, next) {
+    if (!roles.includes(c.var.principal.role)) {
+      throw new GatewayError(
+        "forbidden",
+        `This needs the role ${roles.map((r) => `"${r}"`).join(" or ")}`,
+      );
+    }
+    await next();
+  };
+}
+
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+/** Rejects request bodies that are not UTF-8 (before JSON parsing silently mangles them). */
+export function strictUtf8(): MiddlewareHandler {
+  return async function strictUtf8(c, next) {
+    if (c.req.method === "POST" || c.req.method === "PUT" || c.req.method === "PATCH") {
+      try {
+        utf8.decode(await c.req.arrayBuffer());
+      } catch {
+        throw new GatewayError("invalid_payload", "Request body is not valid UTF-8");
+      }
+    }
+    await next();
+  };
+}
+
+/** The client's address, or `"unknown"` when served in-process. */
+export function clientAddress(c: Context): string {
+  try {
+    return getConnInfo(c).remote.address ?? "unknown";
+  } catch {
+    return "unknown";
+  }
+}
+
+/** Fixed-window limit of requests per minute per client address. */
+export function perAddressLimit(
+  options: { perMinute: number; clock: Clock; what: string },
+): MiddlewareHandler {
+  const windows = new Map<string, { start: number; count: number }>();
+  return async function perAddressLimit(c, next) {
+    const now = options.clock.now();
+    const address = clientAddress(c);
+    let w = windows.get(address);
+    if (!w || now - w.start >= 60_000) {
+      // Forget finished windows so the map stays bounded by the active clients.
+      if (windows.size > 10_000) {
+        for (const [k, v] of windows) if (now - v.start >= 60_000) windows.delete(k);
+      }
+      w = { start: now, count: 0 };
+      windows.set(address, w);
+    }
+    if (++w.count > options.perMinute) {
+      throw new GatewayError(
+        "rate_limited",
+        `At most ${options.perMinute} ${options.what} requests per minute per address`,
+        { retryAfter: Math.ceil((w.start + 60_000 - now) / 1000) },
+      );
+    }
+    await next();
+  };
+}

@@ -1,0 +1,91 @@
+import { z } from "@hono/zod-openapi";
+import { METER_ID_PATTERN } from "../core/reading.ts";
+
+/** The error body of every failure. */
+export const ErrorSchema = z.object({
+  error: z.object({
+    code: z.string().openapi({ example: "kwh_out_of_range" }),
+    message: z.string(),
+    details: z.record(z.string(), z.unknown()).optional(),
+  }),
+}).openapi("Error");
+
+export const ReadingSchema = z.object({
+  id: z.string().uuid(),
+  meter_id: z.string(),
+  user_id: z.string(),
+  wallet_address: z.string().nullable(),
+  kwh_amount: z.number(),
+  reading_timestamp: z.string(),
+  key_id: z.string(),
+  device_signature: z.string(),
+  source: z.enum(["mqtt", "http", "batch"]),
+  submitted_at: z.string(),
+  minted: z.boolean(),
+}).openapi("Reading");
+
+export const DeviceKeySchema = z.object({
+  key_id: z.string(),
+  algorithm: z.enum(["hmac-sha256", "ed25519"]),
+  created_at: z.string(),
+  retired_at: z.string().nullable(),
+  state: z.enum(["valid", "due", "expired"]),
+  public_key: z.string().optional(),
+});
+
+export const DeviceSchema = z.object({
+  meter_id: z.string(),
+  user_id: z.string(),
+  status: z.enum(["active", "revoked"]),
+  created_at: z.string(),
+  revoked_at: z.string().nullable(),
+  rotation_due: z.boolean(),
+  keys: z.array(DeviceKeySchema),
+}).openapi("Device");
+
+export const IssuedKeySchema = z.object({
+  meter_id: z.string(),
+  key_id: z.string(),
+  algorithm: z.enum(["hmac-sha256", "ed25519"]),
+  secret_hex: z.string().optional().openapi({
+    description: "HMAC secret, shown only in this response",
+  }),
+}).openapi("IssuedKey");
+
+export const UserSchema = z.object({
+  id: z.string(),
+  email: z.string(),
+  role: z.enum(["admin", "operator", "user"]),
+  wallet_address: z.string().nullable(),
+  created_at: z.string(),
+}).openapi("User");
+
+export const MeterParam = z.object({
+  // Built here, not taken from core/: zod-openapi only extends schemas created after it loads.
+  meter_id: z.string().regex(METER_ID_PATTERN, "meter_id is malformed").openapi({
+    param: { name: "meter_id", in: "path" },
+  }),
+});
+
+/** Responses every authenticated JSON route may give. */
+export const commonErrors = {
+  400: {
+    description: "Malformed request",
+    content: { "application/json": { schema: ErrorSchema } },
+  },
+  401: {
+    description: "Not authenticated",
+    content: { "application/json": { schema: ErrorSchema } },
+  },
+  403: { description: "Not allowed", content: { "application/json": { schema: ErrorSchema } } },
+} as const;
+
+/** A JSON request body. */
+export function jsonBody<T extends z.ZodType>(schema: T) {
+  return { required: true, content: { "application/json": { schema } } } as const;
+}
+
+/** A JSON response. */
+export function jsonResponse<T extends z.ZodType>(schema: T, description: string) {
+  return { description, content: { "application/json": { schema } } } as const;
+}

@@ -1,0 +1,137 @@
+import type { GatewayEvent } from "../core/events.ts";
+import type { Principal } from "../core/user.ts";
+
+/** The transport-neutral face of one WebSocket connection. */
+export interface HubClient {
+  readonly principal: Principal;
+  send(text: string): void;
+  /** Bytes queued but not yet sent. */
+  bufferedAmount(): number;
+  close(code: number, reason: string): void;
+}
+
+interface Subscriptions {
+  meters: Set<string>;
+  account: boolean;
+  all: boolean;
+}
+
+/**
+ * Routes committed readings from the bus to subscribed WebSocket clients. A client whose send
+ * buffer passes the bound is disconnected rather than waited for.
+ */
+export class WsHub {
+  #sendBufferMax: number;
+  #clients = new Map<HubClient, Subscriptions>();
+  #byMeter = new Map<string, Set<HubClient>>();
+  #byUser = new Map<string, Set<HubClient>>();
+  #all = new Set<HubClient>();
+  /** Clients dropped for a full send buffer, for metrics. */
+  dropped = 0;
+
+  constructor(options: { sendBufferMax: number }) {
+    this.#sendBufferMax = options.sendBufferMax;
+  }
+
+  /** Number of connected clients. */
+  get size(): number {
+    return this.#clients.size;
+  }
+
+  attach(client: HubClient): void {
+    this.#clients.set(client, { meters: new Set(), account: false, all: false });
+  }
+
+  detach(client: HubClient): void {
+    const subs = this.#clients.get(client);
+    if (!subs) return;
+    for (const meter of subs.meters) removeFrom(this.#byMeter, meter, client);
+    if (subs.account) removeFrom(this.#byUser, client.principal.user_id, client);
+    this.#all.delete(client);
+    this.#clients.delete(client);
+  }
+
+  /** Adds subscriptions; ownership is checked by the caller. */
+  subscribe(
+    client: HubClient,
+    what: { meters?: string[]; account?: boolean; all?: boolean },
+  ): void {
+    const subs = this.#clients.get(client);
+    if (!subs) return;
+    for (const meter of what.meters ?? []) {
+      subs.meters.add(meter);
+      addTo(this.#byMeter, meter, client);
+    }
+    if (what.account && !subs.account) {
+      subs.account = true;
+      addTo(this.#byUser, client.principal.user_id, client);
+    }
+    if (what.all) {
+      subs.all = true;
+      this.#all.add(client);
+    }
+  }
+
+  unsubscribe(
+    client: HubClient,
+    what: { meters?: string[]; account?: boolean; all?: boolean },
+  ): void {
+    const subs = this.#clients.get(client);
+    if (!subs) return;
+    for (const meter of what.meters ?? []) {
+      subs.meters.delete(meter);
+      removeFrom(this.#byMeter, meter, client);
+    }
+    if (what.account && subs.account) {
+      subs.account = false;
+      removeFrom(this.#byUser, client.principal.user_id, client);
+    }
+    if (what.all) {
+      subs.all = false;
+      this.#all.delete(client);
+    }
+  }
+
+  /** What a client is subscribed to. */
+  subscriptions(client: HubClient): { meters: string[]; account: boolean; all: boolean } {
+    const subs = this.#clients.get(client);
+    return {
+      meters: [...subs?.meters ?? []],
+      account: subs?.account ?? false,
+      all: subs?.all ?? false,
+    };
+  }
+
+  /** Bus handler: delivers committed readings; device events are not for clients. */
+  handle(event: GatewayEvent): void {
+    if (event.type !== "meter.reading.accepted") return;
+    const reading = event.data;
+    const targets = new Set<HubClient>(this.#all);
+    for (const c of this.#byMeter.get(reading.meter_id) ?? []) targets.add(c);
+    for (const c of this.#byUser.get(reading.user_id) ?? []) targets.add(c);
+    if (targets.size === 0) return;
+    const text = JSON.stringify(event); // serialised once for every recipient
+    for (const client of targets) {
+      if (client.bufferedAmount() > this.#sendBufferMax) {
+        this.dropped++;
+        this.detach(client);
+        client.close(1013, "Send buffer full: the client is not keeping up");
+        continue;
+      }
+      client.send(text);
+    }
+  }
+}
+
+function addTo(index: Map<string, Set<HubClient>>, key: string, client: HubClient): void {
+  let set = index.get(key);
+  if (!set) index.set(key, set = new Set());
+  set.add(client);
+}
+
+function removeFrom(index: Map<string, Set<HubClient>>, key: string, client: HubClient): void {
+  const set = index.get(key);
+  if (!set) return;
+  set.delete(client);
+  if (set.size === 0) index.delete(key);
+}

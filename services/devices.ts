@@ -1,0 +1,223 @@
+import { randomBytes } from "node:crypto";
+import type { Bus } from "../bus/bus.ts";
+import type { Clock } from "../core/clock.ts";
+import {
+  type AuditEntry,
+  type DeviceRecord,
+  type KeyPolicy,
+  keyState,
+  newKeyId,
+  type StoredKey,
+} from "../core/device.ts";
+import { secretContext } from "../core/device_keys.ts";
+import { GatewayError } from "../core/errors.ts";
+import { seal } from "../core/secret_box.ts";
+import { ed25519Raw, type KeyAlgorithm, parseEd25519PublicKey } from "../core/signature.ts";
+import type { Page, Store } from "../db/store.ts";
+
+/** A registration request. */
+export interface RegisterInput {
+  meter_id: string;
+  user_id: string;
+  algorithm: KeyAlgorithm;
+  public_key?: string;
+}
+
+/** A newly issued key; the HMAC secret is shown only here. */
+export interface IssuedKey {
+  meter_id: string;
+  key_id: string;
+  algorithm: KeyAlgorithm;
+  secret_hex?: string;
+}
+
+/** A device as the API shows it: key states, never secrets. */
+export interface DeviceView {
+  meter_id: string;
+  user_id: string;
+  status: "active" | "revoked";
+  created_at: string;
+  revoked_at: string | null;
+  rotation_due: boolean;
+  keys: {
+    key_id: string;
+    algorithm: KeyAlgorithm;
+    created_at: string;
+    retired_at: string | null;
+    state: "valid" | "due" | "expired";
+    public_key?: string;
+  }[];
+}
+
+/** Device provisioning, rotation and revocation, with the audit log and bus notifications. */
+export class DeviceService {
+  #store: Store;
+  #bus: Bus;
+  #clock: Clock;
+  #kek: Uint8Array;
+  #policy: KeyPolicy;
+
+  constructor(
+    options: { store: Store; bus: Bus; clock: Clock; kek: Uint8Array; policy: KeyPolicy },
+  ) {
+    this.#store = options.store;
+    this.#bus = options.bus;
+    this.#clock = options.clock;
+    this.#kek = options.kek;
+    this.#policy = options.policy;
+  }
+
+  /** Registers a meter to a user with its first key. */
+  async register(input: RegisterInput, actor: string): Promise<IssuedKey> {
+    const owner = await this.#store.getUser(input.user_id);
+    if (!owner) throw new GatewayError("not_found", `User "${input.user_id}" does not exist`);
+    const now = this.#clock.now();
+    const { key, issued } = this.#newKey(input.meter_id, input.algorithm, input.public_key, now);
+    const device: DeviceRecord = {
+      meter_id: input.meter_id,
+      user_id: input.user_id,
+      status: "active",
+      created_at: now,
+      updated_at: now,
+      revoked_at: null,
+      keys: [key],
+    };
+    await this.#store.createDevice(device, this.#audit(device, "registered", actor, key.key_id));
+    await this.#bus.publish({
+      type: "device.changed",
+      data: { meter_id: input.meter_id, change: "registered" },
+    });
+    return issued;
+  }
+
+  /** Issues a new key; the previous ones stay valid for the grace period. */
+  async rotate(meterId: string, input: { public_key?: string }, actor: string): Promise<IssuedKey> {
+    const device = await this.#get(meterId);
+    if (device.status === "revoked") {
+      throw new GatewayError("device_revoked", `Meter "${meterId}" is revoked`);
+    }
+    const now = this.#clock.now();
+    const algorithm = device.keys.at(-1)?.algorithm ?? "hmac-sha256";
+    const { key, issued } = this.#newKey(meterId, algorithm, input.public_key, now);
+    const keys = device.keys
+      .filter((k) => keyState(k, now, this.#policy) !== "expired")
+      .map((k) => k.retired_at === null ? { ...k, retired_at: now } : k);
+    const updated = { ...device, keys: [...keys, key], updated_at: now };
+    await this.#store.updateDevice(updated, this.#audit(updated, "rotated", actor, key.key_id));
+    await this.#bus.publish({
+      type: "device.changed",
+      data: { meter_id: meterId, change: "rotated" },
+    });
+    return issued;
+  }
+
+  /** Revokes a meter: every later reading is rejected, on every instance. */
+  async revoke(meterId: string, actor: string, note?: string): Promise<DeviceView> {
+    const device = await this.#get(meterId);
+    const now = this.#clock.now();
+    const updated: DeviceRecord = {
+      ...device,
+      status: "revoked",
+      revoked_at: now,
+      updated_at: now,
+    };
+    await this.#store.updateDevice(updated, { ...this.#audit(updated, "revoked", actor), note });
+    await this.#bus.publish({
+      type: "device.changed",
+      data: { meter_id: meterId, change: "revoked" },
+    });
+    return this.view(updated);
+  }
+
+  /** Lists devices, optionally one owner's. */
+  async list(
+    query: { user_id?: string; limit: number; cursor?: string },
+  ): Promise<Page<DeviceView>> {
+    const page = await this.#store.listDevices(query);
+    return { items: page.items.map((d) => this.view(d)), next_cursor: page.next_cursor };
+  }
+
+  /** The API view of a device. */
+  view(device: DeviceRecord): DeviceView {
+    const now = this.#clock.now();
+    const keys = device.keys.map((k) => ({
+      key_id: k.key_id,
+      algorithm: k.algorithm,
+      created_at: iso(k.created_at),
+      retired_at: k.retired_at === null ? null : iso(k.retired_at),
+      state: keyState(k, now, this.#policy),
+      ...(k.public_key ? { public_key: k.public_key } : {}),
+    }));
+    const current = keys.filter((k) => k.retired_at === null);
+    return {
+      meter_id: device.meter_id,
+      user_id: device.user_id,
+      status: device.status,
+      created_at: iso(device.created_at),
+      revoked_at: device.revoked_at === null ? null : iso(device.revoked_at),
+      rotation_due: current.some((k) => k.state !== "valid"),
+      keys,
+    };
+  }
+
+  async #get(meterId: string): Promise<DeviceRecord> {
+    const device = await this.#store.getDevice(meterId);
+    if (!device) throw new GatewayError("not_found", `Meter "${meterId}" is not registered`);
+    return device;
+  }
+
+  #newKey(
+    meterId: string,
+    algorithm: KeyAlgorithm,
+    publicKey: string | undefined,
+    now: number,
+  ): { key: StoredKey; issued: IssuedKey } {
+    const key_id = newKeyId(now);
+    if (algorithm === "ed25519") {
+      const parsed = publicKey ? parseEd25519PublicKey(publicKey) : null;
+      if (!parsed) {
+        throw new GatewayError(
+          "invalid_payload",
+          "ed25519 needs public_key: 32 raw bytes as hex or base64url, or a PEM public key",
+        );
+      }
+      const raw = ed25519Raw(parsed);
+      return {
+        key: { key_id, algorithm, public_key: raw, created_at: now, retired_at: null },
+        issued: { meter_id: meterId, key_id, algorithm },
+      };
+    }
+    if (publicKey !== undefined) {
+      throw new GatewayError(
+        "invalid_payload",
+        "hmac-sha256 keys are generated by the gateway; omit public_key",
+      );
+    }
+    const secret = randomBytes(32);
+    const secret_enc = seal(this.#kek, secret, secretContext(meterId, key_id));
+    return {
+      key: { key_id, algorithm, secret_enc, created_at: now, retired_at: null },
+      issued: { meter_id: meterId, key_id, algorithm, secret_hex: secret.toString("hex") },
+    };
+  }
+
+  #audit(
+    device: DeviceRecord,
+    action: AuditEntry["action"],
+    actor: string,
+    keyId?: string,
+  ): AuditEntry {
+    return {
+      id: crypto.randomUUID(),
+      meter_id: device.meter_id,
+      action,
+      actor,
+      at: this.#clock.now(),
+      ...(keyId ? { key_id: keyId } : {}),
+    };
+  }
+}
+
+function iso(ms: number): string {
+  return new Date(ms).toISOString();
+}

@@ -1,0 +1,136 @@
+import type { OpenAPIHono } from "@hono/zod-openapi";
+import { ActorRegistry } from "../actors/registry.ts";
+import type { Bus } from "../bus/bus.ts";
+import type { Clock } from "../core/clock.ts";
+import type { Config } from "../core/config.ts";
+import type { Logger } from "../core/logger.ts";
+import { openStore, type StoreSpec } from "../db/open_store.ts";
+import type { Store } from "../db/store.ts";
+import { createApp } from "../routes/app.ts";
+import { WsHub } from "../routes/ws_hub.ts";
+import { WriterClient } from "../workers/writer_client.ts";
+import { DeviceService } from "./devices.ts";
+import { TokenService } from "./tokens.ts";
+import { UserService } from "./users.ts";
+
+/** Adapters and secrets chosen by the composition root. */
+export interface GatewayDeps {
+  config: Config;
+  storeSpec: StoreSpec;
+  bus: Bus;
+  clock: Clock;
+  logger: Logger;
+  jwtSecret: string;
+  kek: Uint8Array;
+}
+
+/** A running gateway without its listeners: the app, the registry and what must be closed. */
+export interface Gateway extends AsyncDisposable {
+  app: OpenAPIHono;
+  registry: ActorRegistry;
+  store: Store;
+  writer: WriterClient;
+  hub: WsHub;
+  users: UserService;
+  devices: DeviceService;
+  tokens: TokenService;
+  close(): Promise<void>;
+}
+
+/** Opens the store and the writer, wires actors, bus, services and routes. */
+export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
+  const { config, bus, clock, logger } = deps;
+  const storeOptions = { dedupeWindowMs: config.rules.dedupeWindowMs };
+  const store = await openStore(deps.storeSpec, storeOptions);
+  let writer: WriterClient;
+  try {
+    writer = await WriterClient.start({
+      spec: deps.storeSpec,
+      storeOptions,
+      ...config.writer,
+      onStall: (message) =>
+        message === null
+          ? logger.info("writer recovered")
+          : logger.error("writer stalled; batch kept for retry", { reason: message }),
+    });
+  } catch (error) {
+    await store.close();
+    throw error;
+  }
+
+  const registry = new ActorRegistry({
+    store,
+    sink: writer,
+    clock,
+    logger,
+    kek: deps.kek,
+    settings: {
+      rules: config.rules,
+      bucket: config.bucket,
+      keys: { rotationMs: config.keyRotationMs, graceMs: config.keyGraceMs },
+      recent: config.actors.recent,
+    },
+    idleTtlMs: config.actors.idleTtlMs,
+    maxActors: config.actors.max,
+    mailboxMax: config.actors.mailboxMax,
+    onCommitted: (reading) => {
+      bus.publish({ type: "meter.reading.accepted", data: reading }).catch((error) =>
+        logger.error("bus publish failed", { error })
+      );
+    },
+  });
+  const hub = new WsHub({ sendBufferMax: config.wsSendBufferMax });
+  const unsubscribe = bus.subscribe((event) => {
+    if (event.type === "device.changed") registry.invalidate(event.data.meter_id);
+    hub.handle(event);
+  });
+
+  const users = new UserService(store, clock);
+  const tokens = new TokenService({ secret: deps.jwtSecret, ttlMs: config.jwtTtlMs, clock });
+  const devices = new DeviceService({
+    store,
+    bus,
+    clock,
+    kek: deps.kek,
+    policy: { rotationMs: config.keyRotationMs, graceMs: config.keyGraceMs },
+  });
+  await users.bootstrapAdmin(config.adminEmail, config.adminPassword, logger);
+
+  const app = createApp({
+    store,
+    registry,
+    users,
+    devices,
+    tokens,
+    hub,
+    clock,
+    logger,
+    bodyLimit: config.httpBodyLimit,
+    registerPerMinute: config.registerRateLimit,
+    writerStalled: () => writer.stalled,
+  });
+
+  const sweepEvery = Math.max(1_000, Math.min(60_000, config.actors.idleTtlMs / 2));
+  const sweeper = setInterval(() => registry.sweep(), sweepEvery);
+
+  let closed: Promise<void> | undefined;
+  const close = () =>
+    closed ??= (async () => {
+      clearInterval(sweeper);
+      unsubscribe();
+      await writer.close(); // writes everything already accepted
+      await store.close();
+    })();
+  return {
+    app,
+    registry,
+    store,
+    writer,
+    hub,
+    users,
+    devices,
+    tokens,
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}

@@ -1,0 +1,63 @@
+/// <reference lib="deno.worker" />
+// The batching writer: owns its own store handle and writes one batch at a time, so a slow
+// or failing store never blocks the actors' thread. A failed batch is kept and retried.
+import type { Store } from "../db/store.ts";
+import { openStore } from "../db/open_store.ts";
+import { decodeRows, encodeResults } from "./row_codec.ts";
+import type { FromWriter, ToWriter } from "./writer_protocol.ts";
+
+const RETRY_MIN_MS = 100;
+const RETRY_MAX_MS = 5_000;
+
+let store: Store | undefined;
+let chain: Promise<void> = Promise.resolve();
+let closing = false;
+
+function post(message: FromWriter, transfer: Transferable[] = []): void {
+  self.postMessage(message, transfer);
+}
+
+async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
+  const rows = decodeRows(buffer);
+  let retryMs = RETRY_MIN_MS;
+  while (true) {
+    const started = performance.now();
+    try {
+      const results = await store!.insertReadings(rows);
+      const packed = encodeResults(results);
+      post({ type: "done", id, results: packed, ms: performance.now() - started }, [packed]);
+      return;
+    } catch (error) {
+      if (closing) return;
+      post({ type: "stalled", id, message: String((error as Error)?.message ?? error), retryMs });
+      await new Promise((resolve) => setTimeout(resolve, retryMs));
+      retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);
+    }
+  }
+}
+
+self.onmessage = (event: MessageEvent<ToWriter>) => {
+  const message = event.data;
+  switch (message.type) {
+    case "init":
+      openStore(message.spec, message.options).then(
+        (s) => {
+          store = s;
+          post({ type: "ready" });
+        },
+        (error) => post({ type: "init_failed", message: String(error?.message ?? error) }),
+      );
+      break;
+    case "batch":
+      chain = chain.then(() => writeBatch(message.id, message.rows));
+      break;
+    case "close":
+      closing = true;
+      chain.then(async () => {
+        await store?.close();
+        post({ type: "closed" });
+        self.close();
+      });
+      break;
+  }
+};

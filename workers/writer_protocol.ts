@@ -1,0 +1,17 @@
+import type { StoreSpec } from "../db/open_store.ts";
+import type { StoreOptions } from "../db/store.ts";
+
+/** Messages from the gateway to the writer worker. */
+export type ToWriter =
+  | { type: "init"; spec: StoreSpec; options: StoreOptions }
+  | { type: "batch"; id: number; rows: ArrayBuffer }
+  | { type: "close" };
+
+/** Messages from the writer worker back to the gateway. */
+export type FromWriter =
+  | { type: "ready" }
+  | { type: "init_failed"; message: string }
+  | { type: "done"; id: number; results: ArrayBuffer; ms: number }
+  /** The store failed; the batch is kept and retried after `retryMs`. */
+  | { type: "stalled"; id: number; message: string; retryMs: number }
+  | { type: "closed" };
