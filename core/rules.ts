@@ -23,7 +23,7 @@ export function checkKwh(kwh: string | number, limits: RuleLimits): number | Vio
       message: `kwh_amount must be greater than 0 and at most ${limits.kwhMax}, got "${kwh}"`,
     };
   }
-  const e4 = Math.round(value * 10_000);
+  const e4 = toE4(typeof kwh === "number" ? JSON.stringify(kwh) : kwh);
   if (e4 === 0) {
     return { code: "kwh_out_of_range", message: `kwh_amount "${kwh}" rounds to 0 at 4 decimals` };
   }
@@ -50,4 +50,13 @@ export function checkTimestamp(ts: number, now: number, limits: RuleLimits): Vio
 /** Rule 3: two readings of one meter collide when they lie strictly within the window. */
 export function collides(a: number, b: number, windowMs: number): boolean {
   return Math.abs(a - b) < windowMs;
+}
+
+/** Decimal text to units of 0.0001, rounded half up on the digits (no binary float error). */
+function toE4(text: string): number {
+  const m = /^[+]?(\d*)(?:\.(\d*))?$/.exec(text);
+  if (!m) return Math.round(Number(text) * 10_000); // exponent forms such as 1e-7
+  const frac = (m[2] ?? "").padEnd(5, "0");
+  const e4 = Number(m[1] || "0") * 10_000 + Number(frac.slice(0, 4));
+  return frac[4] >= "5" ? e4 + 1 : e4;
 }

@@ -1,0 +1,113 @@
+import assert from "node:assert/strict";
+import type { ReadingRow } from "../core/reading.ts";
+import { KvStore } from "../db/kv_store.ts";
+import { WriterClient, type WriterOptions } from "../workers/writer_client.ts";
+import { decodeRows, encodeRows } from "../workers/row_codec.ts";
+
+const WINDOW = 15 * 60_000;
+const T0 = Date.parse("2026-11-29T00:00:00Z");
+
+function row(meter: string, i: number): ReadingRow {
+  return {
+    meter_id: meter,
+    ts: T0 + i * WINDOW,
+    kwh_e4: 12_345 + i,
+    user_id: "u1",
+    wallet_address: i % 2 ? null : "0x" + "ab".repeat(20),
+    key_id: "k1",
+    device_signature: "ff".repeat(32),
+    source: "mqtt",
+    submitted_at: T0 + i,
+    minted: false,
+  };
+}
+
+async function withWriter(
+  options: Partial<WriterOptions>,
+  fn: (writer: WriterClient, path: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "writer-test-" });
+  const path = `${dir}/w.kv`;
+  const writer = await WriterClient.start({
+    spec: { kind: "kv", path },
+    storeOptions: { dedupeWindowMs: WINDOW },
+    batchMax: 100,
+    flushMs: 2,
+    queueMax: 10_000,
+    ...options,
+  });
+  try {
+    await fn(writer, path);
+  } finally {
+    await writer.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("encodeRows() and decodeRows() round-trip rows through one buffer", () => {
+  const rows = [row("m-1", 0), row("m.2:x_y", 1)];
+  assert.deepEqual(decodeRows(encodeRows(rows)), rows);
+  assert.deepEqual(decodeRows(encodeRows([])), []);
+});
+
+Deno.test("WriterClient batches by size and reports one result per row", async () => {
+  await withWriter({ batchMax: 10, flushMs: 10_000 }, async (writer) => {
+    const results = await Promise.all(
+      Array.from({ length: 30 }, (_, i) => writer.submit(row(`m${i % 3}`, i))!),
+    );
+    assert.equal(results.length, 30);
+    assert.ok(results.every((r) => r.status === "stored"));
+    assert.equal(writer.stats.maxBatchSize, 10);
+    assert.equal(writer.stats.rows, 30);
+  });
+});
+
+Deno.test("WriterClient flushes a lone row after the linger time", async () => {
+  await withWriter({ batchMax: 1000, flushMs: 5 }, async (writer) => {
+    const result = await writer.submit(row("m1", 0))!;
+    assert.deepEqual(result, { status: "stored" });
+    assert.equal(writer.stats.lastBatchSize, 1);
+  });
+});
+
+Deno.test("WriterClient reports store-level duplicates with the colliding reading", async () => {
+  await withWriter({}, async (writer) => {
+    assert.equal((await writer.submit(row("m1", 4))!).status, "stored");
+    const replay = await writer.submit(row("m1", 4))!;
+    assert.deepEqual(replay, { status: "duplicate", conflict_ts: row("m1", 4).ts });
+    const near = await writer.submit({ ...row("m1", 4), ts: row("m1", 4).ts + 60_000 })!;
+    assert.deepEqual(near, { status: "duplicate", conflict_ts: row("m1", 4).ts });
+  });
+});
+
+Deno.test("WriterClient's queue is bounded and tells when there is room again", async () => {
+  await withWriter({ queueMax: 5, flushMs: 50 }, async (writer) => {
+    const pending = Array.from({ length: 5 }, (_, i) => writer.submit(row("m1", i)));
+    assert.ok(pending.every((p) => p !== null));
+    assert.equal(writer.hasCapacity, false);
+    assert.equal(writer.submit(row("m1", 99)), null);
+    await writer.whenCapacity();
+    assert.equal(writer.hasCapacity, true);
+    await Promise.all(pending);
+  });
+});
+
+Deno.test("WriterClient.close() writes everything already accepted", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "writer-close-" });
+  const path = `${dir}/w.kv`;
+  const writer = await WriterClient.start({
+    spec: { kind: "kv", path },
+    storeOptions: { dedupeWindowMs: WINDOW },
+    batchMax: 50,
+    flushMs: 1000,
+    queueMax: 10_000,
+  });
+  const results = Array.from({ length: 120 }, (_, i) => writer.submit(row(`m${i % 4}`, i))!);
+  await writer.close();
+  assert.equal((await Promise.all(results)).filter((r) => r.status === "stored").length, 120);
+  const store = await KvStore.open(path, { dedupeWindowMs: WINDOW });
+  const stats = await store.readingStats({});
+  assert.equal(stats.reading_count, 120);
+  await store.close();
+  await Deno.remove(dir, { recursive: true });
+});
