@@ -34,6 +34,8 @@ export interface RegistryOptions {
   mailboxMax: number;
   /** Called after a reading is committed (publish to the bus). */
   onCommitted?: (reading: Reading) => void;
+  /** Called with every final outcome, for metrics. */
+  onOutcome?: (msg: Submission, outcome: Outcome) => void;
 }
 
 interface Activation {
@@ -62,6 +64,15 @@ export class ActorRegistry {
 
   /** Hands a submission to its meter's actor and resolves with its final outcome. */
   submit(msg: Submission): Promise<Outcome> {
+    const onOutcome = this.#o.onOutcome;
+    if (!onOutcome) return this.#route(msg);
+    return this.#route(msg).then((outcome) => {
+      onOutcome(msg, outcome);
+      return outcome;
+    });
+  }
+
+  #route(msg: Submission): Promise<Outcome> {
     const actor = this.#actors.get(msg.meter_id);
     if (actor) return this.#turn(actor, msg);
     const pending = this.#activating.get(msg.meter_id);

@@ -15,6 +15,8 @@ import { authRoutes } from "./auth.ts";
 import { errorHandler } from "./errors.ts";
 import { healthRoutes } from "./health.ts";
 import { meterRoutes } from "./meters.ts";
+import { metricsRoutes } from "./metrics.ts";
+import type { Metrics } from "../core/metrics.ts";
 import { strictUtf8 } from "./middleware.ts";
 import { wsRoutes } from "./ws.ts";
 import type { WsHub } from "./ws_hub.ts";
@@ -32,6 +34,7 @@ export interface AppDeps {
   bodyLimit: number;
   registerPerMinute: number;
   writerStalled: () => string | null;
+  metrics: Metrics;
 }
 
 /** Builds the Hono app: REST under /api, /ws, health, OpenAPI and docs. */
@@ -58,6 +61,7 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   );
 
   app.route("/", healthRoutes(deps));
+  app.route("/", metricsRoutes(deps.metrics));
   app.route("/api/auth", authRoutes(deps));
   app.route("/api/admin/users", adminUserRoutes(deps));
   app.route(

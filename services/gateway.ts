@@ -4,6 +4,7 @@ import type { Bus } from "../bus/bus.ts";
 import type { Clock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { Logger } from "../core/logger.ts";
+import { Metrics } from "../core/metrics.ts";
 import { openStore, type StoreSpec } from "../db/open_store.ts";
 import type { Store } from "../db/store.ts";
 import { createApp } from "../routes/app.ts";
@@ -34,6 +35,7 @@ export interface Gateway extends AsyncDisposable {
   users: UserService;
   devices: DeviceService;
   tokens: TokenService;
+  metrics: Metrics;
   close(): Promise<void>;
 }
 
@@ -58,6 +60,38 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     throw error;
   }
 
+  const metrics = new Metrics();
+  metrics.counter("gateway_readings_total", "Readings by source and final outcome");
+  metrics.gauge("gateway_actors_live", "Live meter actors", () => registry.size);
+  metrics.gauge(
+    "gateway_writer_queue",
+    "Readings accepted and not yet committed",
+    () => writer.stats.queued,
+  );
+  metrics.gauge("gateway_writer_batches_total", "Batches committed", () => writer.stats.batches);
+  metrics.gauge("gateway_writer_rows_total", "Rows written", () => writer.stats.rows);
+  metrics.gauge(
+    "gateway_writer_batch_max",
+    "Largest batch so far",
+    () => writer.stats.maxBatchSize,
+  );
+  metrics.gauge(
+    "gateway_writer_last_batch_ms",
+    "Duration of the last batch",
+    () => writer.stats.lastBatchMs,
+  );
+  metrics.gauge(
+    "gateway_writer_stalled",
+    "1 while the store is failing",
+    () => writer.stalled === null ? 0 : 1,
+  );
+  metrics.gauge("gateway_ws_clients", "Connected WebSocket clients", () => hub.size);
+  metrics.gauge(
+    "gateway_ws_dropped_total",
+    "WebSocket clients dropped as too slow",
+    () => hub.dropped,
+  );
+
   const registry = new ActorRegistry({
     store,
     sink: writer,
@@ -73,6 +107,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     idleTtlMs: config.actors.idleTtlMs,
     maxActors: config.actors.max,
     mailboxMax: config.actors.mailboxMax,
+    onOutcome: (msg, outcome) =>
+      metrics.inc("gateway_readings_total", {
+        source: msg.source,
+        outcome: outcome.status === "rejected" ? outcome.code : outcome.status,
+      }),
     onCommitted: (reading) => {
       bus.publish({ type: "meter.reading.accepted", data: reading }).catch((error) =>
         logger.error("bus publish failed", { error })
@@ -108,6 +147,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     bodyLimit: config.httpBodyLimit,
     registerPerMinute: config.registerRateLimit,
     writerStalled: () => writer.stalled,
+    metrics,
   });
 
   const sweepEvery = Math.max(1_000, Math.min(60_000, config.actors.idleTtlMs / 2));
@@ -130,6 +170,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     users,
     devices,
     tokens,
+    metrics,
     close,
     [Symbol.asyncDispose]: close,
   };

@@ -1,0 +1,50 @@
+// Starts the real gateway (main.ts) as a child process for benchmarks.
+import { fileURLToPath } from "node:url";
+
+/** A gateway child process. */
+export interface GatewayProcess extends AsyncDisposable {
+  url: string;
+  dir: string;
+  child: Deno.ChildProcess;
+}
+
+/** A free TCP port on 127.0.0.1. */
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** Runs main.ts with `env` on a temp data dir; resolves once it logs "gateway listening". */
+export async function spawnGateway(env: Record<string, string>): Promise<GatewayProcess> {
+  const dir = await Deno.makeTempDir({ prefix: "gw-bench-" });
+  const port = freePort();
+  const root = fileURLToPath(new URL("../", import.meta.url));
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "main.ts"],
+    cwd: root,
+    env: { PORT: String(port), HOST: "127.0.0.1", DENO_KV_PATH: `${dir}/gateway.kv`, ...env },
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  while (!buffered.includes('"gateway listening"')) {
+    const { value, done } = await lines.read();
+    if (done) throw new Error(`gateway exited before listening:\n${buffered}`);
+    buffered += value;
+  }
+  // Keep draining stdout so the child never blocks on a full pipe.
+  (async () => {
+    while (!(await lines.read()).done) { /* discard */ }
+  })();
+  const close = async () => {
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already gone */ }
+    await child.status;
+    await Deno.remove(dir, { recursive: true });
+  };
+  return { url: `http://127.0.0.1:${port}`, dir, child, [Symbol.asyncDispose]: close };
+}

@@ -1,0 +1,884 @@
+import type { AuditEntry, DeviceRecord } from "../core/device.ts";
+import { GatewayError } from "../core/errors.ts";
+import type { ReadingRow } from "../core/reading.ts";
+import { collides } from "../core/rules.ts";
+import type { User, UserRecord } from "../core/user.ts";
+import type {
+  InsertResult,
+  Page,
+  ReadingQuery,
+  ReadingStats,
+  Store,
+  StoreOptions,
+} from "./store.ts";
+
+/*
+ * Key layout
+ *
+ *   ["users", id]                               UserRecord
+ *   ["users_by_email", email]                   user id
+ *   ["counters", "users"]                       KvU64
+ *   ["devices", meter_id]                       DeviceRecord
+ *   ["devices_by_user", user_id, meter_id]      DeviceRecord (denormalised)
+ *   ["audit", meter_id, at, id]                 AuditEntry
+ *   ["audit_all", at, id]                       AuditEntry
+ *   ["readings", meter_id, ts]                  ReadingRow (natural key)
+ *   ["readings_by_user", user_id, ts, meter_id] null: points at the row
+ *   ["readings_by_time", ts, meter_id]          null: points at the row
+ *   ["meter_heads", meter_id]                   MeterHead: bumped by every write of the meter's
+ *                                               readings, so checking its versionstamp makes a
+ *                                               whole dedupe decision atomic (see insertReadings)
+ *   ["totals", field] / ["totals_by_user", user_id, field]   KvU64 counters
+ */
+
+/** Per-meter summary, rewritten in the same commit as the meter's readings. */
+interface MeterHead {
+  /** Owners that have readings of this meter (usually one); drives `meter_count`. */
+  user_ids: string[];
+  min_ts: number;
+  max_ts: number;
+}
+
+type TotalField = "count" | "kwh_e4" | "meters" | "minted";
+const TOTAL_FIELDS: readonly TotalField[] = ["count", "kwh_e4", "meters", "minted"];
+
+// Deno KV limits of one atomic commit (measured on Deno 2.9.6).
+const MAX_CHECKS = 100;
+const MAX_MUTATIONS = 1000;
+const MAX_KEY_BYTES = 81_920;
+const MAX_MUTATION_BYTES = 819_200;
+// Reserved for the global totals of a chunk.
+const GLOBAL_MUTATIONS = TOTAL_FIELDS.length;
+const GLOBAL_BYTES = 512;
+// Approximate per-mutation overhead counted by KV besides key and value.
+const MUTATION_OVERHEAD = 16;
+const GET_MANY_MAX = 10;
+const READ_CONCURRENCY = 64;
+// Index entries resolved per round while a filter is applied.
+const FILTER_GROUP = 50;
+// A meter that loses this many commit races in one call gives up rather than spin.
+const MAX_ATTEMPTS = 32;
+// Commits that find the file locked by another process are retried for about 5 s.
+const LOCK_RETRIES = 60;
+
+/** Deno KV adapter of the {@linkcode Store} port: the embedded default backend. */
+export class KvStore implements Store {
+  #kv: Deno.Kv;
+  #windowMs: number;
+  #closed = false;
+
+  /** Wraps an open handle; the store owns it from now on and closes it in `close()`. */
+  constructor(kv: Deno.Kv, options: StoreOptions) {
+    this.#kv = kv;
+    this.#windowMs = options.dedupeWindowMs;
+  }
+
+  /** Opens the KV database at `path`, or an in-memory one when `path` is undefined. */
+  static async open(path: string | undefined, options: StoreOptions): Promise<KvStore> {
+    const kv = await Deno.openKv(path ?? ":memory:");
+    return new KvStore(kv, options);
+  }
+
+  // ---- users -------------------------------------------------------------------------------
+
+  async createUser(user: UserRecord): Promise<void> {
+    const res = await commit(
+      this.#kv.atomic()
+        .check({ key: ["users", user.id], versionstamp: null })
+        .check({ key: ["users_by_email", user.email], versionstamp: null })
+        .set(["users", user.id], user)
+        .set(["users_by_email", user.email], user.id)
+        .sum(["counters", "users"], 1n),
+    );
+    if (!res.ok) {
+      const emailTaken = (await this.#kv.get(["users_by_email", user.email])).value !== null;
+      throw new GatewayError(
+        "conflict",
+        emailTaken ? `email ${user.email} is already registered` : `user ${user.id} already exists`,
+      );
+    }
+  }
+
+  async getUser(id: string): Promise<User | null> {
+    const { value } = await this.#kv.get<UserRecord>(["users", id]);
+    if (value === null) return null;
+    const { password_hash: _, ...user } = value;
+    return user;
+  }
+
+  async getUserByEmail(email: string): Promise<UserRecord | null> {
+    const ref = await this.#kv.get<string>(["users_by_email", email]);
+    if (ref.value === null) return null;
+    return (await this.#kv.get<UserRecord>(["users", ref.value])).value;
+  }
+
+  async countUsers(): Promise<number> {
+    const { value } = await this.#kv.get<Deno.KvU64>(["counters", "users"]);
+    return value === null ? 0 : Number(value.value);
+  }
+
+  // ---- devices -----------------------------------------------------------------------------
+
+  async createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void> {
+    const op = this.#kv.atomic()
+      .check({ key: ["devices", device.meter_id], versionstamp: null })
+      .set(["devices", device.meter_id], device)
+      .set(["devices_by_user", device.user_id, device.meter_id], device);
+    const res = await commit(setAudit(op, audit));
+    if (!res.ok) {
+      throw new GatewayError("conflict", `meter ${device.meter_id} is already registered`);
+    }
+  }
+
+  async getDevice(meterId: string): Promise<DeviceRecord | null> {
+    return (await this.#kv.get<DeviceRecord>(["devices", meterId])).value;
+  }
+
+  async updateDevice(device: DeviceRecord, audit: AuditEntry): Promise<void> {
+    // Optimistic: retry when another writer replaced the device between read and commit.
+    for (;;) {
+      const current = await this.#kv.get<DeviceRecord>(["devices", device.meter_id]);
+      if (current.value === null) {
+        throw new GatewayError("not_found", `meter ${device.meter_id} is not registered`);
+      }
+      const op = this.#kv.atomic()
+        .check(current)
+        .set(["devices", device.meter_id], device)
+        .set(["devices_by_user", device.user_id, device.meter_id], device);
+      if (current.value.user_id !== device.user_id) {
+        op.delete(["devices_by_user", current.value.user_id, device.meter_id]);
+      }
+      if ((await commit(setAudit(op, audit))).ok) return;
+    }
+  }
+
+  async listDevices(
+    query: { user_id?: string; limit: number; cursor?: string },
+  ): Promise<Page<DeviceRecord>> {
+    const limit = checkLimit(query.limit);
+    const prefix: Deno.KvKey = query.user_id === undefined
+      ? ["devices"]
+      : ["devices_by_user", query.user_id];
+    const selector: Deno.KvListSelector = query.cursor === undefined
+      ? { prefix }
+      : { prefix, start: successor([...prefix, decodeDeviceCursor(query.cursor)]) };
+    const items: DeviceRecord[] = [];
+    let more = false;
+    const iter = this.#kv.list<DeviceRecord>(selector, {
+      limit: limit + 1,
+      batchSize: batchSizeFor(limit + 1),
+    });
+    for await (const entry of iter) {
+      if (items.length === limit) {
+        more = true;
+        break;
+      }
+      items.push(entry.value);
+    }
+    const last = items.at(-1);
+    return {
+      items,
+      next_cursor: more && last ? encodeCursor([last.meter_id]) : null,
+    };
+  }
+
+  async listAudit(query: { meter_id?: string; limit: number }): Promise<AuditEntry[]> {
+    const limit = checkLimit(query.limit);
+    const prefix: Deno.KvKey = query.meter_id === undefined
+      ? ["audit_all"]
+      : ["audit", query.meter_id];
+    const out: AuditEntry[] = [];
+    const iter = this.#kv.list<AuditEntry>({ prefix }, { limit, batchSize: batchSizeFor(limit) });
+    for await (const entry of iter) out.push(entry.value);
+    return out;
+  }
+
+  // ---- readings ----------------------------------------------------------------------------
+
+  async insertReadings(rows: ReadingRow[]): Promise<InsertResult[]> {
+    for (const row of rows) checkRow(row);
+    const results: (InsertResult | undefined)[] = new Array(rows.length);
+    const stored = new Uint8Array(rows.length);
+    let pending = new Map<string, number[]>();
+    for (let i = 0; i < rows.length; i++) {
+      const meter = rows[i].meter_id;
+      const list = pending.get(meter);
+      if (list === undefined) pending.set(meter, [i]);
+      else list.push(i);
+    }
+    for (let attempt = 1; pending.size > 0; attempt++) {
+      if (attempt > MAX_ATTEMPTS) {
+        throw new GatewayError(
+          "unavailable",
+          `readings of meter ${[...pending.keys()][0]} kept racing concurrent writers; retry`,
+        );
+      }
+      const plans = await this.#planInserts(rows, pending, results);
+      await this.#commitPlans(rows, plans, results, stored);
+      // A failed commit means another writer changed the meter: re-decide its unstored rows
+      // against the fresh state (earlier duplicates may have pointed at rows that never landed).
+      pending = new Map();
+      for (const plan of plans) {
+        if (!plan.failed) continue;
+        pending.set(plan.meter, plan.indices.filter((i) => stored[i] === 0));
+      }
+    }
+    return results as InsertResult[];
+  }
+
+  /** Decides every pending row against the stored readings and earlier rows of the call. */
+  async #planInserts(
+    rows: ReadingRow[],
+    pending: Map<string, number[]>,
+    results: (InsertResult | undefined)[],
+  ): Promise<MeterPlan[]> {
+    const meters = [...pending.keys()];
+    const heads = await this.#getHeads(meters);
+    const windowMs = this.#windowMs;
+    return await mapPool(meters, READ_CONCURRENCY, async (meter, m) => {
+      const indices = pending.get(meter)!;
+      const head = heads[m];
+      // The head is read before the neighbours; the commit checks the head's versionstamp, so
+      // any write to this meter in between (or later) fails the commit and we re-plan.
+      const near = head.value === null
+        ? []
+        : await this.#storedNear(meter, rows, indices, head.value);
+      const accepted: number[] = [];
+      const acceptedTs: number[] = [];
+      for (const i of indices) {
+        const ts = rows[i].ts;
+        const hit = nearestColliding(near, ts, windowMs) ??
+          nearestColliding(acceptedTs, ts, windowMs);
+        if (hit !== undefined) {
+          results[i] = { status: "duplicate", conflict_ts: hit };
+          continue;
+        }
+        insertSorted(acceptedTs, ts);
+        accepted.push(i);
+      }
+      return {
+        meter,
+        indices,
+        accepted,
+        head: head.value,
+        versionstamp: head.versionstamp,
+        failed: false,
+      };
+    });
+  }
+
+  async #getHeads(meters: string[]): Promise<Deno.KvEntryMaybe<MeterHead>[]> {
+    const groups: string[][] = [];
+    for (let i = 0; i < meters.length; i += GET_MANY_MAX) {
+      groups.push(meters.slice(i, i + GET_MANY_MAX));
+    }
+    const got = await mapPool(
+      groups,
+      READ_CONCURRENCY,
+      (group) => this.#kv.getMany<MeterHead[]>(group.map((m) => ["meter_heads", m])),
+    );
+    return got.flat();
+  }
+
+  /** Stored timestamps of `meter` that may collide with the given rows, ascending. */
+  async #storedNear(
+    meter: string,
+    rows: ReadingRow[],
+    indices: number[],
+    head: MeterHead,
+  ): Promise<number[]> {
+    const w = Math.max(this.#windowMs, 1);
+    // Only rows whose window reaches into [min_ts, max_ts] can hit anything: in-order data
+    // (the common case) needs no reads at all.
+    const candidates: number[] = [];
+    for (const i of indices) {
+      const ts = rows[i].ts;
+      if (ts - w < head.max_ts && ts + w > head.min_ts) candidates.push(ts);
+    }
+    if (candidates.length === 0) return [];
+    candidates.sort((a, b) => a - b);
+    // One range read per cluster of rows whose windows touch; [ts - w, ts + w) is a superset
+    // of the colliding instants even for a fractional window, and collides() decides.
+    const ranges: [number, number][] = [];
+    for (const ts of candidates) {
+      const last = ranges.at(-1);
+      if (last !== undefined && ts - w <= last[1]) last[1] = ts + w;
+      else ranges.push([ts - w, ts + w]);
+    }
+    const found = await Promise.all(ranges.map(async ([lo, hi]) => {
+      const out: number[] = [];
+      const iter = this.#kv.list<ReadingRow>({
+        start: ["readings", meter, lo],
+        end: ["readings", meter, hi],
+      }, { batchSize: 500 });
+      for await (const entry of iter) out.push(entry.key[2] as number);
+      return out;
+    }));
+    return found.flat();
+  }
+
+  /** Writes the accepted rows in chunks that respect KV's per-commit limits. */
+  async #commitPlans(
+    rows: ReadingRow[],
+    plans: MeterPlan[],
+    results: (InsertResult | undefined)[],
+    stored: Uint8Array,
+  ): Promise<void> {
+    for (const chunk of buildChunks(rows, plans)) {
+      const parts = chunk.filter((part) => !part.plan.failed);
+      if (parts.length === 0) continue;
+      const op = this.#kv.atomic();
+      const global = newTotals();
+      const byUser = new Map<string, Totals>();
+      for (const part of parts) {
+        const meter = part.plan.meter;
+        op.check({ key: ["meter_heads", meter], versionstamp: part.plan.versionstamp });
+        op.set(["meter_heads", meter], part.headAfter);
+        if (part.newMeter) global.meters++;
+        for (const user of part.newUsers) totalsOf(byUser, user).meters++;
+        for (const i of part.rows) {
+          const row = rows[i];
+          op.set(["readings", meter, row.ts], row);
+          op.set(["readings_by_user", row.user_id, row.ts, meter], null);
+          op.set(["readings_by_time", row.ts, meter], null);
+          const totals = totalsOf(byUser, row.user_id);
+          totals.count++;
+          totals.kwh_e4 += row.kwh_e4;
+          global.count++;
+          global.kwh_e4 += row.kwh_e4;
+          if (row.minted) {
+            totals.minted++;
+            global.minted++;
+          }
+        }
+      }
+      addTotals(op, ["totals"], global);
+      for (const [user, totals] of byUser) addTotals(op, ["totals_by_user", user], totals);
+      const res = await commit(op);
+      for (const part of parts) {
+        if (!res.ok) {
+          part.plan.failed = true;
+          continue;
+        }
+        part.plan.versionstamp = res.versionstamp;
+        for (const i of part.rows) {
+          results[i] = { status: "stored" };
+          stored[i] = 1;
+        }
+      }
+    }
+  }
+
+  async recentReadingTimes(meterId: string, limit: number): Promise<number[]> {
+    if (limit <= 0) return [];
+    const out: number[] = [];
+    const iter = this.#kv.list<ReadingRow>({ prefix: ["readings", meterId] }, {
+      reverse: true,
+      limit,
+      batchSize: batchSizeFor(limit),
+    });
+    for await (const entry of iter) out.push(entry.key[2] as number);
+    return out;
+  }
+
+  async getReading(meterId: string, ts: number): Promise<ReadingRow | null> {
+    return (await this.#kv.get<ReadingRow>(["readings", meterId, ts])).value;
+  }
+
+  async listReadings(query: ReadingQuery): Promise<Page<ReadingRow>> {
+    const limit = checkLimit(query.limit);
+    const after = query.cursor === undefined ? null : decodeReadingCursor(query.cursor);
+    let prefix: Deno.KvKey;
+    let keyOf: (ts: number, meter: string) => Deno.KvKey;
+    if (query.meter_id !== undefined) {
+      prefix = ["readings", query.meter_id];
+      keyOf = (ts) => [...prefix, ts];
+    } else if (query.user_id !== undefined) {
+      prefix = ["readings_by_user", query.user_id];
+      keyOf = (ts, meter) => [...prefix, ts, meter];
+    } else {
+      prefix = ["readings_by_time"];
+      keyOf = (ts, meter) => [...prefix, ts, meter];
+    }
+    const desc = query.order === "desc";
+    let start: Deno.KvKey | undefined = query.from === undefined
+      ? undefined
+      : [...prefix, query.from];
+    let end: Deno.KvKey | undefined = query.to === undefined ? undefined : [...prefix, query.to];
+    if (after !== null) {
+      // Resume strictly past the last returned row, never outside [from, to).
+      if (!desc && (query.from === undefined || after.ts >= query.from)) {
+        start = successor(keyOf(after.ts, after.meter_id));
+      }
+      if (desc && (query.to === undefined || after.ts < query.to)) {
+        end = keyOf(after.ts, after.meter_id);
+      }
+    }
+    if (start !== undefined && end !== undefined && compareKeys(start, end) >= 0) {
+      return { items: [], next_cursor: null };
+    }
+    const selector: Deno.KvListSelector = start !== undefined && end !== undefined
+      ? { start, end }
+      : start !== undefined
+      ? { prefix, start }
+      : end !== undefined
+      ? { prefix, end }
+      : { prefix };
+    const primary = query.meter_id !== undefined;
+    const ownerCheck = primary && query.user_id !== undefined;
+    const filtered = ownerCheck || query.minted !== undefined;
+    const iter = this.#kv.list<ReadingRow | null>(selector, {
+      reverse: desc,
+      limit: filtered ? undefined : limit + 1,
+      batchSize: filtered ? 500 : batchSizeFor(limit + 1),
+    });
+    const items: ReadingRow[] = [];
+    let more = false;
+    /** Takes a scanned row; false once the page is full and one more match proves `more`. */
+    const take = (row: ReadingRow): boolean => {
+      if (ownerCheck && row.user_id !== query.user_id) return true;
+      if (query.minted !== undefined && row.minted !== query.minted) return true;
+      if (items.length === limit) {
+        more = true;
+        return false;
+      }
+      items.push(row);
+      return true;
+    };
+    if (primary) {
+      for await (const entry of iter) {
+        if (!take(entry.value!)) break;
+      }
+    } else if (!filtered) {
+      const keys: Deno.KvKey[] = [];
+      for await (const entry of iter) keys.push(entry.key);
+      more = keys.length > limit;
+      items.push(...await this.#fetchIndexed(keys.slice(0, limit)));
+    } else {
+      // The minted filter needs the rows: fetch them in groups while scanning.
+      let keys: Deno.KvKey[] = [];
+      const drain = async (): Promise<boolean> => {
+        const rows = await this.#fetchIndexed(keys);
+        keys = [];
+        return rows.every(take);
+      };
+      let open = true;
+      for await (const entry of iter) {
+        keys.push(entry.key);
+        if (keys.length === FILTER_GROUP && !(open = await drain())) break;
+      }
+      if (open && keys.length > 0) await drain();
+    }
+    const last = items.at(-1);
+    return {
+      items,
+      next_cursor: more && last ? encodeCursor([last.ts, last.meter_id]) : null,
+    };
+  }
+
+  async readingStats(query: { user_id?: string }): Promise<ReadingStats> {
+    const prefix: Deno.KvKey = query.user_id === undefined
+      ? ["totals"]
+      : ["totals_by_user", query.user_id];
+    const index: Deno.KvKey = query.user_id === undefined
+      ? ["readings_by_time"]
+      : ["readings_by_user", query.user_id];
+    const [totals, first, last] = await Promise.all([
+      this.#kv.getMany<Deno.KvU64[]>(TOTAL_FIELDS.map((field) => [...prefix, field])),
+      this.#edgeTs(index, false),
+      this.#edgeTs(index, true),
+    ]);
+    const [count, kwh, meters, minted] = totals.map((entry) =>
+      entry.value === null ? 0 : Number(entry.value.value)
+    );
+    return {
+      meter_count: meters,
+      reading_count: count,
+      kwh_e4: kwh,
+      minted_count: minted,
+      first_ts: first,
+      last_ts: last,
+    };
+  }
+
+  /** The timestamp of the first (or last) entry of a `[..., ts, meter_id]` index. */
+  async #edgeTs(prefix: Deno.KvKey, reverse: boolean): Promise<number | null> {
+    for await (const entry of this.#kv.list<null>({ prefix }, { limit: 1, reverse })) {
+      return entry.key.at(-2) as number;
+    }
+    return null;
+  }
+
+  /** Resolves `[..., ts, meter_id]` index keys to their rows, in order. */
+  async #fetchIndexed(keys: Deno.KvKey[]): Promise<ReadingRow[]> {
+    const groups: Deno.KvKey[][] = [];
+    for (let i = 0; i < keys.length; i += GET_MANY_MAX) {
+      groups.push(
+        keys.slice(i, i + GET_MANY_MAX).map((key) => ["readings", key.at(-1)!, key.at(-2)!]),
+      );
+    }
+    const got = await mapPool(groups, READ_CONCURRENCY, (group) => this.#kv.getMany(group));
+    const rows: ReadingRow[] = [];
+    for (const entry of got.flat()) {
+      if (entry.value !== null) rows.push(entry.value as ReadingRow);
+    }
+    return rows;
+  }
+
+  // ---- lifecycle ---------------------------------------------------------------------------
+
+  async ping(): Promise<void> {
+    await this.#kv.get(["ping"]);
+  }
+
+  close(): Promise<void> {
+    if (!this.#closed) {
+      this.#closed = true;
+      this.#kv.close();
+    }
+    return Promise.resolve();
+  }
+}
+
+/** The decision for one meter's pending rows, and its head as the commits advance it. */
+interface MeterPlan {
+  meter: string;
+  /** Pending rows of this meter, in input order. */
+  indices: number[];
+  /** Rows to store, in input order. */
+  accepted: number[];
+  head: MeterHead | null;
+  /** Expected versionstamp of the head at the next commit of this meter. */
+  versionstamp: string | null;
+  /** A commit of this meter lost a race: its later chunks are skipped and it is re-planned. */
+  failed: boolean;
+}
+
+/** One meter's share of one atomic commit. */
+interface ChunkPart {
+  plan: MeterPlan;
+  rows: number[];
+  headAfter: MeterHead;
+  newMeter: boolean;
+  newUsers: string[];
+}
+
+interface Totals {
+  count: number;
+  kwh_e4: number;
+  meters: number;
+  minted: number;
+}
+
+function newTotals(): Totals {
+  return { count: 0, kwh_e4: 0, meters: 0, minted: 0 };
+}
+
+function totalsOf(map: Map<string, Totals>, user: string): Totals {
+  let totals = map.get(user);
+  if (totals === undefined) {
+    totals = newTotals();
+    map.set(user, totals);
+  }
+  return totals;
+}
+
+function addTotals(op: Deno.AtomicOperation, prefix: Deno.KvKey, totals: Totals): void {
+  for (const field of TOTAL_FIELDS) {
+    if (totals[field] > 0) op.sum([...prefix, field], BigInt(totals[field]));
+  }
+}
+
+/** Packs the accepted rows into commits within KV's limits on checks, mutations and bytes. */
+function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
+  const chunks: ChunkPart[][] = [];
+  let parts: ChunkPart[] = [];
+  let users = new Set<string>();
+  let mutations = GLOBAL_MUTATIONS;
+  let keyBytes = GLOBAL_BYTES;
+  let bytes = GLOBAL_BYTES;
+  const flush = () => {
+    if (parts.length > 0) chunks.push(parts);
+    parts = [];
+    users = new Set();
+    mutations = GLOBAL_MUTATIONS;
+    keyBytes = GLOBAL_BYTES;
+    bytes = GLOBAL_BYTES;
+  };
+  for (const plan of plans) {
+    if (plan.accepted.length === 0) continue;
+    const meterBytes = keyPartBytes(plan.meter);
+    const headKeyBytes = 13 + meterBytes;
+    // The head before the part being built; each part carries the head after it.
+    let head = plan.head;
+    let part: ChunkPart | null = null;
+    for (const i of plan.accepted) {
+      const row = rows[i];
+      const userBytes = keyPartBytes(row.user_id);
+      const rowKeyBytes = (10 + meterBytes + 9) + (18 + userBytes + 9 + meterBytes) +
+        (18 + 9 + meterBytes);
+      const rowBytes = rowKeyBytes + rowValueBytes(row) + 3 * (MUTATION_OVERHEAD + 1);
+      const cost = () => {
+        const newPart = part === null;
+        const newUser = !users.has(row.user_id);
+        const headUsers = newPart ? (head?.user_ids ?? []) : part!.headAfter.user_ids;
+        let m = 3;
+        let k = rowKeyBytes;
+        let b = rowBytes;
+        if (newPart) {
+          m += 1;
+          k += headKeyBytes;
+          b += headKeyBytes + 80 + MUTATION_OVERHEAD +
+            headUsers.reduce((n, u) => n + stringValueBytes(u), 0);
+        }
+        if (!headUsers.includes(row.user_id)) b += stringValueBytes(row.user_id);
+        if (newUser) {
+          // Up to four per-user sums.
+          m += 4;
+          k += 4 * (16 + userBytes + 8);
+          b += 4 * (16 + userBytes + 8 + 9 + MUTATION_OVERHEAD);
+        }
+        return { m, k, b, newPart };
+      };
+      let c = cost();
+      const fits = () =>
+        mutations + c.m <= MAX_MUTATIONS && keyBytes + c.k <= MAX_KEY_BYTES &&
+        bytes + c.b <= MAX_MUTATION_BYTES && (!c.newPart || parts.length < MAX_CHECKS);
+      if (!fits()) {
+        if (part !== null) head = part.headAfter;
+        flush();
+        part = null;
+        c = cost();
+        if (!fits()) throw new RangeError(`reading of meter ${row.meter_id} is too large`);
+      }
+      mutations += c.m;
+      keyBytes += c.k;
+      bytes += c.b;
+      users.add(row.user_id);
+      if (part === null) {
+        part = {
+          plan,
+          rows: [],
+          headAfter: head === null
+            ? { user_ids: [], min_ts: row.ts, max_ts: row.ts }
+            : { ...head, user_ids: [...head.user_ids] },
+          newMeter: head === null,
+          newUsers: [],
+        };
+        parts.push(part);
+      }
+      part.rows.push(i);
+      const after = part.headAfter;
+      if (row.ts < after.min_ts) after.min_ts = row.ts;
+      if (row.ts > after.max_ts) after.max_ts = row.ts;
+      if (!after.user_ids.includes(row.user_id)) {
+        after.user_ids.push(row.user_id);
+        part.newUsers.push(row.user_id);
+      }
+    }
+  }
+  flush();
+  return chunks;
+}
+
+/** Encoded size of a string key part: tag, UTF-8 bytes (NUL escaped), terminator. */
+function keyPartBytes(s: string): number {
+  let n = 2;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c === 0) n += 2;
+    else if (c < 0x80) n += 1;
+    else if (c < 0x800) n += 2;
+    else n += 3;
+  }
+  return n;
+}
+
+/** Upper bound of a string's serialized size (two-byte strings are the worst case). */
+function stringValueBytes(s: string | null): number {
+  return s === null ? 1 : 2 * s.length + 6;
+}
+
+/** Upper bound of a row's serialized size (measured: ~310 bytes for a typical row). */
+function rowValueBytes(row: ReadingRow): number {
+  return 160 + stringValueBytes(row.meter_id) + stringValueBytes(row.user_id) +
+    stringValueBytes(row.wallet_address) + stringValueBytes(row.key_id) +
+    stringValueBytes(row.device_signature) + stringValueBytes(row.source);
+}
+
+/** The stored timestamp closest to `ts` that collides with it (an exact match first). */
+function nearestColliding(sorted: number[], ts: number, windowMs: number): number | undefined {
+  if (sorted.length === 0) return undefined;
+  const p = lowerBound(sorted, ts);
+  if (sorted[p] === ts) return ts;
+  const below = p > 0 ? sorted[p - 1] : undefined;
+  const above = p < sorted.length ? sorted[p] : undefined;
+  const hitBelow = below !== undefined && collides(below, ts, windowMs);
+  const hitAbove = above !== undefined && collides(above, ts, windowMs);
+  if (hitBelow && hitAbove) return ts - below! <= above! - ts ? below : above;
+  return hitBelow ? below : hitAbove ? above : undefined;
+}
+
+function lowerBound(sorted: number[], ts: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (sorted[mid] < ts) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+function insertSorted(sorted: number[], ts: number): void {
+  // Readings mostly arrive in time order: append without searching.
+  if (sorted.length === 0 || sorted[sorted.length - 1] < ts) sorted.push(ts);
+  else sorted.splice(lowerBound(sorted, ts), 0, ts);
+}
+
+/** Runs `fn` over `items` with at most `width` in flight; results in input order. */
+async function mapPool<T, R>(
+  items: T[],
+  width: number,
+  fn: (item: T, index: number) => Promise<R>,
+): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i], i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(width, items.length) }, worker));
+  return out;
+}
+
+/** Commits `op`, retrying while another process holds the SQLite file's write lock. */
+async function commit(
+  op: Deno.AtomicOperation,
+): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  for (let attempt = 0;; attempt++) {
+    try {
+      return await op.commit();
+    } catch (error) {
+      if (!(error instanceof Error) || !error.message.includes("database is locked")) throw error;
+      if (attempt === LOCK_RETRIES) {
+        throw new GatewayError("unavailable", "the KV database is locked by another process", {
+          cause: error,
+        });
+      }
+      // A failed BEGIN left nothing behind, so the same operation can simply be sent again.
+      const ms = Math.min(2 ** attempt, 100) * (0.5 + Math.random());
+      await new Promise((resolve) => setTimeout(resolve, ms));
+    }
+  }
+}
+
+function setAudit(op: Deno.AtomicOperation, audit: AuditEntry): Deno.AtomicOperation {
+  return op
+    .set(["audit", audit.meter_id, audit.at, audit.id], audit)
+    .set(["audit_all", audit.at, audit.id], audit);
+}
+
+function checkRow(row: ReadingRow): void {
+  if (!Number.isSafeInteger(row.ts)) {
+    throw new GatewayError("invalid_payload", `reading ts must be an integer, got ${row.ts}`);
+  }
+  if (!Number.isSafeInteger(row.kwh_e4) || row.kwh_e4 < 0) {
+    throw new GatewayError(
+      "invalid_payload",
+      `reading kwh_e4 must be a non-negative integer, got ${row.kwh_e4}`,
+    );
+  }
+}
+
+function checkLimit(limit: number): number {
+  if (!Number.isSafeInteger(limit) || limit < 1) {
+    throw new GatewayError("invalid_payload", `limit must be a positive integer, got ${limit}`);
+  }
+  return limit;
+}
+
+function batchSizeFor(n: number): number {
+  return Math.min(Math.max(n, 1), 1000);
+}
+
+/** The smallest key greater than `key` (keys of one index have a fixed length). */
+function successor(key: Deno.KvKey): Deno.KvKey {
+  return [...key, new Uint8Array()];
+}
+
+// KV orders part types as bytes < string < number < bigint < boolean.
+function typeRank(part: Deno.KvKeyPart): number {
+  if (part instanceof Uint8Array) return 0;
+  switch (typeof part) {
+    case "string":
+      return 1;
+    case "number":
+      return 2;
+    case "bigint":
+      return 3;
+    default:
+      return 4;
+  }
+}
+
+/** Compares two keys in KV order (strings by UTF-16 code units, which suffices for ids). */
+function compareKeys(a: Deno.KvKey, b: Deno.KvKey): number {
+  for (let i = 0; i < Math.min(a.length, b.length); i++) {
+    const x = a[i];
+    const y = b[i];
+    const rank = typeRank(x) - typeRank(y);
+    if (rank !== 0) return rank;
+    if (x instanceof Uint8Array && y instanceof Uint8Array) {
+      for (let j = 0; j < Math.min(x.length, y.length); j++) {
+        if (x[j] !== y[j]) return x[j] - y[j];
+      }
+      if (x.length !== y.length) return x.length - y.length;
+    } else if (x !== y) {
+      return (x as string | number) < (y as string | number) ? -1 : 1;
+    }
+  }
+  return a.length - b.length;
+}
+
+function encodeCursor(parts: unknown[]): string {
+  const bytes = new TextEncoder().encode(JSON.stringify(parts));
+  return btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_")
+    .replace(/=+$/, "");
+}
+
+function decodeCursor(cursor: string): unknown {
+  try {
+    if (!/^[A-Za-z0-9_-]+$/.test(cursor)) throw new Error("not base64url");
+    const binary = atob(cursor.replaceAll("-", "+").replaceAll("_", "/"));
+    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+  } catch {
+    throw malformedCursor();
+  }
+}
+
+function decodeReadingCursor(cursor: string): { ts: number; meter_id: string } {
+  const parts = decodeCursor(cursor);
+  if (
+    !Array.isArray(parts) || parts.length !== 2 || !Number.isSafeInteger(parts[0]) ||
+    typeof parts[1] !== "string"
+  ) {
+    throw malformedCursor();
+  }
+  return { ts: parts[0], meter_id: parts[1] };
+}
+
+function decodeDeviceCursor(cursor: string): string {
+  const parts = decodeCursor(cursor);
+  if (!Array.isArray(parts) || parts.length !== 1 || typeof parts[0] !== "string") {
+    throw malformedCursor();
+  }
+  return parts[0];
+}
+
+function malformedCursor(): GatewayError {
+  return new GatewayError("invalid_payload", "cursor is malformed");
+}

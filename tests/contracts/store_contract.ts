@@ -1,0 +1,678 @@
+import assert from "node:assert/strict";
+import type { AuditEntry, DeviceRecord, StoredKey } from "../../core/device.ts";
+import { GatewayError } from "../../core/errors.ts";
+import type { ReadingRow } from "../../core/reading.ts";
+import type { UserRecord } from "../../core/user.ts";
+import type { InsertResult, ReadingQuery, Store, StoreOptions } from "../../db/store.ts";
+
+/** A store under test and how to dispose of what it made. */
+export interface StoreFixture {
+  store: Store;
+  /** Runs after the suite has closed `store`: drop the schema, remove the files. */
+  cleanup(): Promise<void>;
+}
+
+/** Makes a fresh, empty store; every test case gets its own. */
+export type StoreFactory = (options: StoreOptions) => Promise<StoreFixture>;
+
+/** How the suite runs against one backend. */
+export interface StoreContractOptions {
+  /** Skip the suite, e.g. when the backend is not configured here. */
+  ignore?: boolean;
+  /** Deno's op sanitizer (on unless a driver keeps timers of its own). */
+  sanitizeOps?: boolean;
+  /** Deno's resource sanitizer (on unless a driver keeps connections of its own). */
+  sanitizeResources?: boolean;
+}
+
+const SEC = 1000;
+const MIN = 60 * SEC;
+const WINDOW = 15 * MIN;
+const T0 = Date.UTC(2026, 10, 29, 10, 0, 0);
+
+/**
+ * Registers the behaviour every {@linkcode Store} adapter must show, as `Deno.test` cases named
+ * `"<name>: ..."`. The suite closes each store itself, then calls the fixture's `cleanup`.
+ */
+export function storeContract(
+  name: string,
+  factory: StoreFactory,
+  options: StoreContractOptions = {},
+): void {
+  const test = (title: string, fn: (t: Deno.TestContext, store: Store) => Promise<void>) => {
+    Deno.test({
+      name: `${name}: ${title}`,
+      ignore: options.ignore ?? false,
+      sanitizeOps: options.sanitizeOps ?? true,
+      sanitizeResources: options.sanitizeResources ?? true,
+      async fn(t) {
+        const fixture = await factory({ dedupeWindowMs: WINDOW });
+        try {
+          await fn(t, fixture.store);
+        } finally {
+          await fixture.store.close();
+          await fixture.cleanup();
+        }
+      },
+    });
+  };
+
+  test(
+    "users are created, found by id and by email, counted, and emails are unique",
+    async (t, store) => {
+      const alice = user("alice");
+      const bob = user("bob");
+
+      await t.step("an empty store counts no users", async () => {
+        assert.equal(await store.countUsers(), 0);
+      });
+
+      await t.step("a created user is found by id, without its password hash", async () => {
+        await store.createUser(alice);
+        const found = await store.getUser(alice.id);
+        const { password_hash: _, ...expected } = alice;
+        assert.deepEqual(found, expected);
+        assert.ok(!("password_hash" in found!));
+      });
+
+      await t.step("a created user is found by email, with its password hash", async () => {
+        assert.deepEqual(await store.getUserByEmail(alice.email), alice);
+      });
+
+      await t.step("unknown ids and emails find nobody", async () => {
+        assert.equal(await store.getUser("nobody"), null);
+        assert.equal(await store.getUserByEmail("nobody@example.com"), null);
+      });
+
+      await t.step(
+        "a second user with a taken email is a conflict and is not created",
+        async () => {
+          await assertGatewayError(store.createUser({ ...bob, email: alice.email }), "conflict");
+          assert.equal(await store.getUser(bob.id), null);
+          assert.deepEqual(await store.getUserByEmail(alice.email), alice);
+        },
+      );
+
+      await t.step("countUsers counts every created user and nothing else", async () => {
+        await store.createUser(bob);
+        assert.equal(await store.countUsers(), 2);
+      });
+    },
+  );
+
+  test("devices are registered, updated and listed, with an audit trail", async (t, store) => {
+    const m1 = device("meter-1", "user-1");
+
+    await t.step("a registered device reads back as it was given", async () => {
+      await store.createDevice(m1, audit("meter-1", "registered", T0));
+      assert.deepEqual(await store.getDevice("meter-1"), m1);
+      assert.equal(await store.getDevice("meter-unknown"), null);
+    });
+
+    await t.step("registering a known meter again is a conflict and changes nothing", async () => {
+      const other = device("meter-1", "user-2", T0 + MIN);
+      await assertGatewayError(
+        store.createDevice(other, audit("meter-1", "registered", T0 + MIN)),
+        "conflict",
+      );
+      assert.deepEqual(await store.getDevice("meter-1"), m1);
+      assert.equal((await store.listAudit({ meter_id: "meter-1", limit: 10 })).length, 1);
+    });
+
+    await t.step("a rotation adds a key and retires the old one", async () => {
+      const rotatedAt = T0 + 10 * MIN;
+      const rotated: DeviceRecord = {
+        ...m1,
+        updated_at: rotatedAt,
+        keys: [{ ...m1.keys[0], retired_at: rotatedAt }, key("k2", rotatedAt)],
+      };
+      await store.updateDevice(rotated, audit("meter-1", "rotated", rotatedAt, "k2"));
+      const stored = await store.getDevice("meter-1");
+      assert.deepEqual(stored, rotated);
+      assert.deepEqual(stored!.keys.map((k) => k.key_id), ["k1", "k2"]);
+    });
+
+    await t.step("a revocation is stored", async () => {
+      const current = (await store.getDevice("meter-1"))!;
+      const revokedAt = T0 + 20 * MIN;
+      const revoked: DeviceRecord = {
+        ...current,
+        status: "revoked",
+        revoked_at: revokedAt,
+        updated_at: revokedAt,
+      };
+      await store.updateDevice(revoked, audit("meter-1", "revoked", revokedAt));
+      assert.deepEqual(await store.getDevice("meter-1"), revoked);
+    });
+
+    await t.step("devices are listed by meter id, optionally only one owner's", async () => {
+      for (
+        const [meter, owner] of [["meter-4", "user-1"], ["meter-2", "user-2"], [
+          "meter-3",
+          "user-1",
+        ], ["meter-0", "user-2"]]
+      ) {
+        await store.createDevice(device(meter, owner), audit(meter, "registered", T0 + MIN));
+      }
+      const all = await store.listDevices({ limit: 100 });
+      assert.deepEqual(all.items.map((d) => d.meter_id), [
+        "meter-0",
+        "meter-1",
+        "meter-2",
+        "meter-3",
+        "meter-4",
+      ]);
+      assert.equal(all.next_cursor, null);
+      const mine = await store.listDevices({ user_id: "user-1", limit: 100 });
+      assert.deepEqual(mine.items.map((d) => d.meter_id), ["meter-1", "meter-3", "meter-4"]);
+      assert.equal(mine.next_cursor, null);
+      // The owner's listing shows the device as last updated, not as registered.
+      assert.deepEqual(mine.items[0], await store.getDevice("meter-1"));
+      assert.deepEqual((await store.listDevices({ user_id: "user-9", limit: 10 })).items, []);
+    });
+
+    await t.step("device pages visit every device exactly once", async () => {
+      for (const user_id of [undefined, "user-1", "user-2"]) {
+        const full = (await store.listDevices({ user_id, limit: 100 })).items.map((d) =>
+          d.meter_id
+        );
+        for (const limit of [1, 2, 3, full.length]) {
+          const seen: string[] = [];
+          let cursor: string | undefined;
+          for (let page = 0; page <= full.length; page++) {
+            const res = await store.listDevices({ user_id, limit, cursor });
+            assert.ok(res.items.length <= limit);
+            seen.push(...res.items.map((d) => d.meter_id));
+            if (res.next_cursor === null) break;
+            cursor = res.next_cursor;
+          }
+          assert.deepEqual(seen, full, `user ${user_id}, limit ${limit}`);
+        }
+      }
+    });
+
+    await t.step("a malformed device cursor is rejected", async () => {
+      await assertGatewayError(store.listDevices({ limit: 1, cursor: "%%%" }), "invalid_payload");
+    });
+
+    await t.step(
+      "the audit log lists entries oldest first, per meter or all, up to a limit",
+      async () => {
+        const mine = await store.listAudit({ meter_id: "meter-1", limit: 10 });
+        assert.deepEqual(mine.map((a) => a.action), ["registered", "rotated", "revoked"]);
+        assert.deepEqual(mine[1], audit("meter-1", "rotated", T0 + 10 * MIN, "k2"));
+        const all = await store.listAudit({ limit: 100 });
+        assert.equal(all.length, 7);
+        assert.deepEqual(all.map((a) => a.at), [...all.map((a) => a.at)].sort((a, b) => a - b));
+        assert.equal(all[0].meter_id, "meter-1");
+        assert.equal(all.at(-1)!.action, "revoked");
+        assert.deepEqual(await store.listAudit({ limit: 1 }), all.slice(0, 1));
+        assert.deepEqual(
+          await store.listAudit({ meter_id: "meter-1", limit: 2 }),
+          mine.slice(0, 2),
+        );
+        assert.deepEqual(await store.listAudit({ meter_id: "meter-9", limit: 10 }), []);
+      },
+    );
+  });
+
+  test(
+    "insertReadings stores new readings and reports duplicates in input order",
+    async (t, store) => {
+      await t.step("an empty batch has no results", async () => {
+        assert.deepEqual(await store.insertReadings([]), []);
+      });
+
+      await t.step("a new reading is stored and reads back as given", async () => {
+        const r = row("m-new", T0, { kwh_e4: 123_456, wallet_address: "0x" + "a".repeat(40) });
+        assert.deepEqual(await store.insertReadings([r]), [STORED]);
+        assert.deepEqual(await store.getReading("m-new", T0), r);
+      });
+
+      await t.step(
+        "an exact replay is a duplicate of the stored reading and overwrites nothing",
+        async () => {
+          const original = row("m-replay", T0);
+          await store.insertReadings([original]);
+          const replay = row("m-replay", T0, {
+            kwh_e4: 99,
+            device_signature: "other",
+            source: "http",
+          });
+          assert.deepEqual(await store.insertReadings([replay]), [dup(T0)]);
+          assert.deepEqual(await store.getReading("m-replay", T0), original);
+        },
+      );
+
+      await t.step(
+        "a reading strictly within the window of a stored one is a duplicate",
+        async () => {
+          await store.insertReadings([row("m-near", T0)]);
+          const results = await store.insertReadings([
+            row("m-near", T0 + 14 * MIN + 59 * SEC),
+            row("m-near", T0 + WINDOW - 1),
+            row("m-near", T0 - 14 * MIN - 59 * SEC),
+            row("m-near", T0 - WINDOW + 1),
+            row("m-near", T0 + 1),
+          ]);
+          assert.deepEqual(results, [dup(T0), dup(T0), dup(T0), dup(T0), dup(T0)]);
+          assert.equal(await store.getReading("m-near", T0 + 1), null);
+        },
+      );
+
+      await t.step("a reading exactly one window away is stored", async () => {
+        await store.insertReadings([row("m-edge", T0)]);
+        assert.deepEqual(
+          await store.insertReadings([row("m-edge", T0 + WINDOW), row("m-edge", T0 - WINDOW)]),
+          [STORED, STORED],
+        );
+      });
+
+      await t.step("a duplicate names the stored reading it collides with", async () => {
+        await store.insertReadings([row("m-between", T0), row("m-between", T0 + 20 * MIN)]);
+        assert.deepEqual(
+          await store.insertReadings([
+            row("m-between", T0 + 3 * MIN),
+            row("m-between", T0 + 17 * MIN),
+          ]),
+          [dup(T0), dup(T0 + 20 * MIN)],
+        );
+      });
+
+      await t.step(
+        "rows of one batch collide with rows stored earlier in the same batch",
+        async () => {
+          assert.deepEqual(
+            await store.insertReadings([
+              row("m-batch", T0),
+              row("m-batch", T0 + MIN),
+              row("m-batch", T0),
+              row("m-batch", T0 + WINDOW),
+              row("m-batch", T0 + WINDOW + 14 * MIN),
+            ]),
+            [STORED, dup(T0), dup(T0), STORED, dup(T0 + WINDOW)],
+          );
+        },
+      );
+
+      await t.step("a row colliding only with a rejected row of the batch is stored", async () => {
+        assert.deepEqual(
+          await store.insertReadings([
+            row("m-chain", T0),
+            row("m-chain", T0 + 10 * MIN),
+            row("m-chain", T0 + 20 * MIN),
+          ]),
+          [STORED, dup(T0), STORED],
+        );
+      });
+
+      await t.step("a batch out of time order is judged in input order", async () => {
+        assert.deepEqual(
+          await store.insertReadings([
+            row("m-order", T0 + 10 * MIN),
+            row("m-order", T0),
+            row("m-order", T0 + 30 * MIN),
+            row("m-order", T0 + 40 * MIN),
+          ]),
+          [STORED, dup(T0 + 10 * MIN), STORED, dup(T0 + 30 * MIN)],
+        );
+      });
+
+      await t.step("the same instant on different meters is stored for each", async () => {
+        const meters = ["m-same-1", "m-same-2", "m-same-3"];
+        assert.deepEqual(
+          await store.insertReadings(meters.map((m) => row(m, T0))),
+          [STORED, STORED, STORED],
+        );
+        for (const m of meters) assert.equal((await store.getReading(m, T0))?.meter_id, m);
+      });
+
+      await t.step("results of a mixed batch line up with its rows", async () => {
+        const results = await store.insertReadings([
+          row("m-mix-a", T0),
+          row("m-replay", T0),
+          row("m-mix-b", T0),
+          row("m-mix-a", T0 + MIN),
+          row("m-near", T0 + 2 * MIN),
+          row("m-mix-b", T0 + WINDOW),
+        ]);
+        assert.deepEqual(results, [STORED, dup(T0), STORED, dup(T0), dup(T0), STORED]);
+      });
+
+      await t.step(
+        "a large batch across many meters is stored and replays as duplicates",
+        async () => {
+          const rows: ReadingRow[] = [];
+          for (let i = 0; i < 2_500; i++) {
+            const meter = `m-bulk-${String(i % 50).padStart(2, "0")}`;
+            const ts = T0 + Math.floor(i / 50) * WINDOW;
+            rows.push(row(meter, ts, { user_id: "user-bulk", kwh_e4: 1_000 + i }));
+          }
+          const first = await store.insertReadings(rows);
+          assert.equal(first.length, rows.length);
+          assert.ok(first.every((r) => r.status === "stored"), "every bulk row is stored");
+          const replay = await store.insertReadings(rows.map((r) => ({ ...r, ts: r.ts + MIN })));
+          assert.deepEqual(replay, rows.map((r) => dup(r.ts)));
+          const stats = await store.readingStats({ user_id: "user-bulk" });
+          assert.equal(stats.reading_count, 2_500);
+          assert.equal(stats.meter_count, 50);
+          assert.equal(stats.kwh_e4, rows.reduce((sum, r) => sum + r.kwh_e4, 0));
+          assert.deepEqual(await store.getReading("m-bulk-49", T0 + 49 * WINDOW), rows[2_499]);
+        },
+      );
+    },
+  );
+
+  test("recentReadingTimes lists a meter's newest timestamps first", async (t, store) => {
+    const times = [T0 + 30 * MIN, T0, T0 + 60 * MIN, T0 + 15 * MIN, T0 + 45 * MIN];
+    await store.insertReadings(times.map((ts) => row("m-recent", ts)));
+    await store.insertReadings([row("m-other", T0 + 90 * MIN)]);
+
+    await t.step("the newest readings come first, up to the limit", async () => {
+      assert.deepEqual(await store.recentReadingTimes("m-recent", 3), [
+        T0 + 60 * MIN,
+        T0 + 45 * MIN,
+        T0 + 30 * MIN,
+      ]);
+    });
+
+    await t.step("a limit above the count returns every reading of the meter", async () => {
+      assert.deepEqual(
+        await store.recentReadingTimes("m-recent", 100),
+        [...times].sort((a, b) => b - a),
+      );
+    });
+
+    await t.step("a meter without readings has none", async () => {
+      assert.deepEqual(await store.recentReadingTimes("m-none", 5), []);
+    });
+  });
+
+  test("listReadings filters, orders and pages readings", async (t, store) => {
+    // user-1 owns m-a and m-b (m-b shares instants with m-a); user-2 owns m-c.
+    const rows: ReadingRow[] = [];
+    for (let k = 0; k < 6; k++) {
+      rows.push(row("m-a", T0 + k * WINDOW, { user_id: "user-1", minted: k === 1 || k === 4 }));
+    }
+    for (let k = 0; k < 4; k++) rows.push(row("m-b", T0 + k * WINDOW, { user_id: "user-1" }));
+    for (let k = 0; k < 5; k++) {
+      rows.push(row("m-c", T0 + k * WINDOW + 5 * MIN, { user_id: "user-2", minted: k === 2 }));
+    }
+    const stored = await store.insertReadings(rows);
+    assert.ok(stored.every((r) => r.status === "stored"));
+    // Readings at the same instant are ordered by meter id (SQL: ORDER BY ts, meter_id).
+    const byTime = (a: ReadingRow, b: ReadingRow) =>
+      a.ts - b.ts || (a.meter_id < b.meter_id ? -1 : a.meter_id > b.meter_id ? 1 : 0);
+    const expect = (keep: (r: ReadingRow) => boolean) => rows.filter(keep).sort(byTime);
+    const list = async (query: Partial<ReadingQuery>) =>
+      await store.listReadings({ order: "asc", limit: 100, ...query });
+
+    await t.step("by meter, in time order", async () => {
+      const page = await list({ meter_id: "m-a" });
+      assert.deepEqual(page.items, expect((r) => r.meter_id === "m-a"));
+      assert.equal(page.next_cursor, null);
+    });
+
+    await t.step("by meter and owner, only when the owner matches", async () => {
+      assert.deepEqual((await list({ meter_id: "m-a", user_id: "user-2" })).items, []);
+      assert.deepEqual(
+        (await list({ meter_id: "m-a", user_id: "user-1" })).items,
+        expect((r) => r.meter_id === "m-a"),
+      );
+    });
+
+    await t.step("by owner, across the owner's meters in time then meter order", async () => {
+      assert.deepEqual(
+        (await list({ user_id: "user-1" })).items,
+        expect((r) => r.user_id === "user-1"),
+      );
+      assert.deepEqual((await list({ user_id: "user-9" })).items, []);
+    });
+
+    await t.step("without filters, every reading in time then meter order", async () => {
+      assert.deepEqual((await list({})).items, expect(() => true));
+    });
+
+    await t.step("a time range includes `from` and excludes `to`", async () => {
+      const from = T0 + WINDOW;
+      const to = T0 + 3 * WINDOW;
+      const inRange = (r: ReadingRow) => r.ts >= from && r.ts < to;
+      assert.deepEqual((await list({ from, to })).items, expect(inRange));
+      assert.deepEqual(
+        (await list({ from, to, user_id: "user-1" })).items,
+        expect((r) => inRange(r) && r.user_id === "user-1"),
+      );
+      assert.deepEqual(
+        (await list({ from, to, meter_id: "m-c" })).items,
+        expect((r) => inRange(r) && r.meter_id === "m-c"),
+      );
+      assert.deepEqual((await list({ from })).items, expect((r) => r.ts >= from));
+      assert.deepEqual((await list({ to })).items, expect((r) => r.ts < to));
+      assert.deepEqual((await list({ from: to, to: from })).items, []);
+    });
+
+    await t.step("the minted filter keeps only readings of that mint status", async () => {
+      assert.deepEqual((await list({ minted: false })).items, expect((r) => !r.minted));
+      assert.deepEqual((await list({ minted: true })).items, expect((r) => r.minted));
+      assert.deepEqual(
+        (await list({ minted: false, user_id: "user-1" })).items,
+        expect((r) => !r.minted && r.user_id === "user-1"),
+      );
+      assert.deepEqual(
+        (await list({ minted: true, meter_id: "m-a" })).items,
+        expect((r) => r.minted && r.meter_id === "m-a"),
+      );
+    });
+
+    await t.step("descending order is the exact reverse of ascending order", async () => {
+      for (const filter of FILTERS) {
+        assert.deepEqual(
+          (await list({ ...filter, order: "desc" })).items,
+          (await list(filter)).items.reverse(),
+          JSON.stringify(filter),
+        );
+      }
+    });
+
+    await t.step("pages visit every reading exactly once, in either order", async () => {
+      for (const filter of FILTERS) {
+        for (const order of ["asc", "desc"] as const) {
+          const full = (await list({ ...filter, order })).items;
+          for (const limit of [1, 2, 3, 7, full.length]) {
+            const seen: ReadingRow[] = [];
+            let cursor: string | undefined;
+            for (let page = 0; page <= full.length; page++) {
+              const res = await list({ ...filter, order, limit, cursor });
+              assert.ok(res.items.length <= limit);
+              seen.push(...res.items);
+              if (res.next_cursor === null) break;
+              cursor = res.next_cursor;
+            }
+            assert.deepEqual(seen, full, `${JSON.stringify(filter)} ${order} limit ${limit}`);
+          }
+        }
+      }
+    });
+
+    await t.step("a page that ends at the last reading has no next cursor", async () => {
+      const first = await list({ meter_id: "m-b", limit: 2 });
+      assert.equal(first.items.length, 2);
+      assert.notEqual(first.next_cursor, null);
+      const last = await list({ meter_id: "m-b", limit: 2, cursor: first.next_cursor! });
+      assert.equal(last.items.length, 2);
+      assert.equal(last.next_cursor, null);
+    });
+
+    await t.step("a malformed cursor is rejected as an invalid payload", async () => {
+      const notJson = btoa("not json").replaceAll("=", "");
+      const wrongShape = btoa(JSON.stringify({ a: 1 })).replaceAll("=", "");
+      for (const cursor of ["%%%", notJson, wrongShape]) {
+        await assertGatewayError(list({ cursor }), "invalid_payload");
+      }
+    });
+  });
+
+  test("readingStats totals readings per owner and overall", async (t, store) => {
+    await t.step("an empty store has zero totals and no first or last reading", async () => {
+      assert.deepEqual(await store.readingStats({}), EMPTY_STATS);
+      assert.deepEqual(await store.readingStats({ user_id: "user-1" }), EMPTY_STATS);
+    });
+
+    await t.step("totals count stored readings only, per owner and overall", async () => {
+      const rows = [
+        row("m-x", T0 + WINDOW, { user_id: "user-1", kwh_e4: 12_345 }),
+        row("m-x", T0 + 3 * WINDOW, { user_id: "user-1", kwh_e4: 678_901 }),
+        row("m-y", T0, { user_id: "user-1", kwh_e4: 1, minted: true }),
+        row("m-z", T0 + 5 * WINDOW, { user_id: "user-2", kwh_e4: 1_000_000 }),
+        // Duplicates: never counted.
+        row("m-x", T0 + WINDOW + MIN, { user_id: "user-1", kwh_e4: 5_555 }),
+        row("m-z", T0 + 5 * WINDOW, { user_id: "user-2", kwh_e4: 7_777 }),
+      ];
+      await store.insertReadings(rows);
+      await store.insertReadings([row("m-y", T0, { user_id: "user-1", kwh_e4: 3 })]);
+      assert.deepEqual(await store.readingStats({ user_id: "user-1" }), {
+        meter_count: 2,
+        reading_count: 3,
+        kwh_e4: 12_345 + 678_901 + 1,
+        minted_count: 1,
+        first_ts: T0,
+        last_ts: T0 + 3 * WINDOW,
+      });
+      assert.deepEqual(await store.readingStats({ user_id: "user-2" }), {
+        meter_count: 1,
+        reading_count: 1,
+        kwh_e4: 1_000_000,
+        minted_count: 0,
+        first_ts: T0 + 5 * WINDOW,
+        last_ts: T0 + 5 * WINDOW,
+      });
+      assert.deepEqual(await store.readingStats({}), {
+        meter_count: 3,
+        reading_count: 4,
+        kwh_e4: 12_345 + 678_901 + 1 + 1_000_000,
+        minted_count: 1,
+        first_ts: T0,
+        last_ts: T0 + 5 * WINDOW,
+      });
+    });
+
+    await t.step("an owner without readings has zero totals", async () => {
+      assert.deepEqual(await store.readingStats({ user_id: "user-9" }), EMPTY_STATS);
+    });
+  });
+
+  test("getReading finds readings by natural key and ping answers", async (t, store) => {
+    await t.step("getReading returns the stored row or null", async () => {
+      const r = row("m-get", T0);
+      await store.insertReadings([r]);
+      assert.deepEqual(await store.getReading("m-get", T0), r);
+      assert.equal(await store.getReading("m-get", T0 + 1), null);
+      assert.equal(await store.getReading("m-missing", T0), null);
+    });
+
+    await t.step("ping resolves on a live store", async () => {
+      await store.ping();
+    });
+  });
+}
+
+const STORED: InsertResult = { status: "stored" };
+
+const EMPTY_STATS = {
+  meter_count: 0,
+  reading_count: 0,
+  kwh_e4: 0,
+  minted_count: 0,
+  first_ts: null,
+  last_ts: null,
+};
+
+// Filter combinations that pagination and ordering are checked under.
+const FILTERS: Partial<ReadingQuery>[] = [
+  { meter_id: "m-a" },
+  { meter_id: "m-a", user_id: "user-1" },
+  { user_id: "user-1" },
+  {},
+  { from: T0 + WINDOW, to: T0 + 4 * WINDOW },
+  { minted: false },
+  { minted: false, user_id: "user-1" },
+  { minted: false, meter_id: "m-a" },
+];
+
+function dup(conflictTs: number): InsertResult {
+  return { status: "duplicate", conflict_ts: conflictTs };
+}
+
+function row(meterId: string, ts: number, overrides: Partial<ReadingRow> = {}): ReadingRow {
+  return {
+    meter_id: meterId,
+    ts,
+    kwh_e4: 12_500,
+    user_id: "user-1",
+    wallet_address: null,
+    key_id: "k1",
+    device_signature: `sig-${meterId}-${ts}`,
+    source: "mqtt",
+    submitted_at: ts + SEC,
+    minted: false,
+    ...overrides,
+  };
+}
+
+function user(name: string): UserRecord {
+  return {
+    id: `id-${name}`,
+    email: `${name}@example.com`,
+    role: "user",
+    wallet_address: null,
+    created_at: T0,
+    password_hash: `hash-of-${name}`,
+  };
+}
+
+function key(keyId: string, createdAt: number): StoredKey {
+  return {
+    key_id: keyId,
+    algorithm: "hmac-sha256",
+    secret_enc: `sealed-${keyId}`,
+    created_at: createdAt,
+    retired_at: null,
+  };
+}
+
+function device(meterId: string, userId: string, at = T0): DeviceRecord {
+  return {
+    meter_id: meterId,
+    user_id: userId,
+    status: "active",
+    created_at: at,
+    updated_at: at,
+    revoked_at: null,
+    keys: [key("k1", at)],
+  };
+}
+
+function audit(
+  meterId: string,
+  action: AuditEntry["action"],
+  at: number,
+  keyId?: string,
+): AuditEntry {
+  const entry: AuditEntry = {
+    id: `${meterId}-${action}-${at}`,
+    meter_id: meterId,
+    action,
+    actor: "cli",
+    at,
+  };
+  if (keyId !== undefined) entry.key_id = keyId;
+  return entry;
+}
+
+async function assertGatewayError(promise: Promise<unknown>, code: string): Promise<void> {
+  await assert.rejects(promise, (error: unknown) => {
+    assert.ok(error instanceof GatewayError, `expected a GatewayError, got ${error}`);
+    assert.equal(error.code, code);
+    return true;
+  });
+}

@@ -1,0 +1,208 @@
+import assert from "node:assert/strict";
+import { GatewayError } from "../core/errors.ts";
+import type { ReadingRow } from "../core/reading.ts";
+import { KvStore } from "../db/kv_store.ts";
+import type { StoreOptions } from "../db/store.ts";
+import { storeContract } from "./contracts/store_contract.ts";
+
+const MIN = 60_000;
+const OPTIONS: StoreOptions = { dedupeWindowMs: 15 * MIN };
+const T0 = Date.UTC(2026, 10, 29, 10, 0, 0);
+
+storeContract("KvStore", async (options) => {
+  const dir = await Deno.makeTempDir({ prefix: "kv_store_test_" });
+  const store = await KvStore.open(`${dir}/gateway.kv`, options);
+  return { store, cleanup: () => Deno.remove(dir, { recursive: true }) };
+});
+
+/** Runs `fn` with a temp directory that is removed afterwards. */
+async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "kv_store_test_" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function row(meterId: string, ts: number, overrides: Partial<ReadingRow> = {}): ReadingRow {
+  return {
+    meter_id: meterId,
+    ts,
+    kwh_e4: 10_000,
+    user_id: "user-1",
+    wallet_address: null,
+    key_id: "k1",
+    device_signature: "sig",
+    source: "mqtt",
+    submitted_at: ts,
+    minted: false,
+    ...overrides,
+  };
+}
+
+Deno.test("KvStore keeps its data when the file is closed and opened again", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/gateway.kv`;
+    const first = await KvStore.open(path, OPTIONS);
+    await first.createUser({
+      id: "u1",
+      email: "a@example.com",
+      role: "user",
+      wallet_address: null,
+      created_at: T0,
+      password_hash: "h",
+    });
+    await first.insertReadings([row("m1", T0), row("m1", T0 + 15 * MIN)]);
+    await first.close();
+
+    const again = await KvStore.open(path, OPTIONS);
+    try {
+      assert.equal(await again.countUsers(), 1);
+      assert.equal((await again.getUserByEmail("a@example.com"))?.id, "u1");
+      assert.deepEqual(await again.recentReadingTimes("m1", 10), [T0 + 15 * MIN, T0]);
+      // The reopened store still knows what it stored: replays stay duplicates.
+      assert.deepEqual(await again.insertReadings([row("m1", T0 + MIN)]), [
+        { status: "duplicate", conflict_ts: T0 },
+      ]);
+      assert.equal((await again.readingStats({})).reading_count, 2);
+    } finally {
+      await again.close();
+    }
+  });
+});
+
+Deno.test("KvStore without a path keeps its data in memory only", async () => {
+  const first = await KvStore.open(undefined, OPTIONS);
+  await first.insertReadings([row("m1", T0)]);
+  assert.equal((await first.readingStats({})).reading_count, 1);
+  await first.close();
+  const second = await KvStore.open(undefined, OPTIONS);
+  assert.equal((await second.readingStats({})).reading_count, 0);
+  await second.close();
+});
+
+Deno.test("KvStore takes an open handle and closes it on close", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const store = new KvStore(kv, OPTIONS);
+  await store.ping();
+  await store.close();
+  await store.close(); // closing twice is harmless
+  await assert.rejects(() => kv.get(["anything"]));
+});
+
+Deno.test("KvStore rejects rows whose time or energy is not a whole number", async () => {
+  const store = await KvStore.open(undefined, OPTIONS);
+  try {
+    for (
+      const bad of [
+        row("m1", T0 + 0.5),
+        row("m1", T0, { kwh_e4: 1.5 }),
+        row("m1", T0, { kwh_e4: -1 }),
+      ]
+    ) {
+      await assert.rejects(
+        store.insertReadings([bad]),
+        (e: unknown) => e instanceof GatewayError && e.code === "invalid_payload",
+      );
+    }
+    assert.equal((await store.readingStats({})).reading_count, 0);
+  } finally {
+    await store.close();
+  }
+});
+
+Deno.test("KvStore reports updating an unregistered device as not found", async () => {
+  const store = await KvStore.open(undefined, OPTIONS);
+  try {
+    await assert.rejects(
+      store.updateDevice({
+        meter_id: "ghost",
+        user_id: "u1",
+        status: "revoked",
+        created_at: T0,
+        updated_at: T0,
+        revoked_at: T0,
+        keys: [],
+      }, { id: "a1", meter_id: "ghost", action: "revoked", actor: "cli", at: T0 }),
+      (e: unknown) => e instanceof GatewayError && e.code === "not_found",
+    );
+    assert.deepEqual(await store.listAudit({ limit: 10 }), []);
+  } finally {
+    await store.close();
+  }
+});
+
+Deno.test("KvStore splits big batches within the commit limits of Deno KV", async (t) => {
+  const store = await KvStore.open(undefined, OPTIONS);
+  try {
+    await t.step("one meter's rows spanning many commits are all stored", async () => {
+      const rows = Array.from({ length: 1_500 }, (_, i) => row("m-long", T0 + i * 15 * MIN));
+      const results = await store.insertReadings(rows);
+      assert.ok(results.every((r) => r.status === "stored"));
+      assert.equal((await store.recentReadingTimes("m-long", 2_000)).length, 1_500);
+      const replay = await store.insertReadings(rows);
+      assert.deepEqual(replay, rows.map((r) => ({ status: "duplicate", conflict_ts: r.ts })));
+    });
+
+    await t.step("rows with the longest ids and signatures fit the byte limits", async () => {
+      const rows: ReadingRow[] = [];
+      for (let i = 0; i < 3_000; i++) {
+        rows.push(row(`m${String(i % 150).padStart(3, "0")}${"x".repeat(60)}`, T0 + i * MIN * 15, {
+          user_id: `user-${i % 7}-${"ü".repeat(120)}`,
+          wallet_address: "W".repeat(44),
+          key_id: "k".repeat(64),
+          device_signature: "s".repeat(256),
+        }));
+      }
+      const results = await store.insertReadings(rows);
+      assert.ok(results.every((r) => r.status === "stored"));
+      const stats = await store.readingStats({});
+      assert.equal(stats.reading_count, 4_500);
+      assert.equal(stats.meter_count, 151);
+    });
+  } finally {
+    await store.close();
+  }
+});
+
+Deno.test("KvStore handles racing writers on one file without storing anything twice", async (t) => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/gateway.kv`;
+    const a = await KvStore.open(path, OPTIONS);
+    const b = await KvStore.open(path, OPTIONS);
+    try {
+      await t.step("the same batch from two writers is stored once", async () => {
+        const rows: ReadingRow[] = [];
+        for (let i = 0; i < 600; i++) {
+          rows.push(row(`m-${i % 30}`, T0 + Math.floor(i / 30) * 15 * MIN));
+        }
+        const [ra, rb] = await Promise.all([a.insertReadings(rows), b.insertReadings(rows)]);
+        for (let i = 0; i < rows.length; i++) {
+          const outcomes = [ra[i].status, rb[i].status].sort();
+          assert.deepEqual(outcomes, ["duplicate", "stored"], `row ${i}`);
+        }
+        const stats = await a.readingStats({});
+        assert.equal(stats.reading_count, 600);
+        assert.equal(stats.meter_count, 30);
+        assert.equal(stats.kwh_e4, 600 * 10_000);
+      });
+
+      await t.step("near duplicates from two writers are stored once per window", async () => {
+        const base = T0 + 1_000 * 15 * MIN;
+        const left = Array.from({ length: 40 }, (_, m) => row(`m-near-${m}`, base));
+        const right = Array.from({ length: 40 }, (_, m) => row(`m-near-${m}`, base + 5 * MIN));
+        const [ra, rb] = await Promise.all([a.insertReadings(left), b.insertReadings(right)]);
+        for (let m = 0; m < 40; m++) {
+          const stored = [ra[m], rb[m]].filter((r) => r.status === "stored");
+          assert.equal(stored.length, 1, `meter m-near-${m}`);
+          assert.equal((await a.recentReadingTimes(`m-near-${m}`, 10)).length, 1);
+        }
+        assert.equal((await b.readingStats({})).meter_count, 70);
+      });
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+});
