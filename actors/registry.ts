@@ -40,6 +40,8 @@ export interface RegistryOptions {
 
 interface Activation {
   mailbox: { msg: Submission; resolve: (outcome: Outcome) => void }[];
+  /** The device changed while it was loading: load it again before any message runs. */
+  stale: boolean;
 }
 
 /**
@@ -77,7 +79,7 @@ export class ActorRegistry {
     if (actor) return this.#turn(actor, msg);
     const pending = this.#activating.get(msg.meter_id);
     if (pending) return this.#enqueue(pending, msg);
-    const activation: Activation = { mailbox: [] };
+    const activation: Activation = { mailbox: [], stale: false };
     this.#activating.set(msg.meter_id, activation);
     const result = this.#enqueue(activation, msg);
     this.#activate(msg.meter_id, activation);
@@ -86,11 +88,16 @@ export class ActorRegistry {
 
   /** Reloads a meter's device (registered, rotated, revoked): later messages see the change. */
   invalidate(meterId: string): void {
+    const loading = this.#activating.get(meterId);
+    if (loading) {
+      loading.stale = true;
+      return;
+    }
     const actor = this.#actors.get(meterId);
     if (!actor) return;
     // Keep the actor (its window and bucket) but queue new messages until the device reloads.
     this.#actors.delete(meterId);
-    const activation: Activation = { mailbox: [] };
+    const activation: Activation = { mailbox: [], stale: false };
     this.#activating.set(meterId, activation);
     this.#activate(meterId, activation, actor);
   }
@@ -123,7 +130,11 @@ export class ActorRegistry {
   async #activate(meterId: string, activation: Activation, previous?: MeterActor): Promise<void> {
     let actor: MeterActor;
     try {
-      const device = await this.#loadDevice(meterId);
+      let device: DeviceState | null;
+      do {
+        activation.stale = false;
+        device = await this.#loadDevice(meterId);
+      } while (activation.stale);
       if (previous) {
         previous.device = device;
         actor = previous;

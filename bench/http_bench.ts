@@ -26,6 +26,7 @@ await using gw = await spawnGateway({
   LOG_LEVEL: "info",
 });
 
+// deno-lint-ignore no-explicit-any
 async function api(path: string, body?: unknown, token?: string): Promise<any> {
   const res = await fetch(gw.url + path, {
     method: body === undefined ? "GET" : "POST",

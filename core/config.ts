@@ -50,6 +50,7 @@ const envSchema = z.object({
   WRITER_FLUSH_MS: int(5, 0, 10_000),
   WRITER_QUEUE_MAX: int(20_000),
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
+  HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
 });
 
@@ -74,6 +75,7 @@ export interface Config {
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
   writer: { batchMax: number; flushMs: number; queueMax: number };
   httpBodyLimit: number;
+  importBodyLimit: number;
   wsSendBufferMax: number;
 }
 
@@ -122,6 +124,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       queueMax: e.WRITER_QUEUE_MAX,
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,
+    importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
   };
 }

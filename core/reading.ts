@@ -3,7 +3,9 @@ import { z } from "zod";
 
 /** Meter identifiers: 1–64 characters of `[A-Za-z0-9._:-]`. */
 export const METER_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
-const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$/;
+/** RFC 3339 date-time with an offset (`Z` or `±hh:mm`). */
+export const RFC3339 =
+  /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$/;
 const DECIMAL = /^[+-]?(\d{1,20}(\.\d{0,20})?|\.\d{1,20})$/;
 
 /** Where a reading entered the gateway. */
@@ -19,7 +21,17 @@ export const keyIdSchema = z.string().regex(/^[A-Za-z0-9._:-]{1,64}$/, "key_id i
 export const rfc3339Schema = z.string().max(40).regex(
   RFC3339,
   "reading_timestamp must be an RFC 3339 date-time",
-).refine((s) => !Number.isNaN(Date.parse(s)), "reading_timestamp is not a real date");
+).refine(isRealDateTime, "reading_timestamp names a day or time that does not exist");
+
+/** Whether an RFC 3339 string names a real calendar day and time (Date.parse rolls 02-30 over). */
+export function isRealDateTime(text: string): boolean {
+  const m = /^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})/.exec(text);
+  if (!m) return false;
+  const [y, mo, d, h, mi, s] = m.slice(1).map(Number);
+  const days = new Date(Date.UTC(y, mo, 0)).getUTCDate(); // day 0 of next month = last day
+  return mo >= 1 && mo <= 12 && d >= 1 && d <= days && h <= 23 && mi <= 59 && s <= 59 &&
+    !Number.isNaN(Date.parse(text));
+}
 
 /** A decimal as a string, or a JSON number (kept in its `JSON.stringify` form for signing). */
 export const kwhSchema = z.union([

@@ -4,6 +4,7 @@ import type { ReadingRow } from "../core/reading.ts";
 import { collides } from "../core/rules.ts";
 import type { User, UserRecord } from "../core/user.ts";
 import type {
+  DeviceChange,
   InsertResult,
   Page,
   ReadingQuery,
@@ -134,12 +135,17 @@ export class KvStore implements Store {
     return (await this.#kv.get<DeviceRecord>(["devices", meterId])).value;
   }
 
-  async updateDevice(device: DeviceRecord, audit: AuditEntry): Promise<void> {
-    // Optimistic: retry when another writer replaced the device between read and commit.
+  async updateDevice(meterId: string, change: DeviceChange): Promise<DeviceRecord> {
+    // Optimistic: when another writer replaced the device between read and commit, the change
+    // is computed again from the fresh record, so no update is lost.
     for (;;) {
-      const current = await this.#kv.get<DeviceRecord>(["devices", device.meter_id]);
+      const current = await this.#kv.get<DeviceRecord>(["devices", meterId]);
       if (current.value === null) {
-        throw new GatewayError("not_found", `meter ${device.meter_id} is not registered`);
+        throw new GatewayError("not_found", `Meter "${meterId}" is not registered`);
+      }
+      const { device, audit } = change(current.value);
+      if (device.meter_id !== meterId) {
+        throw new TypeError(`A device change must keep meter_id "${meterId}"`);
       }
       const op = this.#kv.atomic()
         .check(current)
@@ -148,7 +154,7 @@ export class KvStore implements Store {
       if (current.value.user_id !== device.user_id) {
         op.delete(["devices_by_user", current.value.user_id, device.meter_id]);
       }
-      if ((await commit(setAudit(op, audit))).ok) return;
+      if ((await commit(setAudit(op, audit))).ok) return device;
     }
   }
 

@@ -40,6 +40,9 @@ export interface ReadingStats {
   last_ts: number | null;
 }
 
+/** A device change for {@linkcode Store.updateDevice}. */
+export type DeviceChange = (current: DeviceRecord) => { device: DeviceRecord; audit: AuditEntry };
+
 /** Options every store honours. */
 export interface StoreOptions {
   /** Rule 3: readings of one meter strictly closer than this collide. */
@@ -61,8 +64,13 @@ export interface Store {
   /** Registers a device and writes its audit entry; throws `GatewayError("conflict")` if known. */
   createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void>;
   getDevice(meterId: string): Promise<DeviceRecord | null>;
-  /** Replaces a device (rotation, revocation) and writes the audit entry in one transaction. */
-  updateDevice(device: DeviceRecord, audit: AuditEntry): Promise<void>;
+  /**
+   * Changes a device atomically (rotation, revocation): `change` gets the current record and
+   * returns the new one with its audit entry, or throws to refuse. When another writer changed
+   * the device meanwhile, `change` runs again on the fresh record. Throws `not_found` for an
+   * unknown meter. Returns the stored record.
+   */
+  updateDevice(meterId: string, change: DeviceChange): Promise<DeviceRecord>;
   /** Devices ordered by meter id; optionally only one owner's. */
   listDevices(
     query: { user_id?: string; limit: number; cursor?: string },

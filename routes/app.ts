@@ -32,6 +32,7 @@ export interface AppDeps {
   clock: Clock;
   logger: Logger;
   bodyLimit: number;
+  importBodyLimit: number;
   registerPerMinute: number;
   writerStalled: () => string | null;
   metrics: Metrics;
@@ -46,19 +47,21 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   });
 
   // Body checks only on /api: header-changing middleware on the WebSocket route breaks upgrades.
+  const limit = (maxSize: number) =>
+    bodyLimit({
+      maxSize,
+      onError: () => {
+        throw new GatewayError("payload_too_large", `Request body exceeds ${maxSize} bytes`);
+      },
+    });
+  const small = limit(deps.bodyLimit);
+  // Fleet imports carry thousands of devices in one request.
+  const large = limit(deps.importBodyLimit);
   app.use(
     "/api/*",
-    bodyLimit({
-      maxSize: deps.bodyLimit,
-      onError: () => {
-        throw new GatewayError(
-          "payload_too_large",
-          `Request body exceeds ${deps.bodyLimit} bytes`,
-        );
-      },
-    }),
-    strictUtf8(),
+    (c, next) => c.req.path === "/api/admin/devices/import" ? large(c, next) : small(c, next),
   );
+  app.use("/api/*", strictUtf8());
 
   app.route("/", healthRoutes(deps));
   app.route("/", metricsRoutes(deps.metrics));

@@ -3,9 +3,11 @@ import type { ActorRegistry } from "../actors/registry.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { Outcome } from "../core/outcome.ts";
 import {
+  isRealDateTime,
   meterIdSchema,
   type Reading,
   readingSubmissionSchema,
+  RFC3339,
   toReading,
 } from "../core/reading.ts";
 import type { Principal } from "../core/user.ts";
@@ -25,9 +27,9 @@ const SubmissionSchema = readingSubmissionSchema.meta({
   },
 });
 
-const isoDate = z.string().max(40).refine(
-  (s) => !Number.isNaN(Date.parse(s)),
-  "must be a date-time",
+const isoDate = z.string().max(40).regex(RFC3339, "must be an RFC 3339 date-time").refine(
+  isRealDateTime,
+  "names a day or time that does not exist",
 );
 
 const ListQuery = z.object({

@@ -103,7 +103,12 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
         },
         onMessage(event) {
           const data = event.data;
-          if (typeof data !== "string" || data.length > MAX_MESSAGE_BYTES) {
+          // Length counts UTF-16 units; a unit is at most 3 UTF-8 bytes, so encode only if close.
+          if (
+            typeof data !== "string" || data.length > MAX_MESSAGE_BYTES ||
+            (data.length > MAX_MESSAGE_BYTES / 3 &&
+              new TextEncoder().encode(data).length > MAX_MESSAGE_BYTES)
+          ) {
             return fail(
               new GatewayError("invalid_payload", "Send text messages of at most 64 KiB"),
             );

@@ -92,36 +92,40 @@ export class DeviceService {
 
   /** Issues a new key; the previous ones stay valid for the grace period. */
   async rotate(meterId: string, input: { public_key?: string }, actor: string): Promise<IssuedKey> {
-    const device = await this.#get(meterId);
-    if (device.status === "revoked") {
-      throw new GatewayError("device_revoked", `Meter "${meterId}" is revoked`);
-    }
-    const now = this.#clock.now();
-    const algorithm = device.keys.at(-1)?.algorithm ?? "hmac-sha256";
-    const { key, issued } = this.#newKey(meterId, algorithm, input.public_key, now);
-    const keys = device.keys
-      .filter((k) => keyState(k, now, this.#policy) !== "expired")
-      .map((k) => k.retired_at === null ? { ...k, retired_at: now } : k);
-    const updated = { ...device, keys: [...keys, key], updated_at: now };
-    await this.#store.updateDevice(updated, this.#audit(updated, "rotated", actor, key.key_id));
+    let issued: IssuedKey | undefined;
+    await this.#store.updateDevice(meterId, (device) => {
+      if (device.status === "revoked") {
+        throw new GatewayError("device_revoked", `Meter "${meterId}" is revoked`);
+      }
+      const now = this.#clock.now();
+      const algorithm = device.keys.at(-1)?.algorithm ?? "hmac-sha256";
+      const fresh = this.#newKey(meterId, algorithm, input.public_key, now);
+      issued = fresh.issued;
+      const keys = device.keys
+        .filter((k) => keyState(k, now, this.#policy) !== "expired")
+        .map((k) => k.retired_at === null ? { ...k, retired_at: now } : k);
+      const updated = { ...device, keys: [...keys, fresh.key], updated_at: now };
+      return { device: updated, audit: this.#audit(updated, "rotated", actor, fresh.key.key_id) };
+    });
     await this.#bus.publish({
       type: "device.changed",
       data: { meter_id: meterId, change: "rotated" },
     });
-    return issued;
+    return issued!;
   }
 
   /** Revokes a meter: every later reading is rejected, on every instance. */
   async revoke(meterId: string, actor: string, note?: string): Promise<DeviceView> {
-    const device = await this.#get(meterId);
-    const now = this.#clock.now();
-    const updated: DeviceRecord = {
-      ...device,
-      status: "revoked",
-      revoked_at: now,
-      updated_at: now,
-    };
-    await this.#store.updateDevice(updated, { ...this.#audit(updated, "revoked", actor), note });
+    const updated = await this.#store.updateDevice(meterId, (device) => {
+      const now = this.#clock.now();
+      const revoked: DeviceRecord = {
+        ...device,
+        status: "revoked",
+        revoked_at: device.revoked_at ?? now,
+        updated_at: now,
+      };
+      return { device: revoked, audit: { ...this.#audit(revoked, "revoked", actor), note } };
+    });
     await this.#bus.publish({
       type: "device.changed",
       data: { meter_id: meterId, change: "revoked" },
@@ -158,12 +162,6 @@ export class DeviceService {
       rotation_due: current.some((k) => k.state !== "valid"),
       keys,
     };
-  }
-
-  async #get(meterId: string): Promise<DeviceRecord> {
-    const device = await this.#store.getDevice(meterId);
-    if (!device) throw new GatewayError("not_found", `Meter "${meterId}" is not registered`);
-    return device;
   }
 
   #newKey(

@@ -145,6 +145,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     clock,
     logger,
     bodyLimit: config.httpBodyLimit,
+    importBodyLimit: config.importBodyLimit,
     registerPerMinute: config.registerRateLimit,
     writerStalled: () => writer.stalled,
     metrics,

@@ -28,6 +28,7 @@ export interface TestGateway extends AsyncDisposable {
     method: string,
     path: string,
     options?: { token?: string; body?: unknown; raw?: BodyInit; headers?: Record<string, string> },
+    // deno-lint-ignore no-explicit-any -- JSON bodies of many shapes; tests assert on them
   ): Promise<{ status: number; body: any; headers: Headers }>;
   close(): Promise<void>;
 }

@@ -116,15 +116,10 @@ Deno.test("KvStore reports updating an unregistered device as not found", async 
   const store = await KvStore.open(undefined, OPTIONS);
   try {
     await assert.rejects(
-      store.updateDevice({
-        meter_id: "ghost",
-        user_id: "u1",
-        status: "revoked",
-        created_at: T0,
-        updated_at: T0,
-        revoked_at: T0,
-        keys: [],
-      }, { id: "a1", meter_id: "ghost", action: "revoked", actor: "cli", at: T0 }),
+      store.updateDevice("ghost", (current) => ({
+        device: { ...current, status: "revoked", revoked_at: T0 },
+        audit: { id: "a1", meter_id: "ghost", action: "revoked", actor: "cli", at: T0 },
+      })),
       (e: unknown) => e instanceof GatewayError && e.code === "not_found",
     );
     assert.deepEqual(await store.listAudit({ limit: 10 }), []);

@@ -197,10 +197,10 @@ Deno.test("invalidate() reloads a revoked device before the next reading", async
   await addMeter("m1");
   assert.equal((await registry.submit(reading("m1", 60))).status, "accepted");
   const device = (await store.getDevice("m1"))!;
-  await store.updateDevice(
-    { ...device, status: "revoked", revoked_at: clock.now() },
-    { id: "a2", meter_id: "m1", action: "revoked", actor: "test", at: clock.now() },
-  );
+  await store.updateDevice("m1", () => ({
+    device: { ...device, status: "revoked", revoked_at: clock.now() },
+    audit: { id: "a2", meter_id: "m1", action: "revoked", actor: "test", at: clock.now() },
+  }));
   registry.invalidate("m1");
   const outcome = await registry.submit(reading("m1", 30));
   assert.equal(outcome.status === "rejected" && outcome.code, "device_revoked");

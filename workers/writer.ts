@@ -1,7 +1,8 @@
 /// <reference lib="deno.worker" />
 // The batching writer: owns its own store handle and writes one batch at a time, so a slow
 // or failing store never blocks the actors' thread. A failed batch is kept and retried.
-import type { Store } from "../db/store.ts";
+import type { ReadingRow } from "../core/reading.ts";
+import type { InsertResult, Store } from "../db/store.ts";
 import { openStore } from "../db/open_store.ts";
 import { decodeRows, encodeResults } from "./row_codec.ts";
 import type { FromWriter, ToWriter } from "./writer_protocol.ts";
@@ -24,6 +25,7 @@ async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
     const started = performance.now();
     try {
       const results = await store!.insertReadings(rows);
+      if (retryMs > RETRY_MIN_MS) await claimOwnRows(rows, results);
       const packed = encodeResults(results);
       post({ type: "done", id, results: packed, ms: performance.now() - started }, [packed]);
       return;
@@ -33,6 +35,22 @@ async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
       await new Promise((resolve) => setTimeout(resolve, retryMs));
       retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);
     }
+  }
+}
+
+/**
+ * After a failed attempt, part of the batch may have been committed: those rows now look like
+ * replays of themselves. A row stored with our signature and submission time is ours: stored.
+ */
+async function claimOwnRows(rows: ReadingRow[], results: InsertResult[]): Promise<void> {
+  for (let i = 0; i < rows.length; i++) {
+    const r = results[i];
+    if (r.status !== "duplicate" || r.conflict_ts !== rows[i].ts) continue;
+    const stored = await store!.getReading(rows[i].meter_id, rows[i].ts);
+    if (
+      stored?.device_signature === rows[i].device_signature &&
+      stored.submitted_at === rows[i].submitted_at
+    ) results[i] = { status: "stored" };
   }
 }
 

@@ -126,7 +126,11 @@ export function storeContract(
         updated_at: rotatedAt,
         keys: [{ ...m1.keys[0], retired_at: rotatedAt }, key("k2", rotatedAt)],
       };
-      await store.updateDevice(rotated, audit("meter-1", "rotated", rotatedAt, "k2"));
+      const returned = await store.updateDevice("meter-1", () => ({
+        device: rotated,
+        audit: audit("meter-1", "rotated", rotatedAt, "k2"),
+      }));
+      assert.deepEqual(returned, rotated);
       const stored = await store.getDevice("meter-1");
       assert.deepEqual(stored, rotated);
       assert.deepEqual(stored!.keys.map((k) => k.key_id), ["k1", "k2"]);
@@ -141,7 +145,10 @@ export function storeContract(
         revoked_at: revokedAt,
         updated_at: revokedAt,
       };
-      await store.updateDevice(revoked, audit("meter-1", "revoked", revokedAt));
+      await store.updateDevice("meter-1", () => ({
+        device: revoked,
+        audit: audit("meter-1", "revoked", revokedAt),
+      }));
       assert.deepEqual(await store.getDevice("meter-1"), revoked);
     });
 
@@ -214,6 +221,33 @@ export function storeContract(
         assert.deepEqual(await store.listAudit({ meter_id: "meter-9", limit: 10 }), []);
       },
     );
+
+    await t.step("concurrent changes are applied one after the other, none lost", async () => {
+      const before = (await store.getDevice("meter-1"))!;
+      const addKey = (id: string) =>
+        store.updateDevice("meter-1", (current) => ({
+          device: { ...current, keys: [...current.keys, key(id, T0 + 30 * MIN)] },
+          audit: audit("meter-1", "rotated", T0 + 30 * MIN + Number(id.slice(1)), id),
+        }));
+      await Promise.all([addKey("k3"), addKey("k4"), addKey("k5")]);
+      const after = (await store.getDevice("meter-1"))!;
+      assert.deepEqual(
+        after.keys.map((k) => k.key_id).sort(),
+        [...before.keys.map((k) => k.key_id), "k3", "k4", "k5"].sort(),
+      );
+      assert.equal(after.status, "revoked");
+    });
+
+    await t.step("a change that throws leaves the device untouched", async () => {
+      const before = await store.getDevice("meter-1");
+      await assert.rejects(
+        store.updateDevice("meter-1", () => {
+          throw new Error("refused");
+        }),
+        /refused/,
+      );
+      assert.deepEqual(await store.getDevice("meter-1"), before);
+    });
   });
 
   test(
