@@ -78,3 +78,22 @@ Deno.test("seal() and open() round-trip and reject another context or key", () =
   assert.throws(() => open(kek, sealed, "gridtokenx:meter-2:k1"));
   assert.throws(() => open(new Uint8Array(32).fill(2), sealed, "gridtokenx:meter-1:k1"));
 });
+
+Deno.test("the README's further test vectors hold: base64url, a JSON number, Ed25519", () => {
+  const message = canonicalMessage("meter-1", "2026-11-29T10:15:00Z", "12.5");
+  assert.equal(
+    Buffer.from(signHmac(SECRET, message), "hex").toString("base64url"),
+    "k5bRseT7yI2M3LpLn88_8X1uXzO8WgA9iTgjxcz8bOs",
+  );
+  assert.equal(
+    signHmac(SECRET, canonicalMessage("meter-1", "2026-11-29T10:30:00Z", JSON.stringify(7))),
+    "340b561b110b5c2d89dc1e75507fa3ebb3c34794cd9063ec6fbef2d274e96baa",
+  );
+  // Ed25519 private key seed = the HMAC secret above; signatures are deterministic.
+  const publicKey = parseEd25519PublicKey(
+    "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8",
+  )!;
+  const sig = "58553a602fea1646ba742408af8df664f1a2c4c70f483cdcf607a94b736ea164" +
+    "81fa183c243609f13cbf210db3390c7c567625ce239159f5f85c44d81c73b80b";
+  assert.equal(verifyWith({ algorithm: "ed25519", publicKey }, message, sig), true);
+});
