@@ -10,7 +10,9 @@ import { createGateway } from "./services/gateway.ts";
 async function main(): Promise<void> {
   let config;
   try {
-    config = loadConfig(Deno.env.toObject());
+    config = loadConfig(Deno.env.toObject(), {
+      hostname: Deno.hostname().replace(/[^A-Za-z0-9._-]/g, "-").slice(0, 64),
+    });
   } catch (error) {
     if (!(error instanceof ConfigError)) throw error;
     console.error(error.message);
@@ -23,28 +25,55 @@ async function main(): Promise<void> {
   const kek = config.kek ?? embedded.kek;
 
   const bus = new LocalBus();
-  const gateway = await createGateway({
-    config,
-    storeSpec: { kind: "kv", path: config.kvPath },
-    bus,
-    clock: systemClock,
-    logger,
-    jwtSecret,
-    kek,
-  });
+  let gateway;
+  try {
+    gateway = await createGateway({
+      config,
+      storeSpec: { kind: "kv", path: config.kvPath },
+      bus,
+      clock: systemClock,
+      logger,
+      jwtSecret,
+      kek,
+    });
+  } catch (error) {
+    logger.error("gateway failed to start", { error });
+    console.error(`Gateway failed to start: ${(error as Error).message}`);
+    Deno.exit(1);
+  }
+  const mqtt = config.mqtt.url
+    ? `external:${config.mqtt.url.replace(/\/\/[^@/]*@/, "//***@")}`
+    : gateway.broker
+    ? `embedded:mqtt://${config.mqtt.host}:${gateway.broker.ports.mqtt}` +
+      (gateway.broker.ports.mqtts
+        ? ` mqtts://${config.mqtt.host}:${gateway.broker.ports.mqtts}`
+        : "")
+    : "off";
 
   const abort = new AbortController();
-  const server = Deno.serve({
-    hostname: config.host,
-    port: config.port,
-    signal: abort.signal,
-    onListen: ({ hostname, port }) =>
-      logger.info("gateway listening", {
-        url: `http://${hostname}:${port}`,
-        store: `deno-kv:${config.kvPath}`,
-        bus: "in-process",
-      }),
-  }, gateway.app.fetch);
+  let server;
+  try {
+    server = Deno.serve({
+      hostname: config.host,
+      port: config.port,
+      signal: abort.signal,
+      onListen: () => {},
+    }, gateway.app.fetch);
+  } catch (error) {
+    console.error(
+      `Gateway failed to start: HTTP ${config.host}:${config.port}: ${(error as Error).message}`,
+    );
+    await gateway.close();
+    Deno.exit(1);
+  }
+  // Only once everything listens: a start that fails must not have shown a password nobody keeps.
+  await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, logger);
+  logger.info("gateway listening", {
+    url: `http://${server.addr.hostname}:${server.addr.port}`,
+    store: `deno-kv:${config.kvPath}`,
+    bus: "in-process",
+    mqtt,
+  });
 
   let stopping = false;
   const stop = async (signal: string) => {

@@ -84,7 +84,15 @@ export class MeterActor {
     if (late) return reject(late.code, late.message);
 
     const message = canonicalMessage(msg.meter_id, msg.reading_timestamp, kwhText(msg.kwh_amount));
-    const keyId = this.#verify(device.keys, msg, message, now, settings.keys);
+    const keyId = verifyKeys(
+      device.keys,
+      msg.meter_id,
+      msg.key_id,
+      message,
+      msg.device_signature,
+      now,
+      settings.keys,
+    );
     if (typeof keyId !== "string") return keyId;
 
     for (const other of this.#recent) {
@@ -134,35 +142,56 @@ export class MeterActor {
     this.#bucket?.refund(settings.bucket);
   }
 
+  /** Checks signed connection credentials (no reading): `null` when they verify. */
+  checkCredentials(
+    message: string | null,
+    signature: string | null,
+    now: number,
+    policy: KeyPolicy,
+  ): Verdict | null {
+    const device = this.device;
+    if (device === null) {
+      return reject("unknown_meter", `Meter "${this.meterId}" is not registered`);
+    }
+    if (device.revoked) return reject("device_revoked", `Meter "${this.meterId}" is revoked`);
+    // A verified client certificate already proved the identity.
+    if (message === null || signature === null) return null;
+    const keyId = verifyKeys(device.keys, this.meterId, undefined, message, signature, now, policy);
+    return typeof keyId === "string" ? null : keyId;
+  }
+
   #remember(ts: number, capacity: number): void {
     if (this.#recent.length >= capacity) this.#recent.shift();
     this.#recent.push(ts);
   }
+}
 
-  #verify(
-    keys: LiveKey[],
-    msg: Submission,
-    message: string,
-    now: number,
-    policy: KeyPolicy,
-  ): string | Verdict {
-    let expiredMatch = false;
-    for (const key of keys) {
-      if (msg.key_id !== undefined && key.key_id !== msg.key_id) continue;
-      if (verifyWith(key.material, message, msg.device_signature)) {
-        if (keyUsable(key, now, policy)) return key.key_id;
-        // Remembered only to tell "expired" from "wrong".
-        expiredMatch = true;
-      }
+/** Finds a usable key that verifies `signature`; its id, or the rejection. */
+function verifyKeys(
+  keys: LiveKey[],
+  meterId: string,
+  keyId: string | undefined,
+  message: string,
+  signature: string,
+  now: number,
+  policy: KeyPolicy,
+): string | Verdict {
+  let expiredMatch = false;
+  for (const key of keys) {
+    if (keyId !== undefined && key.key_id !== keyId) continue;
+    if (verifyWith(key.material, message, signature)) {
+      if (keyUsable(key, now, policy)) return key.key_id;
+      // Remembered only to tell "expired" from "wrong".
+      expiredMatch = true;
     }
-    if (expiredMatch) {
-      return reject("key_expired", `The key of meter "${msg.meter_id}" has expired; rotate it`);
-    }
-    if (msg.key_id !== undefined && !keys.some((k) => k.key_id === msg.key_id)) {
-      return reject("bad_signature", `Meter "${msg.meter_id}" has no key "${msg.key_id}"`);
-    }
-    return reject("bad_signature", "device_signature does not verify with the meter's key");
   }
+  if (expiredMatch) {
+    return reject("key_expired", `The key of meter "${meterId}" has expired; rotate it`);
+  }
+  if (keyId !== undefined && !keys.some((k) => k.key_id === keyId)) {
+    return reject("bad_signature", `Meter "${meterId}" has no key "${keyId}"`);
+  }
+  return reject("bad_signature", "device_signature does not verify with the meter's key");
 }
 
 function reject(code: ErrorCode, message: string): Verdict {

@@ -10,6 +10,7 @@ import {
   duplicateOf,
   MeterActor,
   type Submission,
+  type Verdict,
 } from "./meter_actor.ts";
 
 /** Where accepted rows go: the writer. `null` means its queue is full. */
@@ -39,7 +40,8 @@ export interface RegistryOptions {
 }
 
 interface Activation {
-  mailbox: { msg: Submission; resolve: (outcome: Outcome) => void }[];
+  /** Work waiting for the actor; called with `null` when activation failed. */
+  mailbox: ((actor: MeterActor | null) => void)[];
   /** The device changed while it was loading: load it again before any message runs. */
   stale: boolean;
 }
@@ -77,12 +79,54 @@ export class ActorRegistry {
   #route(msg: Submission): Promise<Outcome> {
     const actor = this.#actors.get(msg.meter_id);
     if (actor) return this.#turn(actor, msg);
-    const pending = this.#activating.get(msg.meter_id);
-    if (pending) return this.#enqueue(pending, msg);
-    const activation: Activation = { mailbox: [], stale: false };
-    this.#activating.set(msg.meter_id, activation);
-    const result = this.#enqueue(activation, msg);
-    this.#activate(msg.meter_id, activation);
+    return this.#withActor(msg.meter_id, (a) => this.#turn(a, msg), (why) => ({
+      status: "rejected",
+      code: why,
+      message: why === "overloaded"
+        ? `Meter "${msg.meter_id}" has too many readings waiting; retry shortly`
+        : "The store is unavailable; retry shortly",
+      retryAfter: 1,
+    }));
+  }
+
+  /** Checks a device's connection credentials (MQTT CONNECT) with its actor's keys. */
+  authenticate(
+    meterId: string,
+    message: string | null,
+    signature: string | null,
+  ): Promise<Verdict | null> {
+    const check = (actor: MeterActor) => {
+      actor.lastActive = this.#o.clock.now();
+      return actor.checkCredentials(message, signature, actor.lastActive, this.#o.settings.keys);
+    };
+    const actor = this.#actors.get(meterId);
+    if (actor) return Promise.resolve(check(actor));
+    return this.#withActor(meterId, check, (why) => ({
+      kind: "reject",
+      code: why,
+      message: why === "overloaded" ? "Too many requests waiting" : "The store is unavailable",
+    }));
+  }
+
+  /** Runs `fn` with the meter's actor once it is active (activating it if needed). */
+  #withActor<T>(
+    meterId: string,
+    fn: (actor: MeterActor) => T | Promise<T>,
+    refuse: (why: "overloaded" | "unavailable") => T,
+  ): Promise<T> {
+    let activation = this.#activating.get(meterId);
+    const fresh = activation === undefined;
+    if (!activation) {
+      activation = { mailbox: [], stale: false };
+      this.#activating.set(meterId, activation);
+    }
+    if (activation.mailbox.length >= this.#o.mailboxMax) {
+      return Promise.resolve(refuse("overloaded"));
+    }
+    const result = new Promise<T>((resolve) =>
+      activation.mailbox.push((actor) => resolve(actor ? fn(actor) : refuse("unavailable")))
+    );
+    if (fresh) this.#activate(meterId, activation);
     return result;
   }
 
@@ -115,18 +159,6 @@ export class ActorRegistry {
     return dropped;
   }
 
-  #enqueue(activation: Activation, msg: Submission): Promise<Outcome> {
-    if (activation.mailbox.length >= this.#o.mailboxMax) {
-      return Promise.resolve({
-        status: "rejected",
-        code: "overloaded",
-        message: `Meter "${msg.meter_id}" has too many readings waiting; retry shortly`,
-        retryAfter: 1,
-      });
-    }
-    return new Promise((resolve) => activation.mailbox.push({ msg, resolve }));
-  }
-
   async #activate(meterId: string, activation: Activation, previous?: MeterActor): Promise<void> {
     let actor: MeterActor;
     try {
@@ -147,20 +179,13 @@ export class ActorRegistry {
     } catch (error) {
       this.#activating.delete(meterId);
       this.#o.logger.error("actor activation failed", { meter_id: meterId, error });
-      for (const { resolve } of activation.mailbox) {
-        resolve({
-          status: "rejected",
-          code: "unavailable",
-          message: "The store is unavailable; retry shortly",
-          retryAfter: 1,
-        });
-      }
+      for (const run of activation.mailbox) run(null);
       return;
     }
     this.#activating.delete(meterId);
     this.#actors.set(meterId, actor);
     this.#evict();
-    for (const { msg, resolve } of activation.mailbox) this.#turn(actor, msg).then(resolve);
+    for (const run of activation.mailbox) run(actor);
   }
 
   async #loadDevice(meterId: string): Promise<DeviceState | null> {

@@ -24,7 +24,13 @@ export async function spawnGateway(env: Record<string, string>): Promise<Gateway
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "--allow-all", "main.ts"],
     cwd: root,
-    env: { PORT: String(port), HOST: "127.0.0.1", DENO_KV_PATH: `${dir}/gateway.kv`, ...env },
+    env: {
+      PORT: String(port),
+      HOST: "127.0.0.1",
+      DENO_KV_PATH: `${dir}/gateway.kv`,
+      MQTT_PORT: "0",
+      ...env,
+    },
     stdout: "piped",
     stderr: "inherit",
   }).spawn();

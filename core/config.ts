@@ -52,6 +52,22 @@ const envSchema = z.object({
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
+  MQTT_ENABLED: z.enum(["true", "false"]).default("true"),
+  MQTT_HOST: z.string().min(1).default("127.0.0.1"),
+  MQTT_PORT: int(1883, 0, 65535),
+  MQTT_TLS_PORT: int(8883, 0, 65535).optional(),
+  MQTT_TLS_CERT: z.string().min(1).optional(),
+  MQTT_TLS_KEY: z.string().min(1).optional(),
+  MQTT_TLS_CA: z.string().min(1).optional(),
+  MQTT_URL: z.string().regex(/^(mqtts?|tcp|ssl|wss?):\/\/.+/, "must be an mqtt:// or mqtts:// URL")
+    .optional(),
+  MQTT_USERNAME: z.string().optional(),
+  MQTT_PASSWORD: z.string().optional(),
+  MQTT_CLIENT_ID: z.string().regex(/^[A-Za-z0-9._:-]{1,64}$/).optional(),
+  MQTT_SHARED_GROUP: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
+  MQTT_SESSION_EXPIRY: duration("1d"),
+  MQTT_INFLIGHT_MAX: int(5000, 1, 65535),
+  MQTT_MAX_PAYLOAD: int(4096, 64, 1024 * 1024),
 });
 
 /** Validated configuration of one gateway process. */
@@ -74,13 +90,31 @@ export interface Config {
   bucket: { burst: number; refillPerMs: number };
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
   writer: { batchMax: number; flushMs: number; queueMax: number };
+  mqtt: {
+    enabled: boolean;
+    host: string;
+    port: number;
+    tls?: { port: number; certPath: string; keyPath: string; caPath?: string };
+    /** External broker; when set, no embedded broker runs. */
+    url?: string;
+    username?: string;
+    password?: string;
+    clientId: string;
+    sharedGroup?: string;
+    sessionExpirySeconds: number;
+    inflightMax: number;
+    maxPayload: number;
+  };
   httpBodyLimit: number;
   importBodyLimit: number;
   wsSendBufferMax: number;
 }
 
 /** Reads and validates the configuration; throws one ConfigError naming every bad variable. */
-export function loadConfig(env: Record<string, string | undefined>): Config {
+export function loadConfig(
+  env: Record<string, string | undefined>,
+  options: { hostname?: string } = {},
+): Config {
   const cleaned = Object.fromEntries(
     Object.keys(envSchema.shape).map((k) => [k, env[k] === "" ? undefined : env[k]]),
   );
@@ -91,6 +125,15 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     throw new ConfigError(`Invalid configuration:\n${lines.join("\n")}`, names);
   }
   const e = parsed.data;
+  const tlsHalf = (e.MQTT_TLS_CERT === undefined) !== (e.MQTT_TLS_KEY === undefined);
+  if (tlsHalf) {
+    throw new ConfigError(
+      "Invalid configuration:\n  MQTT_TLS_CERT, MQTT_TLS_KEY: set both or neither",
+      ["MQTT_TLS_CERT", "MQTT_TLS_KEY"],
+    );
+  }
+  const instanceId = e.GATEWAY_INSTANCE_ID ?? options.hostname ??
+    `gw-${crypto.randomUUID().slice(0, 8)}`;
   return {
     host: e.HOST,
     port: e.PORT,
@@ -103,7 +146,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     registerRateLimit: e.DEVICE_REGISTER_RATE_LIMIT,
     keyRotationMs: e.DEVICE_KEY_ROTATION_DAYS * 86_400_000,
     keyGraceMs: e.DEVICE_KEY_ROTATION_GRACE,
-    instanceId: e.GATEWAY_INSTANCE_ID ?? `gw-${crypto.randomUUID().slice(0, 8)}`,
+    instanceId,
     logLevel: e.LOG_LEVEL,
     rules: {
       kwhMax: e.KWH_MAX,
@@ -122,6 +165,28 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       batchMax: e.WRITER_BATCH_MAX,
       flushMs: e.WRITER_FLUSH_MS,
       queueMax: e.WRITER_QUEUE_MAX,
+    },
+    mqtt: {
+      enabled: e.MQTT_ENABLED === "true",
+      host: e.MQTT_HOST,
+      port: e.MQTT_PORT,
+      tls: e.MQTT_TLS_CERT && e.MQTT_TLS_KEY
+        ? {
+          port: e.MQTT_TLS_PORT ?? 8883,
+          certPath: e.MQTT_TLS_CERT,
+          keyPath: e.MQTT_TLS_KEY,
+          caPath: e.MQTT_TLS_CA,
+        }
+        : undefined,
+      url: e.MQTT_URL,
+      username: e.MQTT_USERNAME,
+      password: e.MQTT_PASSWORD,
+      // Stable across restarts, so the broker keeps this instance's persistent session.
+      clientId: e.MQTT_CLIENT_ID ?? `gridtokenx-gateway-${instanceId}`,
+      sharedGroup: e.MQTT_SHARED_GROUP,
+      sessionExpirySeconds: Math.floor(e.MQTT_SESSION_EXPIRY / 1000),
+      inflightMax: e.MQTT_INFLIGHT_MAX,
+      maxPayload: e.MQTT_MAX_PAYLOAD,
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,

@@ -10,6 +10,9 @@ import type { Store } from "../db/store.ts";
 import { createApp } from "../routes/app.ts";
 import { WsHub } from "../routes/ws_hub.ts";
 import { WriterClient } from "../workers/writer_client.ts";
+import { EmbeddedBroker } from "../mqtt/embedded_broker.ts";
+import { ExternalIngress } from "../mqtt/external_ingress.ts";
+import { MqttIntake } from "../mqtt/intake.ts";
 import { DeviceService } from "./devices.ts";
 import { TokenService } from "./tokens.ts";
 import { UserService } from "./users.ts";
@@ -36,6 +39,10 @@ export interface Gateway extends AsyncDisposable {
   devices: DeviceService;
   tokens: TokenService;
   metrics: Metrics;
+  /** The embedded MQTT broker, when it runs. */
+  broker?: EmbeddedBroker;
+  /** The external-broker ingress, when `MQTT_URL` is set. */
+  external?: ExternalIngress;
   close(): Promise<void>;
 }
 
@@ -119,10 +126,23 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     },
   });
   const hub = new WsHub({ sendBufferMax: config.wsSendBufferMax });
+  let broker: EmbeddedBroker | undefined;
+  let external: ExternalIngress | undefined;
   const unsubscribe = bus.subscribe((event) => {
-    if (event.type === "device.changed") registry.invalidate(event.data.meter_id);
+    if (event.type === "device.changed") {
+      registry.invalidate(event.data.meter_id);
+      if (event.data.change === "revoked") broker?.disconnect(event.data.meter_id);
+    }
     hub.handle(event);
   });
+  const cleanups: (() => Promise<void> | void)[] = [
+    () => store.close(),
+    () => writer.close(), // writes everything already accepted
+    () => unsubscribe(),
+  ];
+  const unwind = async () => {
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+  };
 
   const users = new UserService(store, clock);
   const tokens = new TokenService({ secret: deps.jwtSecret, ttlMs: config.jwtTtlMs, clock });
@@ -133,7 +153,58 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     kek: deps.kek,
     policy: { rotationMs: config.keyRotationMs, graceMs: config.keyGraceMs },
   });
-  await users.bootstrapAdmin(config.adminEmail, config.adminPassword, logger);
+  metrics.counter("mqtt_messages_received_total", "MQTT publishes received, by topic pattern");
+  metrics.counter("mqtt_connection_errors_total", "Refused or failed MQTT connections, by reason");
+  const intake = new MqttIntake({
+    registry,
+    capacity: writer,
+    maxPayload: config.mqtt.maxPayload,
+  });
+  cleanups.push(() => intake.close());
+  try {
+    if (config.mqtt.enabled && config.mqtt.url) {
+      external = await ExternalIngress.start({
+        ...config.mqtt,
+        url: config.mqtt.url,
+        intake,
+        logger,
+        metrics,
+      });
+      cleanups.push(() => external!.close());
+    } else if (config.mqtt.enabled) {
+      broker = await EmbeddedBroker.start({
+        host: config.mqtt.host,
+        port: config.mqtt.port,
+        tls: config.mqtt.tls && {
+          port: config.mqtt.tls.port,
+          cert: await Deno.readTextFile(config.mqtt.tls.certPath),
+          key: await Deno.readTextFile(config.mqtt.tls.keyPath),
+          ca: config.mqtt.tls.caPath && await Deno.readTextFile(config.mqtt.tls.caPath),
+        },
+        registry,
+        intake,
+        clock,
+        logger,
+        metrics,
+      }).catch((error) => {
+        throw (error as { code?: string }).code === "EADDRINUSE"
+          ? new Error(
+            `MQTT_PORT ${config.mqtt.port} (or MQTT_TLS_PORT) is already in use: set MQTT_PORT to a free port, or MQTT_ENABLED=false`,
+            { cause: error },
+          )
+          : error;
+      });
+      cleanups.push(() => broker!.close());
+    }
+  } catch (error) {
+    await unwind();
+    throw error;
+  }
+  metrics.gauge(
+    "mqtt_sessions",
+    "Connected device sessions (embedded broker)",
+    () => broker?.connections ?? 0,
+  );
 
   const app = createApp({
     store,
@@ -153,15 +224,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const sweepEvery = Math.max(1_000, Math.min(60_000, config.actors.idleTtlMs / 2));
   const sweeper = setInterval(() => registry.sweep(), sweepEvery);
+  cleanups.push(() => clearInterval(sweeper));
 
+  // Stop intake first (broker, ingress), then write what was accepted, then close the store.
   let closed: Promise<void> | undefined;
-  const close = () =>
-    closed ??= (async () => {
-      clearInterval(sweeper);
-      unsubscribe();
-      await writer.close(); // writes everything already accepted
-      await store.close();
-    })();
+  const close = () => closed ??= unwind();
   return {
     app,
     registry,
@@ -172,6 +239,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     devices,
     tokens,
     metrics,
+    broker,
+    external,
     close,
     [Symbol.asyncDispose]: close,
   };

@@ -53,6 +53,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     ADMIN_PASSWORD: ADMIN.password,
     DENO_KV_PATH: kvPath,
     WRITER_FLUSH_MS: "2",
+    MQTT_PORT: "0",
     DEVICE_REGISTER_RATE_LIMIT: "100000",
     ...options.env,
   });
@@ -67,6 +68,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     jwtSecret: JWT_SECRET,
     kek: KEK,
   });
+  await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, silentLogger);
   const abort = new AbortController();
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: 0, signal: abort.signal, onListen: () => {} },

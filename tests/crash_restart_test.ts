@@ -65,7 +65,12 @@ class GatewayProcess implements AsyncDisposable {
 
   /** Starts the gateway and waits for its "gateway listening" log line. */
   static async start(env: Record<string, string>): Promise<GatewayProcess> {
-    const gw = new GatewayProcess({ PORT: String(freePort()), HOST: "127.0.0.1", ...env });
+    const gw = new GatewayProcess({
+      PORT: String(freePort()),
+      HOST: "127.0.0.1",
+      MQTT_PORT: "0",
+      ...env,
+    });
     try {
       await gw.waitForLog((e) => e.msg === "gateway listening");
     } catch (error) {
