@@ -43,7 +43,9 @@ export interface ActorSettings {
 export type Verdict =
   | { kind: "reject"; code: ErrorCode; message: string; retryAfter?: number }
   | { kind: "duplicate"; outcome: Outcome & { status: "duplicate" } }
-  | { kind: "accept"; row: ReadingRow };
+  | { kind: "accept"; row: ReadingRow }
+  /** Collides with a reading still being written: decide again once it is settled. */
+  | { kind: "wait"; until: Promise<unknown> };
 
 /**
  * The state of one meter: device keys, the duplicate window over recent readings and the token
@@ -55,6 +57,8 @@ export class MeterActor {
   /** Recent accepted or in-flight reading times, oldest first. */
   #recent: number[];
   #bucket: TokenBucket | undefined;
+  /** Writes in flight by reading time; allocated only while there are any. */
+  #pending: Map<number, Promise<unknown>> | undefined;
   /** Readings handed to the writer and not yet settled; an actor with any is not passivated. */
   inFlight = 0;
   lastActive: number;
@@ -97,6 +101,9 @@ export class MeterActor {
 
     for (const other of this.#recent) {
       if (collides(other, ts, settings.rules.dedupeWindowMs)) {
+        // Never answer "duplicate" with a reading that is not committed yet: it may still fail.
+        const pending = this.#pending?.get(other);
+        if (pending) return { kind: "wait", until: pending };
         return { kind: "duplicate", outcome: duplicateOf(msg.meter_id, other, ts) };
       }
     }
@@ -131,14 +138,24 @@ export class MeterActor {
     };
   }
 
+  /** Records the write of an accepted row, so colliding readings wait for its fate. */
+  track(ts: number, settled: Promise<unknown>): void {
+    (this.#pending ??= new Map()).set(ts, settled);
+  }
+
   /** Settles an accepted row with the store's result, or `"failed"` when it was not written. */
   settle(ts: number, result: InsertResult | "failed", settings: ActorSettings): void {
     this.inFlight--;
+    if (this.#pending?.delete(ts) && this.#pending.size === 0) this.#pending = undefined;
     if (result !== "failed" && result.status === "stored") return;
     const i = this.#recent.lastIndexOf(ts);
     if (i >= 0) this.#recent.splice(i, 1);
-    if (result !== "failed") this.#remember(result.conflict_ts, settings.recent);
-    // The reading was not stored: it should not cost the meter a token.
+    if (result !== "failed") {
+      this.#remember(result.conflict_ts, settings.recent);
+      // A duplicate found by the store keeps its token: replays cost a store check each.
+      return;
+    }
+    // Not written at all: it should not cost the meter a token.
     this.#bucket?.refund(settings.bucket);
   }
 

@@ -15,8 +15,14 @@ import {
 
 /** Where accepted rows go: the writer. `null` means its queue is full. */
 export interface ReadingSink {
-  submit(row: ReadingRow): Promise<InsertResult> | null;
+  submit(row: ReadingRow): Promise<WriteResult> | null;
 }
+
+/** The writer's answer for one row: the store's result, or a failure that will not heal. */
+export type WriteResult =
+  | InsertResult
+  /** `transient`: the gateway is stopping; the reading may be sent again later. */
+  | { status: "failed"; message: string; transient?: boolean };
 
 /** Options of {@linkcode ActorRegistry}. */
 export interface RegistryOptions {
@@ -38,6 +44,9 @@ export interface RegistryOptions {
   /** Called with every final outcome, for metrics. */
   onOutcome?: (msg: Submission, outcome: Outcome) => void;
 }
+
+/** Activations loading at once, at most: each holds a store round trip. */
+const MAX_ACTIVATIONS = 10_000;
 
 interface Activation {
   /** Work waiting for the actor; called with `null` when activation failed. */
@@ -116,6 +125,9 @@ export class ActorRegistry {
   ): Promise<T> {
     let activation = this.#activating.get(meterId);
     const fresh = activation === undefined;
+    if (fresh && this.#activating.size >= MAX_ACTIVATIONS) {
+      return Promise.resolve(refuse("overloaded"));
+    }
     if (!activation) {
       activation = { mailbox: [], stale: false };
       this.#activating.set(meterId, activation);
@@ -126,7 +138,11 @@ export class ActorRegistry {
     const result = new Promise<T>((resolve) =>
       activation.mailbox.push((actor) => resolve(actor ? fn(actor) : refuse("unavailable")))
     );
-    if (fresh) this.#activate(meterId, activation);
+    if (fresh) {
+      this.#activate(meterId, activation).catch((error) =>
+        this.#o.logger.error("actor activation crashed", { meter_id: meterId, error })
+      );
+    }
     return result;
   }
 
@@ -143,7 +159,9 @@ export class ActorRegistry {
     this.#actors.delete(meterId);
     const activation: Activation = { mailbox: [], stale: false };
     this.#activating.set(meterId, activation);
-    this.#activate(meterId, activation, actor);
+    this.#activate(meterId, activation, actor).catch((error) =>
+      this.#o.logger.error("actor reload crashed", { meter_id: meterId, error })
+    );
   }
 
   /** Passivates actors idle for longer than the TTL; returns how many were dropped. */
@@ -163,17 +181,19 @@ export class ActorRegistry {
     let actor: MeterActor;
     try {
       let device: DeviceState | null;
+      let recent: number[] = [];
+      // A change announced while anything was loading makes the whole load start over.
       do {
         activation.stale = false;
         device = await this.#loadDevice(meterId);
+        if (device && !previous) {
+          recent = await this.#o.store.recentReadingTimes(meterId, this.#o.settings.recent);
+        }
       } while (activation.stale);
       if (previous) {
         previous.device = device;
         actor = previous;
       } else {
-        const recent = device
-          ? await this.#o.store.recentReadingTimes(meterId, this.#o.settings.recent)
-          : [];
         actor = new MeterActor(meterId, device, recent.reverse(), this.#o.clock.now());
       }
     } catch (error) {
@@ -183,9 +203,19 @@ export class ActorRegistry {
       return;
     }
     this.#activating.delete(meterId);
-    this.#actors.set(meterId, actor);
-    this.#evict();
-    for (const run of activation.mailbox) run(actor);
+    // Unknown meters are answered from the activation, then forgotten: anyone can name
+    // arbitrary meter ids, and they must not push real meters out of the registry.
+    if (actor.device !== null) {
+      this.#actors.set(meterId, actor);
+      this.#evict();
+    }
+    for (const run of activation.mailbox) {
+      try {
+        run(actor);
+      } catch (error) {
+        this.#o.logger.error("actor turn failed", { meter_id: meterId, error });
+      }
+    }
   }
 
   async #loadDevice(meterId: string): Promise<DeviceState | null> {
@@ -228,6 +258,7 @@ export class ActorRegistry {
       });
     }
     if (verdict.kind === "duplicate") return Promise.resolve(verdict.outcome);
+    if (verdict.kind === "wait") return verdict.until.then(() => this.#turn(actor, msg));
     const row = verdict.row;
     const pending = this.#o.sink.submit(row);
     if (pending === null) {
@@ -239,7 +270,13 @@ export class ActorRegistry {
         retryAfter: 1,
       });
     }
-    return pending.then((result): Outcome => {
+    const outcome = pending.then((result): Outcome => {
+      if (result.status === "failed") {
+        actor.settle(row.ts, "failed", settings);
+        return result.transient
+          ? { status: "rejected", code: "unavailable", message: result.message, retryAfter: 1 }
+          : { status: "rejected", code: "internal", message: result.message };
+      }
       actor.settle(row.ts, result, settings);
       if (result.status === "duplicate") {
         return duplicateOf(row.meter_id, result.conflict_ts, row.ts);
@@ -248,5 +285,7 @@ export class ActorRegistry {
       this.#o.onCommitted?.(reading);
       return { status: "accepted", reading };
     });
+    actor.track(row.ts, outcome);
+    return outcome;
   }
 }

@@ -29,7 +29,7 @@ class StoreSink implements ReadingSink {
 }
 
 async function setup(
-  options: { maxActors?: number; mailboxMax?: number; store?: KvStore } = {},
+  options: { maxActors?: number; mailboxMax?: number; store?: KvStore; recent?: number } = {},
 ) {
   const existing = options.store;
   const store = existing ?? await KvStore.open(undefined, { dedupeWindowMs: WINDOW });
@@ -84,7 +84,7 @@ async function setup(
       },
       bucket: { burst: 100, refillPerMs: 1 / 60_000 },
       keys: { rotationMs: 90 * 86_400_000, graceMs: 86_400_000 },
-      recent: 4,
+      recent: options.recent ?? 4,
     },
     idleTtlMs: 60_000,
     maxActors: options.maxActors ?? 1000,
@@ -204,5 +204,81 @@ Deno.test("invalidate() reloads a revoked device before the next reading", async
   registry.invalidate("m1");
   const outcome = await registry.submit(reading("m1", 30));
   assert.equal(outcome.status === "rejected" && outcome.code, "device_revoked");
+  await store.close();
+});
+
+Deno.test("a revocation announced while the actor rehydrates applies before its first reading", async () => {
+  const { store, registry, addMeter, clock } = await setup();
+  await addMeter("m1");
+  let reached!: () => void;
+  const atRecent = new Promise<void>((r) => reached = r);
+  let release!: () => void;
+  const gate = new Promise<void>((r) => release = r);
+  const recentReadingTimes = store.recentReadingTimes.bind(store);
+  store.recentReadingTimes = async (m, n) => {
+    reached();
+    await gate;
+    return recentReadingTimes(m, n);
+  };
+  const first = registry.submit(reading("m1", 60));
+  await atRecent; // the device (still active) is loaded; the recent readings are loading
+  await store.updateDevice("m1", (d) => ({
+    device: { ...d, status: "revoked", revoked_at: clock.now() },
+    audit: { id: "r1", meter_id: "m1", action: "revoked", actor: "test", at: clock.now() },
+  }));
+  registry.invalidate("m1");
+  release();
+  const outcome = await first;
+  assert.equal(outcome.status === "rejected" && outcome.code, "device_revoked");
+  await store.close();
+});
+
+Deno.test("a replay of a reading still being written waits for its commit before answering", async () => {
+  const { store, sink, registry, addMeter } = await setup();
+  await addMeter("m1");
+  let commit!: () => void;
+  sink.gate = new Promise<void>((r) => commit = r);
+  const first = registry.submit(reading("m1", 60));
+  let answered = false;
+  const replay = registry.submit(reading("m1", 60)).then((o) => {
+    answered = true;
+    return o;
+  });
+  // Let every microtask run: the replay must still be waiting, since nothing is stored yet.
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(answered, false);
+  commit();
+  const [a, b] = await Promise.all([first, replay]);
+  assert.equal(a.status, "accepted");
+  assert.equal(b.status, "duplicate");
+  assert.equal(b.status === "duplicate" && a.status === "accepted" && b.id, a.reading.id);
+  await store.close();
+});
+
+Deno.test("a reading that only collided with a write which then failed is decided again", async () => {
+  // The actor remembers 2 readings, so the one stored 75 minutes ago is known only to the store.
+  const { store, sink, registry, addMeter } = await setup({ recent: 2 });
+  await addMeter("m1");
+  const stored = (minutesAgo: number) => ({
+    meter_id: "m1",
+    ts: NOW - minutesAgo * 60_000,
+    kwh_e4: 1,
+    user_id: "u1",
+    wallet_address: null,
+    key_id: "k1",
+    device_signature: "x",
+    source: "http" as const,
+    submitted_at: NOW,
+    minted: false,
+  });
+  await store.insertReadings([stored(75), stored(35), stored(15)]);
+  let commit!: () => void;
+  sink.gate = new Promise<void>((r) => commit = r);
+  const a = registry.submit(reading("m1", 65)); // the store will find it collides with 75
+  const b = registry.submit(reading("m1", 55)); // 20 minutes from every stored one: only near a
+  commit();
+  const [oa, ob] = await Promise.all([a, b]);
+  assert.equal(oa.status, "duplicate");
+  assert.equal(ob.status, "accepted");
   await store.close();
 });

@@ -18,8 +18,19 @@ function post(message: FromWriter, transfer: Transferable[] = []): void {
   self.postMessage(message, transfer);
 }
 
+/** Errors that retrying cannot fix: programming errors and rows the store refuses as data. */
+function isPermanent(error: unknown): boolean {
+  return error instanceof TypeError || error instanceof RangeError ||
+    (error as { code?: string })?.code === "invalid_payload";
+}
+
 async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
-  const rows = decodeRows(buffer);
+  let rows: ReadingRow[];
+  try {
+    rows = decodeRows(buffer);
+  } catch (error) {
+    return post({ type: "failed", id, message: `Undecodable batch: ${String(error)}` });
+  }
   let retryMs = RETRY_MIN_MS;
   while (true) {
     const started = performance.now();
@@ -31,6 +42,9 @@ async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
       return;
     } catch (error) {
       if (closing) return;
+      if (isPermanent(error)) {
+        return post({ type: "failed", id, message: String((error as Error)?.message ?? error) });
+      }
       post({ type: "stalled", id, message: String((error as Error)?.message ?? error), retryMs });
       await new Promise((resolve) => setTimeout(resolve, retryMs));
       retryMs = Math.min(RETRY_MAX_MS, retryMs * 2);

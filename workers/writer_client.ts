@@ -1,6 +1,7 @@
 import type { ReadingRow } from "../core/reading.ts";
 import type { StoreSpec } from "../db/open_store.ts";
-import type { InsertResult, StoreOptions } from "../db/store.ts";
+import type { StoreOptions } from "../db/store.ts";
+import type { WriteResult } from "../actors/registry.ts";
 import { decodeResults, encodeRows } from "./row_codec.ts";
 import type { FromWriter, ToWriter } from "./writer_protocol.ts";
 
@@ -16,7 +17,9 @@ export interface WriterOptions {
   queueMax: number;
   /** Batches handed to the worker at once (one writing, one waiting keeps it busy). */
   maxInFlight?: number;
-  /** Called when the store fails and when it recovers. */
+  /** How long `close()` waits for accepted rows to be written before giving up. */
+  closeTimeoutMs?: number;
+  /** Called when the store or the worker fails (with the reason) and when it recovers (`null`). */
   onStall?: (message: string | null) => void;
 }
 
@@ -28,31 +31,36 @@ export interface WriterStats {
   lastBatchSize: number;
   lastBatchMs: number;
   maxBatchSize: number;
+  restarts: number;
 }
 
 interface Pending {
   row: ReadingRow;
-  resolve: (result: InsertResult) => void;
+  resolve: (result: WriteResult) => void;
 }
+
+const RESTART_DELAY_MS = 200;
+const WORKER_URL = new URL("./writer.ts", import.meta.url);
 
 /**
  * The gateway's side of the batching writer worker: a bounded queue, batching by size or time,
- * one result per row.
+ * one result per row. A worker that dies is restarted and its unfinished batches sent again
+ * (the store's natural key makes a resend harmless).
  */
 export class WriterClient implements AsyncDisposable {
-  #worker: Worker;
-  #options: Required<Omit<WriterOptions, "onStall">> & Pick<WriterOptions, "onStall">;
+  #worker: Worker | undefined;
+  #options: WriterOptions & { maxInFlight: number; closeTimeoutMs: number };
   #pending: Pending[] = [];
   #inFlight = new Map<number, Pending[]>();
   #nextId = 1;
   #timer: ReturnType<typeof setTimeout> | undefined;
+  #restartTimer: ReturnType<typeof setTimeout> | undefined;
   #lingerDone = false;
   #queued = 0;
   #stalled: string | null = null;
   #capacityWaiters: (() => void)[] = [];
   #drainWaiters: (() => void)[] = [];
-  #closed: Promise<void> | undefined;
-  #closedResolve!: () => void;
+  #closing: Promise<void> | undefined;
   #stats: WriterStats = {
     queued: 0,
     batches: 0,
@@ -60,44 +68,26 @@ export class WriterClient implements AsyncDisposable {
     lastBatchSize: 0,
     lastBatchMs: 0,
     maxBatchSize: 0,
+    restarts: 0,
   };
 
-  private constructor(worker: Worker, options: WriterOptions) {
-    this.#worker = worker;
-    this.#options = { maxInFlight: 2, ...options };
-    worker.onmessage = (event: MessageEvent<FromWriter>) => this.#onMessage(event.data);
+  private constructor(options: WriterOptions) {
+    this.#options = { maxInFlight: 2, closeTimeoutMs: 30_000, ...options };
   }
 
   /** Starts the worker and waits until its store is open. */
-  static start(options: WriterOptions): Promise<WriterClient> {
-    const worker = new Worker(new URL("./writer.ts", import.meta.url), { type: "module" });
-    return new Promise((resolve, reject) => {
-      const client = new WriterClient(worker, options);
-      worker.onmessage = (event: MessageEvent<FromWriter>) => {
-        const message = event.data;
-        if (message.type === "ready") {
-          worker.onmessage = (e: MessageEvent<FromWriter>) => client.#onMessage(e.data);
-          resolve(client);
-        } else if (message.type === "init_failed") {
-          worker.terminate();
-          reject(new Error(`Writer could not open the store: ${message.message}`));
-        }
-      };
-      worker.onerror = (event) => {
-        event.preventDefault();
-        worker.terminate();
-        reject(new Error(`Writer worker failed: ${event.message}`));
-      };
-      client.#send({ type: "init", spec: options.spec, options: options.storeOptions });
-    });
+  static async start(options: WriterOptions): Promise<WriterClient> {
+    const client = new WriterClient(options);
+    await client.#spawn();
+    return client;
   }
 
   /** Whether another row fits in the queue. */
   get hasCapacity(): boolean {
-    return this.#queued < this.#options.queueMax && this.#closed === undefined;
+    return this.#queued < this.#options.queueMax && this.#closing === undefined;
   }
 
-  /** The store's last failure while it is failing, else `null`. */
+  /** The store's (or worker's) last failure while it is failing, else `null`. */
   get stalled(): string | null {
     return this.#stalled;
   }
@@ -108,7 +98,7 @@ export class WriterClient implements AsyncDisposable {
   }
 
   /** Queues a row; `null` when the queue is full (the caller answers `overloaded`). */
-  submit(row: ReadingRow): Promise<InsertResult> | null {
+  submit(row: ReadingRow): Promise<WriteResult> | null {
     if (!this.hasCapacity) return null;
     this.#queued++;
     return new Promise((resolve) => {
@@ -125,9 +115,9 @@ export class WriterClient implements AsyncDisposable {
     });
   }
 
-  /** Resolves when the queue has room again. */
+  /** Resolves when the queue has room again (or the writer is closing). */
   whenCapacity(): Promise<void> {
-    if (this.hasCapacity) return Promise.resolve();
+    if (this.hasCapacity || this.#closing) return Promise.resolve();
     return new Promise((resolve) => this.#capacityWaiters.push(resolve));
   }
 
@@ -141,16 +131,69 @@ export class WriterClient implements AsyncDisposable {
     });
   }
 
+  /** Starts a worker and waits until its store is open. */
+  #spawn(): Promise<void> {
+    const worker = new Worker(WORKER_URL, { type: "module" });
+    return new Promise((resolve, reject) => {
+      let ready = false;
+      worker.onmessage = (event: MessageEvent<FromWriter>) => {
+        const message = event.data;
+        if (ready) return this.#onMessage(message);
+        if (message.type === "ready") {
+          ready = true;
+          this.#worker = worker;
+          resolve();
+        } else if (message.type === "init_failed") {
+          worker.terminate();
+          reject(new Error(`Writer could not open the store: ${message.message}`));
+        }
+      };
+      worker.onerror = (event) => {
+        event.preventDefault();
+        worker.terminate();
+        if (!ready) return reject(new Error(`Writer worker failed: ${event.message}`));
+        this.#crashed(`Writer worker crashed: ${event.message}`);
+      };
+      const init: ToWriter = {
+        type: "init",
+        spec: this.#options.spec,
+        options: this.#options.storeOptions,
+      };
+      worker.postMessage(init);
+    });
+  }
+
+  #crashed(reason: string): void {
+    this.#worker = undefined;
+    this.#stats.restarts++;
+    this.#setStalled(reason);
+    this.#restartTimer = setTimeout(() => {
+      this.#restartTimer = undefined;
+      this.#spawn().then(() => {
+        // Unfinished batches go again, in order; rows already committed come back as
+        // duplicates of themselves and the worker claims them as stored.
+        for (const [id, batch] of this.#inFlight) this.#sendBatch(id, batch);
+        this.#flush();
+      }, (error) => this.#crashed(String(error?.message ?? error)));
+    }, RESTART_DELAY_MS);
+  }
+
+  #setStalled(reason: string | null): void {
+    if (this.#stalled === reason) return;
+    this.#stalled = reason;
+    this.#options.onStall?.(reason);
+  }
+
   #flush(): void {
     while (
-      this.#pending.length > 0 && this.#inFlight.size < this.#options.maxInFlight &&
+      this.#worker && this.#pending.length > 0 &&
+      this.#inFlight.size < this.#options.maxInFlight &&
       (this.#lingerDone || this.#pending.length >= this.#options.batchMax)
     ) {
       const batch = this.#pending.splice(0, this.#options.batchMax);
       const id = this.#nextId++;
       this.#inFlight.set(id, batch);
-      const buffer = encodeRows(batch.map((p) => p.row));
-      this.#send({ type: "batch", id, rows: buffer }, [buffer]);
+      this.#sendBatch(id, batch);
     }
     if (this.#pending.length === 0) {
       clearTimeout(this.#timer);
@@ -159,60 +202,91 @@ export class WriterClient implements AsyncDisposable {
     }
   }
 
+  #sendBatch(id: number, batch: Pending[]): void {
+    const buffer = encodeRows(batch.map((p) => p.row));
+    const message: ToWriter = { type: "batch", id, rows: buffer };
+    this.#worker?.postMessage(message, [buffer]);
+  }
+
+  #settle(id: number, results: (i: number) => WriteResult): void {
+    const batch = this.#inFlight.get(id);
+    if (!batch) return;
+    this.#inFlight.delete(id);
+    for (let i = 0; i < batch.length; i++) batch[i].resolve(results(i));
+    this.#queued -= batch.length;
+    // Rows that waited behind a busy worker go out at once: batches grow with load.
+    if (this.#pending.length > 0) this.#lingerDone = true;
+    this.#flush();
+    this.#wake();
+  }
+
   #onMessage(message: FromWriter): void {
     switch (message.type) {
       case "done": {
-        const batch = this.#inFlight.get(message.id)!;
-        this.#inFlight.delete(message.id);
         const results = decodeResults(message.results);
-        for (let i = 0; i < batch.length; i++) batch[i].resolve(results[i]);
-        this.#queued -= batch.length;
+        const size = results.length;
         Object.assign(this.#stats, {
           batches: this.#stats.batches + 1,
-          rows: this.#stats.rows + batch.length,
-          lastBatchSize: batch.length,
+          rows: this.#stats.rows + size,
+          lastBatchSize: size,
           lastBatchMs: message.ms,
-          maxBatchSize: Math.max(this.#stats.maxBatchSize, batch.length),
+          maxBatchSize: Math.max(this.#stats.maxBatchSize, size),
         });
-        if (this.#stalled !== null) {
-          this.#stalled = null;
-          this.#options.onStall?.(null);
-        }
-        // Rows that waited behind a busy worker go out at once: batches grow with load.
-        if (this.#pending.length > 0) this.#lingerDone = true;
-        this.#flush();
-        this.#wake();
+        this.#setStalled(null);
+        this.#settle(message.id, (i) => results[i]);
         break;
       }
+      case "failed":
+        this.#settle(message.id, () => ({ status: "failed", message: message.message }));
+        break;
       case "stalled":
-        this.#stalled = message.message;
-        this.#options.onStall?.(message.message);
+        this.#setStalled(message.message);
         break;
       case "closed":
-        this.#worker.terminate();
-        this.#closedResolve();
+        this.#worker?.terminate();
+        this.#worker = undefined;
         break;
     }
   }
 
   #wake(): void {
-    while (this.hasCapacity && this.#capacityWaiters.length > 0) this.#capacityWaiters.shift()!();
+    let room = this.#options.queueMax - this.#queued;
+    while (room-- > 0 && this.#capacityWaiters.length > 0) this.#capacityWaiters.shift()!();
     if (this.#queued === 0) { for (const w of this.#drainWaiters.splice(0)) w(); }
   }
 
-  #send(message: ToWriter, transfer: Transferable[] = []): void {
-    this.#worker.postMessage(message, transfer);
-  }
-
-  /** Writes everything queued, then stops the worker. */
+  /** Writes everything queued (up to the close timeout), then stops the worker. */
   close(): Promise<void> {
-    if (this.#closed) return this.#closed;
-    this.#closed = new Promise((resolve) => this.#closedResolve = resolve);
-    this.drain().then(() => {
+    this.#closing ??= (async () => {
+      for (const w of this.#capacityWaiters.splice(0)) w();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timedOut = new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), this.#options.closeTimeoutMs);
+      });
+      const gaveUp = await Promise.race([this.drain().then(() => false), timedOut]);
+      clearTimeout(timer);
       clearTimeout(this.#timer);
-      this.#send({ type: "close" });
-    });
-    return this.#closed;
+      clearTimeout(this.#restartTimer);
+      const worker = this.#worker;
+      if (worker && !gaveUp) {
+        await new Promise<void>((resolve) => {
+          worker.onmessage = (event: MessageEvent<FromWriter>) => {
+            if (event.data.type === "closed") resolve();
+          };
+          const message: ToWriter = { type: "close" };
+          worker.postMessage(message);
+        });
+      }
+      worker?.terminate();
+      this.#worker = undefined;
+      // Whatever is left was never committed; its callers were never told it was.
+      const left = [...this.#inFlight.values()].flat().concat(this.#pending.splice(0));
+      this.#inFlight.clear();
+      for (const p of left) {
+        p.resolve({ status: "failed", message: "Gateway shutting down", transient: true });
+      }
+    })();
+    return this.#closing;
   }
 
   [Symbol.asyncDispose](): Promise<void> {

@@ -12,6 +12,8 @@ export type FromWriter =
   | { type: "ready" }
   | { type: "init_failed"; message: string }
   | { type: "done"; id: number; results: ArrayBuffer; ms: number }
+  /** The batch cannot be written, ever (bad data): its rows fail; others go on. */
+  | { type: "failed"; id: number; message: string }
   /** The store failed; the batch is kept and retried after `retryMs`. */
   | { type: "stalled"; id: number; message: string; retryMs: number }
   | { type: "closed" };
