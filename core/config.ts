@@ -32,6 +32,7 @@ const envSchema = z.object({
   DEVICE_KEY_ENCRYPTION_KEY: z.string().regex(/^[0-9a-fA-F]{64}$/, "must be 64 hex characters")
     .optional(),
   DEVICE_REGISTER_RATE_LIMIT: int(5),
+  LOGIN_RATE_LIMIT: int(20),
   DEVICE_KEY_ROTATION_DAYS: int(90),
   DEVICE_KEY_ROTATION_GRACE: duration("24h"),
   GATEWAY_INSTANCE_ID: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
@@ -82,6 +83,7 @@ export interface Config {
   /** 32-byte key-encryption key from hex, when given. */
   kek?: Uint8Array;
   registerRateLimit: number;
+  loginRateLimit: number;
   keyRotationMs: number;
   keyGraceMs: number;
   instanceId: string;
@@ -144,6 +146,7 @@ export function loadConfig(
     jwtTtlMs: e.JWT_TTL,
     kek: e.DEVICE_KEY_ENCRYPTION_KEY ? hexBytes(e.DEVICE_KEY_ENCRYPTION_KEY) : undefined,
     registerRateLimit: e.DEVICE_REGISTER_RATE_LIMIT,
+    loginRateLimit: e.LOGIN_RATE_LIMIT,
     keyRotationMs: e.DEVICE_KEY_ROTATION_DAYS * 86_400_000,
     keyGraceMs: e.DEVICE_KEY_ROTATION_GRACE,
     instanceId,

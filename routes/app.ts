@@ -34,6 +34,7 @@ export interface AppDeps {
   bodyLimit: number;
   importBodyLimit: number;
   registerPerMinute: number;
+  loginPerMinute: number;
   writerStalled: () => string | null;
   metrics: Metrics;
 }

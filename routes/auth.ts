@@ -5,6 +5,8 @@ import type { TokenService } from "../services/tokens.ts";
 import type { UserService } from "../services/users.ts";
 import { commonErrors, jsonBody, jsonResponse } from "./schemas.ts";
 import { validationHook } from "./validation.ts";
+import { perAddressLimit } from "./middleware.ts";
+import type { Clock } from "../core/clock.ts";
 
 const LoginSchema = z.strictObject({
   email: emailSchema,
@@ -27,8 +29,16 @@ const login = createRoute({
 });
 
 /** `/api/auth`: login. */
-export function authRoutes(deps: { users: UserService; tokens: TokenService }) {
-  return new OpenAPIHono({ defaultHook: validationHook }).openapi(login, async (c) => {
+export function authRoutes(
+  deps: { users: UserService; tokens: TokenService; clock: Clock; loginPerMinute: number },
+): OpenAPIHono {
+  const app = new OpenAPIHono({ defaultHook: validationHook });
+  // Password guessing is bounded per client address.
+  app.use(
+    "/login",
+    perAddressLimit({ perMinute: deps.loginPerMinute, clock: deps.clock, what: "login" }),
+  );
+  return app.openapi(login, async (c) => {
     const { email, password } = c.req.valid("json");
     const user = await deps.users.authenticate(email, password);
     if (!user) throw new GatewayError("unauthorized", "Email or password is wrong");

@@ -218,6 +218,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     bodyLimit: config.httpBodyLimit,
     importBodyLimit: config.importBodyLimit,
     registerPerMinute: config.registerRateLimit,
+    loginPerMinute: config.loginRateLimit,
     writerStalled: () => writer.stalled,
     metrics,
   });

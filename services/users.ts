@@ -4,6 +4,7 @@ import type { Logger } from "../core/logger.ts";
 import { hashPassword, verifyPassword } from "../core/password.ts";
 import type { Role, User } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
+import { Semaphore } from "../core/semaphore.ts";
 
 /** What a new account needs. */
 export interface NewUser {
@@ -17,10 +18,26 @@ export interface NewUser {
 export class UserService {
   #store: Store;
   #clock: Clock;
+  // scrypt costs ~16 MiB and ~30 ms of CPU per call: bound how many run at once so a login
+  // flood cannot starve ingestion or exhaust memory.
+  #kdf = new Semaphore(2, 64);
 
   constructor(store: Store, clock: Clock) {
     this.#store = store;
     this.#clock = clock;
+  }
+
+  async #withKdf<T>(fn: () => Promise<T>): Promise<T> {
+    if (!await this.#kdf.acquire()) {
+      throw new GatewayError("overloaded", "Too many logins in progress; retry shortly", {
+        retryAfter: 1,
+      });
+    }
+    try {
+      return await fn();
+    } finally {
+      this.#kdf.release();
+    }
   }
 
   /** Creates an account; `conflict` when the email is taken. */
@@ -32,7 +49,8 @@ export class UserService {
       wallet_address: input.wallet_address ?? null,
       created_at: this.#clock.now(),
     };
-    await this.#store.createUser({ ...user, password_hash: await hashPassword(input.password) });
+    const password_hash = await this.#withKdf(() => hashPassword(input.password));
+    await this.#store.createUser({ ...user, password_hash });
     return user;
   }
 
@@ -40,7 +58,9 @@ export class UserService {
   async authenticate(email: string, password: string): Promise<User | null> {
     const record = await this.#store.getUserByEmail(email.toLowerCase());
     // Hash anyway so response time does not reveal whether the email exists.
-    const ok = await verifyPassword(password, record?.password_hash ?? DUMMY_HASH);
+    const ok = await this.#withKdf(() =>
+      verifyPassword(password, record?.password_hash ?? DUMMY_HASH)
+    );
     if (!record || !ok) return null;
     const { password_hash: _, ...user } = record;
     return user;

@@ -55,6 +55,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     WRITER_FLUSH_MS: "2",
     MQTT_PORT: "0",
     DEVICE_REGISTER_RATE_LIMIT: "100000",
+    LOGIN_RATE_LIMIT: "100000",
     ...options.env,
   });
   const bus = new LocalBus();
