@@ -24,7 +24,7 @@ async function main(): Promise<void> {
   const jwtSecret = config.jwtSecret ?? embedded.jwtSecret;
   const kek = config.kek ?? embedded.kek;
 
-  const bus = new LocalBus();
+  const bus = new LocalBus({ onError: (error) => logger.error("bus handler failed", { error }) });
   let gateway;
   try {
     gateway = await createGateway({

@@ -11,13 +11,16 @@ const DECIMAL = /^[+-]?(\d{1,20}(\.\d{0,20})?|\.\d{1,20})$/;
 /** Where a reading entered the gateway. */
 export type ReadingSource = "mqtt" | "http" | "batch";
 
+/** A meter id: {@linkcode METER_ID_PATTERN}. */
 export const meterIdSchema = z.string().regex(
   METER_ID_PATTERN,
   "meter_id must be 1-64 characters of A-Z a-z 0-9 . _ : -",
 );
 
+/** A key id: 1–64 characters of `[A-Za-z0-9._:-]`. */
 export const keyIdSchema = z.string().regex(/^[A-Za-z0-9._:-]{1,64}$/, "key_id is malformed");
 
+/** `reading_timestamp`: an {@linkcode RFC3339} date-time naming a real day and time. */
 export const rfc3339Schema = z.string().max(40).regex(
   RFC3339,
   "reading_timestamp must be an RFC 3339 date-time",
@@ -50,38 +53,58 @@ export const signedFieldsSchema = z.strictObject({
 /** A reading as submitted over HTTP. */
 export const readingSubmissionSchema = signedFieldsSchema.extend({ meter_id: meterIdSchema });
 
+/** The signed fields of a reading, as parsed by {@linkcode signedFieldsSchema}. */
 export type SignedFields = z.infer<typeof signedFieldsSchema>;
+/** A reading submitted over HTTP, as parsed by {@linkcode readingSubmissionSchema}. */
 export type ReadingSubmission = z.infer<typeof readingSubmissionSchema>;
 
 /** A reading as stored: time in epoch ms, energy in units of 0.0001 kWh. */
 export interface ReadingRow {
+  /** The meter that signed the reading. */
   meter_id: string;
   /** Epoch milliseconds of `reading_timestamp`. */
   ts: number;
   /** kWh × 10 000 (4 decimals kept). */
   kwh_e4: number;
+  /** The meter's owner when the reading was accepted. */
   user_id: string;
+  /** The owner's wallet when the reading was accepted, if any. */
   wallet_address: string | null;
+  /** The key that verified the signature. */
   key_id: string;
+  /** The signature as the meter sent it. */
   device_signature: string;
+  /** Where the reading entered the gateway. */
   source: ReadingSource;
   /** Epoch milliseconds when the gateway accepted it. */
   submitted_at: number;
+  /** Whether the reading has been minted into energy tokens. */
   minted: boolean;
 }
 
 /** A reading as the API shows it. */
 export interface Reading {
+  /** Derived from the natural key: see {@linkcode readingId}. */
   id: string;
+  /** The meter that signed the reading. */
   meter_id: string;
+  /** The meter's owner when the reading was accepted. */
   user_id: string;
+  /** The owner's wallet when the reading was accepted, if any. */
   wallet_address: string | null;
+  /** Energy in kWh, 4 decimals kept. */
   kwh_amount: number;
+  /** When the meter took the reading, RFC 3339 in UTC. */
   reading_timestamp: string;
+  /** The key that verified the signature. */
   key_id: string;
+  /** The signature as the meter sent it. */
   device_signature: string;
+  /** Where the reading entered the gateway. */
   source: ReadingSource;
+  /** When the gateway accepted it, RFC 3339 in UTC. */
   submitted_at: string;
+  /** Whether the reading has been minted into energy tokens. */
   minted: boolean;
 }
 

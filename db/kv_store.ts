@@ -57,6 +57,10 @@ const GET_MANY_MAX = 10;
 const READ_CONCURRENCY = 64;
 // Index entries resolved per round while a filter is applied.
 const FILTER_GROUP = 50;
+// A filtered listing examines at most max(SCAN_BUDGET_MIN, SCAN_BUDGET_PER_ITEM × limit) entries
+// per call, then returns what it found with a cursor at the scan position (a short page).
+const SCAN_BUDGET_MIN = 1000;
+const SCAN_BUDGET_PER_ITEM = 10;
 // A meter that loses this many commit races in one call gives up rather than spin.
 const MAX_ATTEMPTS = 32;
 // Commits that find the file locked by another process are retried for about 5 s.
@@ -100,6 +104,7 @@ export class KvStore implements Store {
     }
   }
 
+  /** The user without its password hash, or `null`. */
   async getUser(id: string): Promise<User | null> {
     const { value } = await this.#kv.get<UserRecord>(["users", id]);
     if (value === null) return null;
@@ -113,6 +118,7 @@ export class KvStore implements Store {
     return (await this.#kv.get<UserRecord>(["users", ref.value])).value;
   }
 
+  /** Reads the counter that `createUser` bumps in the same commit. */
   async countUsers(): Promise<number> {
     const { value } = await this.#kv.get<Deno.KvU64>(["counters", "users"]);
     return value === null ? 0 : Number(value.value);
@@ -131,6 +137,7 @@ export class KvStore implements Store {
     }
   }
 
+  /** The device record, or `null` for an unregistered meter. */
   async getDevice(meterId: string): Promise<DeviceRecord | null> {
     return (await this.#kv.get<DeviceRecord>(["devices", meterId])).value;
   }
@@ -387,10 +394,16 @@ export class KvStore implements Store {
     return out;
   }
 
+  /** The reading at its natural key, or `null`. */
   async getReading(meterId: string, ts: number): Promise<ReadingRow | null> {
     return (await this.#kv.get<ReadingRow>(["readings", meterId, ts])).value;
   }
 
+  /**
+   * Lists readings in key order. A filtered listing (owner of a meter, or `minted`) examines a
+   * bounded number of entries per call: a page may hold fewer than `limit` items, even none,
+   * and still carry a `next_cursor` that resumes where the scan stopped.
+   */
   async listReadings(query: ReadingQuery): Promise<Page<ReadingRow>> {
     const limit = checkLimit(query.limit);
     const after = query.cursor === undefined ? null : decodeReadingCursor(query.cursor);
@@ -433,9 +446,13 @@ export class KvStore implements Store {
     const primary = query.meter_id !== undefined;
     const ownerCheck = primary && query.user_id !== undefined;
     const filtered = ownerCheck || query.minted !== undefined;
+    // A filter may match rarely or never (admin `?minted=true`): bound the entries one call
+    // examines, and let the caller page on from where the scan stopped.
+    const budget = Math.max(SCAN_BUDGET_MIN, SCAN_BUDGET_PER_ITEM * limit);
     const iter = this.#kv.list<ReadingRow | null>(selector, {
       reverse: desc,
-      limit: filtered ? undefined : limit + 1,
+      // One entry past the budget tells whether anything is left to scan.
+      limit: filtered ? budget + 1 : limit + 1,
       batchSize: filtered ? 500 : batchSizeFor(limit + 1),
     });
     const items: ReadingRow[] = [];
@@ -451,9 +468,23 @@ export class KvStore implements Store {
       items.push(row);
       return true;
     };
+    // The last entry examined, and whether the budget ran out with entries left to scan.
+    let scanned: Deno.KvKey | undefined;
+    let exhausted = false;
+    let examined = 0;
+    /** Counts an entry against the budget; false when it is one past the budget. */
+    const examine = (key: Deno.KvKey): boolean => {
+      if (examined === budget) {
+        exhausted = true;
+        return false;
+      }
+      examined++;
+      scanned = key;
+      return true;
+    };
     if (primary) {
       for await (const entry of iter) {
-        if (!take(entry.value!)) break;
+        if (!examine(entry.key) || !take(entry.value!)) break;
       }
     } else if (!filtered) {
       const keys: Deno.KvKey[] = [];
@@ -470,16 +501,23 @@ export class KvStore implements Store {
       };
       let open = true;
       for await (const entry of iter) {
+        if (!examine(entry.key)) break;
         keys.push(entry.key);
         if (keys.length === FILTER_GROUP && !(open = await drain())) break;
       }
       if (open && keys.length > 0) await drain();
     }
+    let next: [number, string] | null = null;
     const last = items.at(-1);
-    return {
-      items,
-      next_cursor: more && last ? encodeCursor([last.ts, last.meter_id]) : null,
-    };
+    if (more && last) {
+      next = [last.ts, last.meter_id];
+    } else if (exhausted && scanned !== undefined) {
+      // Every examined entry past the last item failed the filter: resume after the scan.
+      next = primary
+        ? [scanned[2] as number, query.meter_id!]
+        : [scanned.at(-2) as number, scanned.at(-1) as string];
+    }
+    return { items, next_cursor: next === null ? null : encodeCursor(next) };
   }
 
   async readingStats(query: { user_id?: string }): Promise<ReadingStats> {
@@ -537,6 +575,7 @@ export class KvStore implements Store {
     await this.#kv.get(["ping"]);
   }
 
+  /** Closes the KV handle; closing again does nothing. */
   close(): Promise<void> {
     if (!this.#closed) {
       this.#closed = true;

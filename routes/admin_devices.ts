@@ -1,6 +1,7 @@
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
+import type { Logger } from "../core/logger.ts";
 import { meterIdSchema } from "../core/reading.ts";
 import type { DeviceService } from "../services/devices.ts";
 import type { TokenService } from "../services/tokens.ts";
@@ -112,10 +113,22 @@ const revoke = createRoute({
   responses: { 200: jsonResponse(DeviceSchema, "Revoked device"), ...commonErrors },
 });
 
+/** What {@linkcode adminDeviceRoutes} needs. */
+export interface AdminDeviceDeps {
+  /** Does the provisioning. */
+  devices: DeviceService;
+  /** Verifies the bearer tokens. */
+  tokens: TokenService;
+  /** Drives the per-address rate limit. */
+  clock: Clock;
+  /** Register and import requests, together, allowed per minute from one client address. */
+  registerPerMinute: number;
+  /** Receives unexpected failures of single devices of an import. */
+  logger: Logger;
+}
+
 /** `/api/admin/devices`: provisioning, rotation, revocation (admin and operator). */
-export function adminDeviceRoutes(
-  deps: { devices: DeviceService; tokens: TokenService; clock: Clock; registerPerMinute: number },
-) {
+export function adminDeviceRoutes(deps: AdminDeviceDeps): OpenAPIHono<AuthEnv> {
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
   app.use(bearerAuth(deps.tokens), requireRole("admin", "operator"));
   const limit = perAddressLimit({
@@ -133,13 +146,24 @@ export function adminDeviceRoutes(
     .openapi(bulk, async (c) => {
       const results = [];
       for (const device of c.req.valid("json").devices) {
+        // Every failure stays with its device: throwing would lose the secrets of the devices
+        // registered earlier in this import, which are shown only in this response.
         try {
           results.push(await deps.devices.register(device, c.var.principal.user_id));
         } catch (error) {
-          if (!(error instanceof GatewayError)) throw error;
+          let failure: GatewayError;
+          if (error instanceof GatewayError) {
+            failure = error;
+          } else {
+            deps.logger.error("device import: registration failed", {
+              error,
+              meter_id: device.meter_id,
+            });
+            failure = new GatewayError("internal", "Internal error");
+          }
           results.push({
             meter_id: device.meter_id,
-            error: { code: error.code, message: error.message },
+            error: { code: failure.code, message: failure.message },
           });
         }
       }

@@ -28,7 +28,9 @@ const create = createRoute({
 });
 
 /** `/api/admin/users`. */
-export function adminUserRoutes(deps: { users: UserService; tokens: TokenService }) {
+export function adminUserRoutes(
+  deps: { users: UserService; tokens: TokenService },
+): OpenAPIHono<AuthEnv> {
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
   app.use(bearerAuth(deps.tokens), requireRole("admin"));
   return app.openapi(create, async (c) => {

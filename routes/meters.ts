@@ -106,7 +106,9 @@ export function outcomeError(outcome: Exclude<Outcome, { status: "accepted" }>):
 }
 
 /** `/api/meters`: submission, listing and stats. */
-export function meterRoutes(deps: { registry: ActorRegistry; store: Store; tokens: TokenService }) {
+export function meterRoutes(
+  deps: { registry: ActorRegistry; store: Store; tokens: TokenService },
+): OpenAPIHono<AuthEnv> {
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
   app.use(bearerAuth(deps.tokens));
 

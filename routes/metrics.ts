@@ -2,7 +2,7 @@ import { Hono } from "hono";
 import type { Metrics } from "../core/metrics.ts";
 
 /** `GET /metrics` in the Prometheus text format. */
-export function metricsRoutes(metrics: Metrics) {
+export function metricsRoutes(metrics: Metrics): Hono {
   return new Hono().get(
     "/metrics",
     (c) =>

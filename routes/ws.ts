@@ -21,11 +21,14 @@ const ClientMessage = z.discriminatedUnion("type", [
 type ClientMessage = z.infer<typeof ClientMessage>;
 
 const MAX_MESSAGE_BYTES = 64 * 1024;
+/** Messages of one client received but not yet handled; one more closes the socket (1008). */
+const MAX_PENDING_MESSAGES = 16;
 
-type WsEnv = { Variables: { principal: Principal } };
+/** Variables of the WebSocket route: the principal its token names. */
+export type WsEnv = { Variables: { principal: Principal } };
 
 /** `GET /ws?token=<jwt>`: live committed readings of subscribed meters. */
-export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store }) {
+export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store }): Hono<WsEnv> {
   const app = new Hono<WsEnv>();
 
   async function checkSelection(principal: Principal, msg: ClientMessage & { type: "subscribe" }) {
@@ -54,7 +57,11 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
     upgradeWebSocket((c) => {
       const principal = c.var.principal;
       let client: HubClient;
+      // One message at a time per client, so replies keep their order; bounded, so a client
+      // cannot queue unlimited work (each subscribe may look up to 1000 meters in the store).
       let chain = Promise.resolve();
+      let pending = 0;
+      let overflowed = false;
 
       const reply = (value: unknown) => client.send(JSON.stringify(value));
       const fail = (error: unknown) => {
@@ -113,8 +120,17 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
               new GatewayError("invalid_payload", "Send text messages of at most 64 KiB"),
             );
           }
-          // One message at a time per client, so replies keep their order.
-          chain = chain.then(() => handle(data)).catch(fail);
+          if (overflowed) return;
+          if (pending === MAX_PENDING_MESSAGES) {
+            overflowed = true;
+            client.close(1008, "Too many pending messages");
+            return;
+          }
+          pending++;
+          chain = chain
+            .then(() => overflowed ? undefined : handle(data))
+            .catch(fail)
+            .finally(() => pending--);
         },
         onClose() {
           if (client) deps.hub.detach(client);

@@ -3,10 +3,13 @@ import type { Principal } from "../core/user.ts";
 
 /** The transport-neutral face of one WebSocket connection. */
 export interface HubClient {
+  /** Who is connected; decides what the client may subscribe to. */
   readonly principal: Principal;
+  /** Sends one text message; dropped when the socket is no longer open. */
   send(text: string): void;
   /** Bytes queued but not yet sent. */
   bufferedAmount(): number;
+  /** Closes the connection with a WebSocket close code and reason. */
   close(code: number, reason: string): void;
 }
 
@@ -29,6 +32,7 @@ export class WsHub {
   /** Clients dropped for a full send buffer, for metrics. */
   dropped = 0;
 
+  /** `sendBufferMax`: bytes a client may have queued before it is disconnected (1013). */
   constructor(options: { sendBufferMax: number }) {
     this.#sendBufferMax = options.sendBufferMax;
   }
@@ -38,10 +42,12 @@ export class WsHub {
     return this.#clients.size;
   }
 
+  /** Registers a newly connected client, with no subscriptions. */
   attach(client: HubClient): void {
     this.#clients.set(client, { meters: new Set(), account: false, all: false });
   }
 
+  /** Forgets a client and all its subscriptions; unknown clients are ignored. */
   detach(client: HubClient): void {
     const subs = this.#clients.get(client);
     if (!subs) return;
@@ -72,6 +78,7 @@ export class WsHub {
     }
   }
 
+  /** Removes subscriptions; what the client is not subscribed to is ignored. */
   unsubscribe(
     client: HubClient,
     what: { meters?: string[]; account?: boolean; all?: boolean },
@@ -106,10 +113,25 @@ export class WsHub {
   handle(event: GatewayEvent): void {
     if (event.type !== "meter.reading.accepted") return;
     const reading = event.data;
-    const targets = new Set<HubClient>(this.#all);
-    for (const c of this.#byMeter.get(reading.meter_id) ?? []) targets.add(c);
-    for (const c of this.#byUser.get(reading.user_id) ?? []) targets.add(c);
-    if (targets.size === 0) return;
+    const all = this.#all.size > 0 ? this.#all : undefined;
+    const meter = this.#byMeter.get(reading.meter_id);
+    const owner = this.#byUser.get(reading.user_id);
+    // Every committed reading passes here: when nobody listens, allocate nothing.
+    if (all === undefined && meter === undefined && owner === undefined) return;
+    // One interested index is used as it is (detach() only deletes the client being visited,
+    // which Set iteration allows); several are merged so that nobody gets the reading twice.
+    let targets: Set<HubClient>;
+    if (meter === undefined && owner === undefined) {
+      targets = all!;
+    } else if (all === undefined && owner === undefined) {
+      targets = meter!;
+    } else if (all === undefined && meter === undefined) {
+      targets = owner!;
+    } else {
+      targets = new Set(all);
+      for (const c of meter ?? []) targets.add(c);
+      for (const c of owner ?? []) targets.add(c);
+    }
     const text = JSON.stringify(event); // serialised once for every recipient
     for (const client of targets) {
       if (client.bufferedAmount() > this.#sendBufferMax) {

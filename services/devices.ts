@@ -11,34 +11,50 @@ import {
 } from "../core/device.ts";
 import { secretContext } from "../core/device_keys.ts";
 import { GatewayError } from "../core/errors.ts";
+import { type Logger, silentLogger } from "../core/logger.ts";
 import { seal } from "../core/secret_box.ts";
 import { ed25519Raw, type KeyAlgorithm, parseEd25519PublicKey } from "../core/signature.ts";
 import type { Page, Store } from "../db/store.ts";
 
 /** A registration request. */
 export interface RegisterInput {
+  /** The meter to register; must not be registered yet. */
   meter_id: string;
+  /** The owner; must exist. */
   user_id: string;
+  /** How the meter signs its readings. */
   algorithm: KeyAlgorithm;
+  /** The meter's Ed25519 public key; omitted for HMAC, whose secret the gateway generates. */
   public_key?: string;
 }
 
 /** A newly issued key; the HMAC secret is shown only here. */
 export interface IssuedKey {
+  /** The meter the key belongs to. */
   meter_id: string;
+  /** The id readings name in `key_id`. */
   key_id: string;
+  /** How the meter signs with it. */
   algorithm: KeyAlgorithm;
+  /** The HMAC secret as hex; absent for Ed25519 keys. */
   secret_hex?: string;
 }
 
 /** A device as the API shows it: key states, never secrets. */
 export interface DeviceView {
+  /** The meter's id. */
   meter_id: string;
+  /** The owner's id. */
   user_id: string;
+  /** A revoked meter's readings are rejected. */
   status: "active" | "revoked";
+  /** RFC 3339 registration time. */
   created_at: string;
+  /** RFC 3339 revocation time, or `null`. */
   revoked_at: string | null;
+  /** Whether a current key is due for rotation or already expired. */
   rotation_due: boolean;
+  /** Every key still kept, oldest first, with its state now. */
   keys: {
     key_id: string;
     algorithm: KeyAlgorithm;
@@ -49,6 +65,22 @@ export interface DeviceView {
   }[];
 }
 
+/** Options of {@linkcode DeviceService}. */
+export interface DeviceServiceOptions {
+  /** Where devices, keys and the audit log are kept. */
+  store: Store;
+  /** Told about every committed change, so every instance drops its cached device. */
+  bus: Bus;
+  /** The time of audit entries and key states. */
+  clock: Clock;
+  /** Key-encryption key that seals HMAC secrets at rest. */
+  kek: Uint8Array;
+  /** When keys are due for rotation and when retired keys expire. */
+  policy: KeyPolicy;
+  /** Receives failures that do not fail the request (a lost bus notification); default: none. */
+  logger?: Logger;
+}
+
 /** Device provisioning, rotation and revocation, with the audit log and bus notifications. */
 export class DeviceService {
   #store: Store;
@@ -56,15 +88,16 @@ export class DeviceService {
   #clock: Clock;
   #kek: Uint8Array;
   #policy: KeyPolicy;
+  #logger: Logger;
 
-  constructor(
-    options: { store: Store; bus: Bus; clock: Clock; kek: Uint8Array; policy: KeyPolicy },
-  ) {
+  /** Makes the service; it owns none of the things it is given. */
+  constructor(options: DeviceServiceOptions) {
     this.#store = options.store;
     this.#bus = options.bus;
     this.#clock = options.clock;
     this.#kek = options.kek;
     this.#policy = options.policy;
+    this.#logger = options.logger ?? silentLogger;
   }
 
   /** Registers a meter to a user with its first key. */
@@ -83,10 +116,7 @@ export class DeviceService {
       keys: [key],
     };
     await this.#store.createDevice(device, this.#audit(device, "registered", actor, key.key_id));
-    await this.#bus.publish({
-      type: "device.changed",
-      data: { meter_id: input.meter_id, change: "registered" },
-    });
+    await this.#announce(input.meter_id, "registered");
     return issued;
   }
 
@@ -107,10 +137,7 @@ export class DeviceService {
       const updated = { ...device, keys: [...keys, fresh.key], updated_at: now };
       return { device: updated, audit: this.#audit(updated, "rotated", actor, fresh.key.key_id) };
     });
-    await this.#bus.publish({
-      type: "device.changed",
-      data: { meter_id: meterId, change: "rotated" },
-    });
+    await this.#announce(meterId, "rotated");
     return issued!;
   }
 
@@ -126,10 +153,7 @@ export class DeviceService {
       };
       return { device: revoked, audit: { ...this.#audit(revoked, "revoked", actor), note } };
     });
-    await this.#bus.publish({
-      type: "device.changed",
-      data: { meter_id: meterId, change: "revoked" },
-    });
+    await this.#announce(meterId, "revoked");
     return this.view(updated);
   }
 
@@ -162,6 +186,22 @@ export class DeviceService {
       rotation_due: current.some((k) => k.state !== "valid"),
       keys,
     };
+  }
+
+  /**
+   * Tells every instance about a committed change. The change stands either way, and a new
+   * secret is shown only in this response, so a failed publish is logged, never thrown.
+   */
+  async #announce(meterId: string, change: "registered" | "rotated" | "revoked"): Promise<void> {
+    try {
+      await this.#bus.publish({ type: "device.changed", data: { meter_id: meterId, change } });
+    } catch (error) {
+      this.#logger.error("device change committed but not published to the bus", {
+        error,
+        meter_id: meterId,
+        change,
+      });
+    }
   }
 
   #newKey(

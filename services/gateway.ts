@@ -152,6 +152,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     clock,
     kek: deps.kek,
     policy: { rotationMs: config.keyRotationMs, graceMs: config.keyGraceMs },
+    logger,
   });
   metrics.counter("mqtt_messages_received_total", "MQTT publishes received, by topic pattern");
   metrics.counter("mqtt_connection_errors_total", "Refused or failed MQTT connections, by reason");

@@ -2,7 +2,13 @@
 // concurrency and across a restart, revocation, rotation and isolation between users.
 import { deepEqual, equal, match, notEqual, ok } from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { LocalBus } from "../bus/local_bus.ts";
 import { ManualClock } from "../core/clock.ts";
+import type { Logger } from "../core/logger.ts";
+import { KvStore } from "../db/kv_store.ts";
+import type { Store } from "../db/store.ts";
+import { healthRoutes } from "../routes/health.ts";
+import { DeviceService } from "../services/devices.ts";
 import { isoAgo, signedReading, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 type Res = Awaited<ReturnType<TestGateway["request"]>>;
@@ -783,4 +789,163 @@ Deno.test("the health, readiness, OpenAPI and docs endpoints answer", async (t) 
     const res = await gw.request("GET", `/no-such-page-${randomBytes(4).toString("hex")}`);
     assertError(res, 404, "not_found");
   });
+});
+
+/** A logger that keeps every entry, for asserting what was logged. */
+function memoryLogger(): Logger & {
+  entries: { level: string; msg: string; fields: Record<string, unknown> }[];
+} {
+  const entries: { level: string; msg: string; fields: Record<string, unknown> }[] = [];
+  const at = (level: string) => (msg: string, fields: Record<string, unknown> = {}) => {
+    entries.push({ level, msg, fields });
+  };
+  return { entries, debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
+}
+
+Deno.test("/readyz names failing checks only as down or stalled and logs the details", async () => {
+  const secret = "connect ECONNREFUSED db.internal:5432 for user gateway_rw";
+  const logger = memoryLogger();
+  const store = { ping: () => Promise.reject(new Error(secret)) } as unknown as Store;
+  const app = healthRoutes({
+    store,
+    writerStalled: () => "worker /srv/gateway/data/gateway.kv busy for 12 s",
+    logger,
+  });
+  const res = await app.request("/readyz");
+  equal(res.status, 503);
+  const text = await res.text();
+  deepEqual(JSON.parse(text), {
+    status: "not_ready",
+    checks: { store: "down", writer: "stalled" },
+  });
+  ok(!text.includes("db.internal") && !text.includes("/srv/"), text);
+  // The details reach the operator through the log instead.
+  const [down, stalled] = logger.entries;
+  equal((down.fields.error as Error).message, secret);
+  match(String(stalled.fields.reason), /gateway\.kv busy/);
+});
+
+Deno.test("a device change that the bus fails to announce still returns its new secret", async (t) => {
+  await using gw = await startTestGateway();
+  const owner = await gw.createUser("bus-down@flow.test");
+  const publish = gw.bus.publish;
+  gw.bus.publish = () => Promise.reject(new Error("bus unreachable"));
+  try {
+    await t.step("registration answers 201 with the secret", async () => {
+      const res = await gw.request("POST", "/api/admin/devices/register", {
+        token: gw.adminToken,
+        body: { meter_id: "bus-down-1", user_id: owner.id },
+      });
+      equal(res.status, 201, JSON.stringify(res.body));
+      match(res.body.secret_hex, /^[0-9a-f]{64}$/);
+    });
+
+    await t.step("rotation answers 200 with the new secret", async () => {
+      const res = await gw.request("POST", "/api/admin/devices/bus-down-1/rotate", {
+        token: gw.adminToken,
+      });
+      equal(res.status, 200, JSON.stringify(res.body));
+      match(res.body.secret_hex, /^[0-9a-f]{64}$/);
+    });
+
+    await t.step("an import answers every device's secret", async () => {
+      const res = await gw.request("POST", "/api/admin/devices/import", {
+        token: gw.adminToken,
+        body: { devices: [{ meter_id: "bus-down-2", user_id: owner.id }] },
+      });
+      equal(res.status, 200, JSON.stringify(res.body));
+      match(res.body.results[0].secret_hex, /^[0-9a-f]{64}$/);
+    });
+
+    await t.step("revocation answers 200 with the revoked device", async () => {
+      const res = await gw.request("POST", "/api/admin/devices/bus-down-1/revoke", {
+        token: gw.adminToken,
+      });
+      equal(res.status, 200, JSON.stringify(res.body));
+      equal(res.body.status, "revoked");
+    });
+  } finally {
+    gw.bus.publish = publish;
+  }
+});
+
+Deno.test("DeviceService logs a bus failure after the commit instead of throwing it", async () => {
+  const store = await KvStore.open(undefined, { dedupeWindowMs: 15 * MINUTE });
+  try {
+    await store.createUser({
+      id: "u-log",
+      email: "log@flow.test",
+      role: "user",
+      wallet_address: null,
+      created_at: 0,
+      password_hash: "h",
+    });
+    const logger = memoryLogger();
+    const bus = new LocalBus();
+    bus.publish = () => Promise.reject(new Error("bus unreachable"));
+    const devices = new DeviceService({
+      store,
+      bus,
+      clock: new ManualClock(Date.now()),
+      kek: new Uint8Array(32).fill(1),
+      policy: { rotationMs: 90 * 24 * 60 * MINUTE, graceMs: 24 * 60 * MINUTE },
+      logger,
+    });
+    const issued = await devices.register(
+      { meter_id: "log-1", user_id: "u-log", algorithm: "hmac-sha256" },
+      "test",
+    );
+    ok(issued.secret_hex);
+    notEqual(await store.getDevice("log-1"), null);
+    equal(logger.entries.length, 1);
+    equal(logger.entries[0].level, "error");
+    equal(logger.entries[0].fields.meter_id, "log-1");
+    equal(logger.entries[0].fields.change, "registered");
+    equal((logger.entries[0].fields.error as Error).message, "bus unreachable");
+    await bus.close();
+  } finally {
+    await store.close();
+  }
+});
+
+Deno.test("an import returns the secrets of the devices registered before an unexpected failure", async () => {
+  await using gw = await startTestGateway();
+  const owner = await gw.createUser("import-fail@flow.test");
+  const devices = gw.gateway.devices;
+  const register = devices.register;
+  devices.register = (input, actor) =>
+    input.meter_id === "imp-boom"
+      ? Promise.reject(new Error("disk I/O error at /srv/gateway/data"))
+      : register.call(devices, input, actor);
+  try {
+    const res = await gw.request("POST", "/api/admin/devices/import", {
+      token: gw.adminToken,
+      body: {
+        devices: ["imp-1", "imp-boom", "imp-2", "imp-1"].map((meter_id) => ({
+          meter_id,
+          user_id: owner.id,
+        })),
+      },
+    });
+    equal(res.status, 200, JSON.stringify(res.body));
+    const [first, boom, second, again] = res.body.results;
+    equal(first.meter_id, "imp-1");
+    match(first.secret_hex, /^[0-9a-f]{64}$/);
+    deepEqual(boom, {
+      meter_id: "imp-boom",
+      error: { code: "internal", message: "Internal error" },
+    });
+    equal(second.meter_id, "imp-2");
+    match(second.secret_hex, /^[0-9a-f]{64}$/);
+    equal(again.error.code, "conflict");
+  } finally {
+    devices.register = register;
+  }
+  const listed = await gw.request("GET", "/api/admin/devices", { token: gw.adminToken });
+  deepEqual(
+    listed.body.items.map((d: { meter_id: string }) => d.meter_id).filter((m: string) =>
+      m.startsWith("imp-")
+    ),
+    ["imp-1", "imp-2"],
+  );
 });

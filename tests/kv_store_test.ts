@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import { KvStore } from "../db/kv_store.ts";
-import type { StoreOptions } from "../db/store.ts";
+import type { ReadingQuery, StoreOptions } from "../db/store.ts";
 import { storeContract } from "./contracts/store_contract.ts";
 
 const MIN = 60_000;
@@ -200,4 +200,51 @@ Deno.test("KvStore handles racing writers on one file without storing anything t
       await b.close();
     }
   });
+});
+
+Deno.test("KvStore examines at most max(1000, 10 × limit) entries per filtered page", async (t) => {
+  const store = await KvStore.open(undefined, OPTIONS);
+  try {
+    const rows = Array.from({ length: 2_500 }, (_, i) => row("m1", T0 + i * 15 * MIN));
+    await store.insertReadings(rows);
+    /** Follows cursors to the end; returns every page's item count. */
+    const pages = async (query: Omit<ReadingQuery, "order">): Promise<number[]> => {
+      const counts: number[] = [];
+      let cursor: string | undefined;
+      do {
+        const page = await store.listReadings({ ...query, order: "asc", cursor });
+        counts.push(page.items.length);
+        cursor = page.next_cursor ?? undefined;
+      } while (cursor !== undefined && counts.length < 100);
+      return counts;
+    };
+
+    await t.step("a filter matching nothing answers empty pages with a cursor", async () => {
+      const first = await store.listReadings({ minted: true, order: "asc", limit: 10 });
+      assert.deepEqual(first.items, []);
+      assert.notEqual(first.next_cursor, null);
+      // 2 500 index entries at 1 000 per call, then the end.
+      assert.deepEqual(await pages({ minted: true, limit: 10 }), [0, 0, 0]);
+      assert.deepEqual(await pages({ minted: true, user_id: "user-1", limit: 10 }), [0, 0, 0]);
+      assert.deepEqual(await pages({ meter_id: "m1", user_id: "user-2", limit: 10 }), [0, 0, 0]);
+    });
+
+    await t.step("the budget grows with the limit", async () => {
+      assert.deepEqual(await pages({ minted: true, limit: 200 }), [0, 0]);
+      assert.deepEqual(await pages({ minted: true, limit: 300 }), [0]);
+    });
+
+    await t.step("a full page whose budget runs out resumes where the scan stopped", async () => {
+      // Ten minted readings among the first twenty index entries fill a page of ten; the search
+      // for an eleventh runs out of budget at entry 1 000, and the next page starts there.
+      const minted = Array.from(
+        { length: 10 },
+        (_, i) => row("m2", T0 + i * 15 * MIN, { minted: true }),
+      );
+      await store.insertReadings(minted);
+      assert.deepEqual(await pages({ minted: true, limit: 10 }), [10, 0, 0]);
+    });
+  } finally {
+    await store.close();
+  }
 });

@@ -1,7 +1,10 @@
 // WebSocket endpoint: real clients against the in-process gateway (see tests/_gateway.ts).
 import assert from "node:assert/strict";
 import { sign } from "hono/jwt";
+import { LocalBus } from "../bus/local_bus.ts";
+import type { GatewayEvent } from "../core/events.ts";
 import type { Reading } from "../core/reading.ts";
+import { type HubClient, WsHub } from "../routes/ws_hub.ts";
 import { isoAgo, signedReading, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 /** Upper bound for any single awaited event; a guard against hangs, not a synchronisation. */
@@ -573,4 +576,118 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
   } finally {
     conn.close();
   }
+});
+
+Deno.test("a WebSocket client with more than 16 messages pending is closed with 1008", async () => {
+  await using gw = await startTestGateway();
+  const user = await gw.createUser("flood@ws.test");
+  await gw.registerMeter("flood-1", user.id);
+  await using flooder = await WsClient.connect(gw, user.token);
+  // Each message makes the server look the owner of 1 000 meters up, one after the other, so
+  // all 17 arrive long before the first is handled: the 17th finds 16 pending and is refused.
+  // (Exactly 17: frames that arrive after the server's close frame make Deno drop the
+  // connection without completing the close handshake, and the client would not see the code.)
+  const message = { type: "subscribe", meters: Array(1000).fill("flood-1") };
+  for (let i = 0; i < 17; i++) flooder.send(message);
+  const event = await Promise.race([
+    flooder.closed,
+    new Promise<never>((_, reject) => {
+      const timer = setTimeout(() => reject(new Error("not closed in time")), EVENT_TIMEOUT_MS);
+      flooder.closed.finally(() => clearTimeout(timer));
+    }),
+  ]);
+  assert.equal(event.code, 1008);
+  assert.equal(event.reason, "Too many pending messages");
+
+  // The server is healthy and serves the next client.
+  await using next = await WsClient.connect(gw, user.token);
+  assert.deepEqual(await next.request({ type: "subscribe", meters: ["flood-1"] }), {
+    type: "subscribed",
+    meters: ["flood-1"],
+    account: false,
+    all: false,
+  });
+  assert.equal((await gw.request("GET", "/healthz")).status, 200);
+});
+
+/** A hub client that records what it was sent. */
+function recordingClient(userId: string): HubClient & { sent: string[] } {
+  const sent: string[] = [];
+  return {
+    sent,
+    principal: { user_id: userId, role: "user" },
+    send: (text) => sent.push(text),
+    bufferedAmount: () => 0,
+    close: () => {},
+  };
+}
+
+function acceptedEvent(meterId: string, userId: string): GatewayEvent {
+  return {
+    type: "meter.reading.accepted",
+    data: {
+      id: "00000000-0000-8000-8000-000000000001",
+      meter_id: meterId,
+      user_id: userId,
+      wallet_address: null,
+      kwh_amount: 1,
+      reading_timestamp: new Date(0).toISOString(),
+      key_id: "k",
+      device_signature: "s",
+      source: "http",
+      submitted_at: new Date(0).toISOString(),
+      minted: false,
+    },
+  };
+}
+
+Deno.test("WsHub delivers a reading once to each client, however many subscriptions match", () => {
+  const hub = new WsHub({ sendBufferMax: 1024 });
+  const meterOnly = recordingClient("u1");
+  const accountOnly = recordingClient("u1");
+  const everything = recordingClient("u1");
+  const bystander = recordingClient("u2");
+  for (const client of [meterOnly, accountOnly, everything, bystander]) hub.attach(client);
+
+  // Nobody subscribed yet: nothing is sent.
+  hub.handle(acceptedEvent("m1", "u1"));
+  assert.equal(meterOnly.sent.length + everything.sent.length + bystander.sent.length, 0);
+
+  hub.subscribe(meterOnly, { meters: ["m1"] });
+  hub.handle(acceptedEvent("m1", "u1"));
+  assert.equal(meterOnly.sent.length, 1, "a meter subscription alone");
+
+  hub.subscribe(accountOnly, { account: true });
+  hub.subscribe(everything, { meters: ["m1"], account: true, all: true });
+  hub.handle(acceptedEvent("m1", "u1"));
+  assert.deepEqual(
+    [meterOnly, accountOnly, everything, bystander].map((c) => c.sent.length),
+    [2, 1, 1, 0],
+  );
+
+  hub.handle(acceptedEvent("m2", "u2"));
+  assert.deepEqual(
+    [meterOnly, accountOnly, everything, bystander].map((c) => c.sent.length),
+    [2, 1, 2, 0],
+    "only the all-subscriber gets another owner's other meter",
+  );
+
+  hub.detach(everything);
+  hub.handle(acceptedEvent("m2", "u2"));
+  assert.equal(everything.sent.length, 2, "a detached client gets nothing");
+});
+
+Deno.test("LocalBus hands a handler's error to onError and still runs the other handlers", async () => {
+  const errors: unknown[] = [];
+  const bus = new LocalBus({ onError: (error) => errors.push(error) });
+  const seen: string[] = [];
+  bus.subscribe(() => {
+    throw new Error("broken handler");
+  });
+  bus.subscribe((event) => seen.push(event.type));
+  await bus.publish(acceptedEvent("m1", "u1"));
+  assert.deepEqual(seen, ["meter.reading.accepted"]);
+  assert.equal(errors.length, 1);
+  assert.equal((errors[0] as Error).message, "broken handler");
+  await bus.close();
 });

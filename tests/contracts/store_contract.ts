@@ -546,6 +546,75 @@ export function storeContract(
     });
   });
 
+  test("filtered readings are reached by following cursors, however sparse", async (t, store) => {
+    // 3 300 unminted readings of user-1 on three meters: filters that match nothing have plenty
+    // to skip. An adapter may bound its scan and answer short or empty pages with a cursor.
+    const rows: ReadingRow[] = [];
+    for (let k = 0; k < 1_100; k++) {
+      for (const meter of ["m-0", "m-1", "m-2"]) {
+        rows.push(row(meter, T0 + k * WINDOW, { user_id: "user-1" }));
+      }
+    }
+    assert.ok((await store.insertReadings(rows)).every((r) => r.status === "stored"));
+    const byTime = (a: ReadingRow, b: ReadingRow) =>
+      a.ts - b.ts || (a.meter_id < b.meter_id ? -1 : a.meter_id > b.meter_id ? 1 : 0);
+    const queries: Partial<ReadingQuery>[] = [
+      { minted: true },
+      { minted: true, user_id: "user-1" },
+      { minted: true, meter_id: "m-0" },
+      { meter_id: "m-0", user_id: "user-2" },
+    ];
+    /** Follows cursors to the end and checks every page against the expected rows. */
+    const assertPagesYieldMatches = async () => {
+      const sorted = [...rows].sort(byTime);
+      for (const query of queries) {
+        const expected = sorted.filter((r) =>
+          (query.minted === undefined || r.minted === query.minted) &&
+          (query.user_id === undefined || r.user_id === query.user_id) &&
+          (query.meter_id === undefined || r.meter_id === query.meter_id)
+        );
+        for (const order of ["asc", "desc"] as const) {
+          for (const limit of [1, 10]) {
+            const seen: ReadingRow[] = [];
+            let cursor: string | undefined;
+            for (let page = 0;; page++) {
+              assert.ok(page < 200, `${JSON.stringify(query)} ${order}: too many pages`);
+              const res = await store.listReadings({ ...query, order, limit, cursor });
+              assert.ok(res.items.length <= limit);
+              seen.push(...res.items);
+              if (res.next_cursor === null) break;
+              cursor = res.next_cursor;
+            }
+            assert.deepEqual(
+              seen,
+              order === "asc" ? expected : [...expected].reverse(),
+              `${JSON.stringify(query)} ${order} limit ${limit}`,
+            );
+          }
+        }
+      }
+    };
+
+    await t.step("a filter matching none of many readings ends with no items", async () => {
+      await assertPagesYieldMatches();
+    });
+
+    await t.step("sparse matches among many readings are each visited exactly once", async () => {
+      const extra: ReadingRow[] = [];
+      // Minted readings of another meter, spread over the whole span.
+      for (const k of [0, 1, 550, 1_099]) {
+        extra.push(row("m-mint", T0 + k * WINDOW + MIN, { user_id: "user-1", minted: true }));
+      }
+      // m-0 changes hands: a few readings of user-2 after user-1's, some of them minted.
+      for (let j = 0; j < 3; j++) {
+        extra.push(row("m-0", T0 + (1_100 + j) * WINDOW, { user_id: "user-2", minted: j !== 1 }));
+      }
+      assert.ok((await store.insertReadings(extra)).every((r) => r.status === "stored"));
+      rows.push(...extra);
+      await assertPagesYieldMatches();
+    });
+  });
+
   test("readingStats totals readings per owner and overall", async (t, store) => {
     await t.step("an empty store has zero totals and no first or last reading", async () => {
       assert.deepEqual(await store.readingStats({}), EMPTY_STATS);
