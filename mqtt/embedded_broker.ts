@@ -1,6 +1,6 @@
 import { Aedes, type Client, type PublishPacket } from "aedes";
 import { Buffer } from "node:buffer";
-import { createServer as createNetServer, type Server } from "node:net";
+import { createServer as createNetServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { ActorRegistry } from "../actors/registry.ts";
 import type { Clock } from "../core/clock.ts";
@@ -64,7 +64,12 @@ export class EmbeddedBroker implements AsyncDisposable {
     const broker = new EmbeddedBroker(options, aedes);
     broker.#wire();
     try {
-      broker.#ports.mqtt = await broker.#listen(createNetServer(aedes.handle), options.port);
+      // Small acks must not wait for Nagle's algorithm (measured: +40 ms per ack without this).
+      const handle = (socket: Socket) => {
+        socket.setNoDelay(true);
+        aedes.handle(socket);
+      };
+      broker.#ports.mqtt = await broker.#listen(createNetServer(handle), options.port);
       if (options.tls) {
         const tls = createTlsServer({
           cert: options.tls.cert,
@@ -72,7 +77,7 @@ export class EmbeddedBroker implements AsyncDisposable {
           ...(options.tls.ca
             ? { ca: options.tls.ca, requestCert: true, rejectUnauthorized: false }
             : {}),
-        }, aedes.handle);
+        }, handle);
         broker.#ports.mqtts = await broker.#listen(tls, options.tls.port);
       }
     } catch (error) {
