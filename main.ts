@@ -5,6 +5,7 @@ import { loadConfig } from "./core/config.ts";
 import { ConfigError } from "./core/errors.ts";
 import { jsonLogger } from "./core/logger.ts";
 import { loadOrCreateSecrets, secretsPath } from "./db/secrets_file.ts";
+import { describeStore, storeSpecOf } from "./db/open_store.ts";
 import { createGateway } from "./services/gateway.ts";
 
 async function main(): Promise<void> {
@@ -20,16 +21,20 @@ async function main(): Promise<void> {
   }
   const logger = jsonLogger(config.logLevel, { base: { instance: config.instanceId } });
 
-  const embedded = await loadOrCreateSecrets(secretsPath(config.kvPath));
-  const jwtSecret = config.jwtSecret ?? embedded.jwtSecret;
-  const kek = config.kek ?? embedded.kek;
+  // Embedded mode generates its secrets once; with a database they come from the environment.
+  const embedded = config.database
+    ? undefined
+    : await loadOrCreateSecrets(secretsPath(config.kvPath));
+  const jwtSecret = config.jwtSecret ?? embedded!.jwtSecret;
+  const kek = config.kek ?? embedded!.kek;
 
+  const storeSpec = storeSpecOf(config);
   const bus = new LocalBus({ onError: (error) => logger.error("bus handler failed", { error }) });
   let gateway;
   try {
     gateway = await createGateway({
       config,
-      storeSpec: { kind: "kv", path: config.kvPath },
+      storeSpec,
       bus,
       clock: systemClock,
       logger,
@@ -70,7 +75,7 @@ async function main(): Promise<void> {
   await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, logger);
   logger.info("gateway listening", {
     url: `http://${server.addr.hostname}:${server.addr.port}`,
-    store: `deno-kv:${config.kvPath}`,
+    store: describeStore(storeSpec),
     bus: "in-process",
     mqtt,
   });

@@ -53,6 +53,14 @@ const envSchema = z.object({
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
+  DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
+  DATABASE_POOL_MAX: int(10, 1, 1000),
+  MIGRATE_ON_START: z.enum(["true", "false"]).default("true"),
+  TIMESCALE_ENABLED: z.enum(["true", "false"]).default("true"),
+  TIMESCALE_CHUNK_INTERVAL: duration("1d"),
+  TIMESCALE_COMPRESS_AFTER: duration("30d"),
+  READINGS_RETENTION: duration("365d"),
+  RETENTION_CHECK_INTERVAL: duration("1h"),
   MQTT_ENABLED: z.enum(["true", "false"]).default("true"),
   MQTT_HOST: z.string().min(1).default("127.0.0.1"),
   MQTT_PORT: int(1883, 0, 65535),
@@ -92,6 +100,16 @@ export interface Config {
   bucket: { burst: number; refillPerMs: number };
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
   writer: { batchMax: number; flushMs: number; queueMax: number };
+  /** PostgreSQL/TimescaleDB; absent means the embedded Deno KV store. */
+  database?: {
+    url: string;
+    poolMax: number;
+    migrateOnStart: boolean;
+    timescale: boolean;
+    chunkIntervalMs: number;
+    compressAfterMs: number;
+  };
+  retention: { keepMs: number; checkEveryMs: number };
   mqtt: {
     enabled: boolean;
     host: string;
@@ -134,6 +152,18 @@ export function loadConfig(
       ["MQTT_TLS_CERT", "MQTT_TLS_KEY"],
     );
   }
+  // Several instances share one database: they must share these secrets, so none is generated.
+  if (e.DATABASE_URL) {
+    const missing = (["JWT_SECRET", "DEVICE_KEY_ENCRYPTION_KEY"] as const).filter((k) => !e[k]);
+    if (missing.length > 0) {
+      throw new ConfigError(
+        `Invalid configuration:\n${
+          missing.map((k) => `  ${k}: required when DATABASE_URL is set`).join("\n")
+        }`,
+        [...missing],
+      );
+    }
+  }
   const instanceId = e.GATEWAY_INSTANCE_ID ?? options.hostname ??
     `gw-${crypto.randomUUID().slice(0, 8)}`;
   return {
@@ -169,6 +199,17 @@ export function loadConfig(
       flushMs: e.WRITER_FLUSH_MS,
       queueMax: e.WRITER_QUEUE_MAX,
     },
+    database: e.DATABASE_URL
+      ? {
+        url: e.DATABASE_URL,
+        poolMax: e.DATABASE_POOL_MAX,
+        migrateOnStart: e.MIGRATE_ON_START === "true",
+        timescale: e.TIMESCALE_ENABLED === "true",
+        chunkIntervalMs: e.TIMESCALE_CHUNK_INTERVAL,
+        compressAfterMs: e.TIMESCALE_COMPRESS_AFTER,
+      }
+      : undefined,
+    retention: { keepMs: e.READINGS_RETENTION, checkEveryMs: e.RETENTION_CHECK_INTERVAL },
     mqtt: {
       enabled: e.MQTT_ENABLED === "true",
       host: e.MQTT_HOST,

@@ -5,6 +5,7 @@ import { collides } from "../core/rules.ts";
 import type { User, UserRecord } from "../core/user.ts";
 import type {
   DeviceChange,
+  HourlyStat,
   InsertResult,
   Page,
   ReadingQuery,
@@ -54,6 +55,7 @@ const GLOBAL_BYTES = 512;
 // Approximate per-mutation overhead counted by KV besides key and value.
 const MUTATION_OVERHEAD = 16;
 const GET_MANY_MAX = 10;
+const HOUR = 3_600_000;
 const READ_CONCURRENCY = 64;
 // Index entries resolved per round while a filter is applied.
 const FILTER_GROUP = 50;
@@ -543,6 +545,34 @@ export class KvStore implements Store {
       first_ts: first,
       last_ts: last,
     };
+  }
+
+  /** Hourly statistics from a scan of the meter's readings (embedded fleets are small). */
+  async hourlyStats(meterId: string, from: number, to: number): Promise<HourlyStat[]> {
+    const start = Math.floor(from / HOUR) * HOUR;
+    const end = Math.ceil(to / HOUR) * HOUR;
+    const hours = new Map<number, { count: number; sum: number; min: number; max: number }>();
+    const range = { start: ["readings", meterId, start], end: ["readings", meterId, end] };
+    for await (const entry of this.#kv.list<ReadingRow>(range)) {
+      const row = entry.value;
+      const hour = Math.floor(row.ts / HOUR) * HOUR;
+      const h = hours.get(hour);
+      if (!h) hours.set(hour, { count: 1, sum: row.kwh_e4, min: row.kwh_e4, max: row.kwh_e4 });
+      else {
+        h.count++;
+        h.sum += row.kwh_e4;
+        h.min = Math.min(h.min, row.kwh_e4);
+        h.max = Math.max(h.max, row.kwh_e4);
+      }
+    }
+    return [...hours].map(([hour, h]) => ({
+      hour,
+      count: h.count,
+      sum_kwh: h.sum / 10_000,
+      avg_kwh: h.sum / h.count / 10_000,
+      min_kwh: h.min / 10_000,
+      max_kwh: h.max / 10_000,
+    }));
   }
 
   /** The timestamp of the first (or last) entry of a `[..., ts, meter_id]` index. */

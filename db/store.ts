@@ -43,6 +43,17 @@ export interface ReadingStats {
 /** A device change for {@linkcode Store.updateDevice}. */
 export type DeviceChange = (current: DeviceRecord) => { device: DeviceRecord; audit: AuditEntry };
 
+/** One hour of one meter's readings (kWh exact to 4 decimals in sums). */
+export interface HourlyStat {
+  /** Start of the hour, epoch ms (UTC). */
+  hour: number;
+  count: number;
+  sum_kwh: number;
+  avg_kwh: number;
+  min_kwh: number;
+  max_kwh: number;
+}
+
 /** Options every store honours. */
 export interface StoreOptions {
   /** Rule 3: readings of one meter strictly closer than this collide. */
@@ -90,6 +101,8 @@ export interface Store {
   listReadings(query: ReadingQuery): Promise<Page<ReadingRow>>;
   /** Totals over one owner's readings, or all when `user_id` is absent. */
   readingStats(query: { user_id?: string }): Promise<ReadingStats>;
+  /** Per-hour statistics of one meter over `[from, to)` (rounded out to whole hours). */
+  hourlyStats(meterId: string, from: number, to: number): Promise<HourlyStat[]>;
 
   /** Cheap liveness probe of the backend. */
   ping(): Promise<void>;

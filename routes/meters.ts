@@ -14,7 +14,15 @@ import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import type { TokenService } from "../services/tokens.ts";
 import { type AuthEnv, bearerAuth } from "./middleware.ts";
-import { commonErrors, ErrorSchema, jsonBody, jsonResponse, ReadingSchema } from "./schemas.ts";
+import {
+  commonErrors,
+  ErrorSchema,
+  jsonBody,
+  jsonResponse,
+  MeterParam,
+  ReadingSchema,
+} from "./schemas.ts";
+import type { Clock } from "../core/clock.ts";
 import { validationHook } from "./validation.ts";
 
 const SubmissionSchema = readingSubmissionSchema.meta({
@@ -50,6 +58,22 @@ const StatsSchema = z.object({
   first_reading_at: z.string().nullable(),
   last_reading_at: z.string().nullable(),
 }).openapi("ReadingStats");
+
+const HourlySchema = z.object({
+  meter_id: z.string(),
+  start: z.string(),
+  end: z.string(),
+  hours: z.array(z.object({
+    hour: z.string(),
+    count: z.number().int(),
+    sum_kwh: z.number(),
+    avg_kwh: z.number(),
+    min_kwh: z.number(),
+    max_kwh: z.number(),
+  })),
+}).openapi("HourlyStats");
+
+const MAX_HOURLY_RANGE_MS = 366 * 86_400_000;
 
 const security = [{ bearer: [] }];
 const tags = ["meters"];
@@ -97,6 +121,22 @@ const stats = createRoute({
   responses: { 200: jsonResponse(StatsSchema, "Totals"), ...commonErrors },
 });
 
+const hourly = createRoute({
+  method: "get",
+  path: "/{meter_id}/stats/hourly",
+  tags,
+  security,
+  summary: "Per-hour count, sum, avg, min and max of one meter's readings (owner or admin)",
+  request: {
+    params: MeterParam,
+    query: z.object({
+      start: isoDate.optional().openapi({ description: "Inclusive (default: end - 24 h)" }),
+      end: isoDate.optional().openapi({ description: "Exclusive (default: now)" }),
+    }),
+  },
+  responses: { 200: jsonResponse(HourlySchema, "Hourly statistics"), ...commonErrors },
+});
+
 /** Turns a non-accepted outcome into the error the HTTP layer maps. */
 export function outcomeError(outcome: Exclude<Outcome, { status: "accepted" }>): GatewayError {
   if (outcome.status === "duplicate") {
@@ -107,7 +147,7 @@ export function outcomeError(outcome: Exclude<Outcome, { status: "accepted" }>):
 
 /** `/api/meters`: submission, listing and stats. */
 export function meterRoutes(
-  deps: { registry: ActorRegistry; store: Store; tokens: TokenService },
+  deps: { registry: ActorRegistry; store: Store; tokens: TokenService; clock: Clock },
 ): OpenAPIHono<AuthEnv> {
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
   app.use(bearerAuth(deps.tokens));
@@ -162,6 +202,26 @@ export function meterRoutes(
         minted_count: s.minted_count,
         first_reading_at: s.first_ts === null ? null : new Date(s.first_ts).toISOString(),
         last_reading_at: s.last_ts === null ? null : new Date(s.last_ts).toISOString(),
+      }, 200);
+    })
+    .openapi(hourly, async (c) => {
+      const { meter_id } = c.req.valid("param");
+      const q = c.req.valid("query");
+      await assertOwner(c.var.principal, meter_id);
+      const end = q.end ? Date.parse(q.end) : deps.clock.now();
+      const start = q.start ? Date.parse(q.start) : end - 86_400_000;
+      if (start >= end || end - start > MAX_HOURLY_RANGE_MS) {
+        throw new GatewayError(
+          "invalid_payload",
+          "start must be before end, at most 366 days apart",
+        );
+      }
+      const hours = await deps.store.hourlyStats(meter_id, start, end);
+      return c.json({
+        meter_id,
+        start: new Date(start).toISOString(),
+        end: new Date(end).toISOString(),
+        hours: hours.map((h) => ({ ...h, hour: new Date(h.hour).toISOString() })),
       }, 200);
     });
 }

@@ -5,7 +5,8 @@ import type { Clock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { Logger } from "../core/logger.ts";
 import { Metrics } from "../core/metrics.ts";
-import { openStore, type StoreSpec } from "../db/open_store.ts";
+import { describeStore, openStore, type StoreSpec } from "../db/open_store.ts";
+import { type Prunable, RetentionWorker } from "./retention.ts";
 import type { Store } from "../db/store.ts";
 import { createApp } from "../routes/app.ts";
 import { WsHub } from "../routes/ws_hub.ts";
@@ -51,10 +52,19 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const { config, bus, clock, logger } = deps;
   const storeOptions = { dedupeWindowMs: config.rules.dedupeWindowMs };
   const store = await openStore(deps.storeSpec, storeOptions);
+  const timescale = (store as { timescale?: boolean }).timescale;
+  logger.info("store ready", {
+    store: describeStore(deps.storeSpec),
+    ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
+  });
+  // The writer's own connection(s): migrations were applied above, once.
+  const writerSpec: StoreSpec = deps.storeSpec.kind === "postgres"
+    ? { ...deps.storeSpec, migrate: false, max: 2 }
+    : deps.storeSpec;
   let writer: WriterClient;
   try {
     writer = await WriterClient.start({
-      spec: deps.storeSpec,
+      spec: writerSpec,
       storeOptions,
       ...config.writer,
       onStall: (message) =>
@@ -227,6 +237,17 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const sweepEvery = Math.max(1_000, Math.min(60_000, config.actors.idleTtlMs / 2));
   const sweeper = setInterval(() => registry.sweep(), sweepEvery);
   cleanups.push(() => clearInterval(sweeper));
+  // Plain PostgreSQL has no retention policy of its own (TimescaleDB drops chunks itself).
+  if (timescale === false && "deleteOlderThan" in store) {
+    const retention = new RetentionWorker({
+      store: store as unknown as Prunable,
+      clock,
+      logger,
+      keepMs: config.retention.keepMs,
+      everyMs: config.retention.checkEveryMs,
+    });
+    cleanups.push(() => retention.close());
+  }
 
   // Stop intake first (broker, ingress), then write what was accepted, then close the store.
   let closed: Promise<void> | undefined;

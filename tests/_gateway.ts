@@ -5,6 +5,8 @@ import { loadConfig } from "../core/config.ts";
 import { silentLogger } from "../core/logger.ts";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { createGateway, type Gateway } from "../services/gateway.ts";
+import { storeSpecOf } from "../db/open_store.ts";
+import { createTestSchema } from "./_services.ts";
 import { Buffer } from "node:buffer";
 
 export const ADMIN = { email: "admin@test.local", password: "admin-password-1" };
@@ -44,11 +46,50 @@ export interface TestGatewayOptions {
 const KEK = new Uint8Array(32).fill(7);
 const JWT_SECRET = "test-jwt-secret-test-jwt-secret-0123456789";
 
+/**
+ * Which store the end-to-end tests run on: Deno KV by default, PostgreSQL (a fresh schema per
+ * gateway, or per data directory for restart tests) with `GATEWAY_TEST_STORE=postgres`.
+ */
+const ON_POSTGRES = Deno.env.get("GATEWAY_TEST_STORE") === "postgres";
+
+/** A PostgreSQL schema for one test gateway; one per data directory so restarts find it. */
+async function postgresFor(
+  dir: string,
+  reused: boolean,
+): Promise<{ url: string; drop(): Promise<void> }> {
+  const marker = `${dir}/pg_schema_url`;
+  if (reused) {
+    try {
+      return { url: await Deno.readTextFile(marker), drop: () => Promise.resolve() };
+    } catch { /* first start in this directory */ }
+  }
+  const schema = await createTestSchema();
+  await Deno.writeTextFile(marker, schema.url);
+  // A directory the test owns may be restarted on: its schema lives as long as the process.
+  if (reused) {
+    addEventListener("unload", () => {
+      // Best effort; stale schemas of crashed runs are harmless (random names).
+      schema.drop().catch(() => {});
+    });
+    return { url: schema.url, drop: () => Promise.resolve() };
+  }
+  return schema;
+}
+
 /** Starts a full gateway on an ephemeral port. */
 export async function startTestGateway(options: TestGatewayOptions = {}): Promise<TestGateway> {
   const dir = options.dir ?? await Deno.makeTempDir({ prefix: "gw-test-" });
   const kvPath = `${dir}/gateway.kv`;
+  const pg = ON_POSTGRES ? await postgresFor(dir, options.dir !== undefined) : undefined;
   const config = loadConfig({
+    ...(pg
+      ? {
+        DATABASE_URL: pg.url,
+        JWT_SECRET,
+        DEVICE_KEY_ENCRYPTION_KEY: "07".repeat(32),
+        DATABASE_POOL_MAX: "4",
+      }
+      : {}),
     ADMIN_EMAIL: ADMIN.email,
     ADMIN_PASSWORD: ADMIN.password,
     DENO_KV_PATH: kvPath,
@@ -62,7 +103,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
   const clock = options.clock ?? { now: () => Date.now() };
   const gateway = await createGateway({
     config,
-    storeSpec: { kind: "kv", path: kvPath },
+    storeSpec: storeSpecOf(config),
     bus,
     clock,
     logger: silentLogger,
@@ -109,6 +150,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     await server.finished;
     await gateway.close();
     await bus.close();
+    await pg?.drop();
     if (!options.dir) await Deno.remove(dir, { recursive: true });
   };
 
