@@ -2,6 +2,8 @@ import { Hono } from "hono";
 import type { Logger } from "../core/logger.ts";
 import type { Store } from "../db/store.ts";
 
+const PING_TIMEOUT_MS = 2_000;
+
 /** What the health routes need. */
 export interface HealthDeps {
   /** Pinged by every `/readyz`. */
@@ -21,13 +23,21 @@ export function healthRoutes(deps: HealthDeps): Hono {
     .get("/healthz", (c) => c.json({ status: "ok" }))
     .get("/readyz", async (c) => {
       const checks: Record<string, "ok" | "down" | "stalled"> = {};
+      let timer: ReturnType<typeof setTimeout> | undefined;
       try {
-        await deps.store.ping();
+        // A store that does not answer within the probe's patience is down for the probe.
+        await Promise.race([
+          deps.store.ping(),
+          new Promise((_, reject) => {
+            timer = setTimeout(() => reject(new Error("ping timed out")), PING_TIMEOUT_MS);
+          }),
+        ]);
         checks.store = "ok";
       } catch (error) {
         deps.logger.warn("readiness: store is down", { error });
         checks.store = "down";
       }
+      clearTimeout(timer);
       const stalled = deps.writerStalled();
       if (stalled === null) {
         checks.writer = "ok";
