@@ -8,6 +8,7 @@ const SUITES = [
   "tests/http_rules_test.ts",
   "tests/http_bad_input_test.ts",
   "tests/http_login_limit_test.ts",
+  "tests/http_hourly_test.ts",
   "tests/ws_test.ts",
   "tests/mqtt_embedded_test.ts",
   "tests/cli_test.ts",
