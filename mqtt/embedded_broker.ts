@@ -1,5 +1,6 @@
 import { Aedes, type Client, type PublishPacket } from "aedes";
 import { Buffer } from "node:buffer";
+import { X509Certificate } from "node:crypto";
 import { createServer as createNetServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { ActorRegistry } from "../actors/registry.ts";
@@ -47,10 +48,12 @@ export class EmbeddedBroker implements AsyncDisposable {
   #servers: Server[] = [];
   #byMeter = new Map<string, Set<MeterClient>>();
   #ports: { mqtt: number; mqtts?: number } = { mqtt: 0 };
+  #ca: X509Certificate | undefined;
 
   private constructor(options: EmbeddedBrokerOptions, aedes: Aedes) {
     this.#o = options;
     this.#aedes = aedes;
+    this.#ca = options.tls?.ca ? new X509Certificate(options.tls.ca) : undefined;
   }
 
   /** Starts the broker and its listeners. */
@@ -127,7 +130,7 @@ export class EmbeddedBroker implements AsyncDisposable {
         const error = Object.assign(new Error(why), { returnCode: code });
         done(error, false);
       };
-      const cert = certificateMeter(client);
+      const cert = certificateMeter(client, this.#ca, clock.now());
       const meterId = cert ?? username ?? "";
       if (!METER_ID_PATTERN.test(meterId)) return refuse(4, "bad_username");
       let check: Promise<unknown>;
@@ -235,10 +238,28 @@ export class EmbeddedBroker implements AsyncDisposable {
   }
 }
 
-/** The meter id in a verified client certificate's CN, or `null` without one. */
-function certificateMeter(client: Client): string | null {
+/**
+ * The meter id (CN) of a client certificate issued by `ca` and valid at `now`, else `null`.
+ * Checked here rather than trusting `socket.authorized`, which Deno's node:tls server does not
+ * set for valid client certificates (measured with Deno 2.9.6). Only leaf certificates signed
+ * directly by the configured CA are accepted.
+ */
+function certificateMeter(
+  client: Client,
+  ca: X509Certificate | undefined,
+  now: number,
+): string | null {
   const socket = client.conn as unknown as Partial<TLSSocket>;
-  if (typeof socket.getPeerCertificate !== "function" || !socket.authorized) return null;
-  const cn = socket.getPeerCertificate()?.subject?.CN;
-  return typeof cn === "string" ? cn : null;
+  if (!ca || typeof socket.getPeerCertificate !== "function") return null;
+  const raw = socket.getPeerCertificate(true)?.raw;
+  if (!raw) return null;
+  try {
+    const cert = new X509Certificate(raw);
+    const valid = Date.parse(cert.validFrom) <= now && now <= Date.parse(cert.validTo);
+    if (!valid || !cert.checkIssued(ca) || !cert.verify(ca.publicKey)) return null;
+    const cn = /(?:^|\n)CN=([^\n]+)/.exec(cert.subject)?.[1];
+    return cn ?? null;
+  } catch {
+    return null;
+  }
 }
