@@ -21,6 +21,11 @@ export class Metrics {
     this.#families.set(name, { help, type: "gauge", values: new Map(), read });
   }
 
+  /** Declares a counter kept elsewhere and read at scrape time (it only ever grows). */
+  counterOf(name: string, help: string, read: () => number): void {
+    this.#families.set(name, { help, type: "counter", values: new Map(), read });
+  }
+
   /** Adds `by` to a counter's labelled series. */
   inc(name: string, labels: Labels = {}, by = 1): void {
     const family = this.#families.get(name);

@@ -165,6 +165,8 @@ export class ExternalIngress implements AsyncDisposable {
     };
 
     client.on("connect", (connack) => {
+      // Held PUBACKs are small and released in bursts: do not let Nagle delay them.
+      (client.stream as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
       this.#backoff = BACKOFF_MIN_MS;
       client.options.reconnectPeriod = BACKOFF_MIN_MS;
       logger.info("mqtt connected to external broker", {

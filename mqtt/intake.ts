@@ -15,8 +15,11 @@ export interface AckMessage {
 
 /** Where the intake waits when the writer is full: MQTT holds the ack instead of refusing. */
 export interface Capacity {
+  readonly hasCapacity: boolean;
   whenCapacity(): Promise<void>;
 }
+
+const BUSY_RETRY_MS = 20;
 
 /** Options of {@linkcode MqttIntake}. */
 export interface IntakeOptions {
@@ -53,8 +56,13 @@ export class MqttIntake {
       const transient = outcome.status === "rejected" &&
         (outcome.code === "overloaded" || outcome.code === "unavailable");
       if (!transient || this.#closed) return ackOf(parsed.reading_timestamp, outcome);
-      if (outcome.code === "overloaded") await this.#o.capacity.whenCapacity();
-      else await this.#sleep(this.#o.retryMs ?? 500);
+      if (outcome.code === "overloaded" && !this.#o.capacity.hasCapacity) {
+        await this.#o.capacity.whenCapacity();
+      } else {
+        // The store is down, or the meter's mailbox (not the writer) is full: waiting on the
+        // writer would return at once and spin, starving the activation it waits for.
+        await this.#sleep(outcome.code === "overloaded" ? BUSY_RETRY_MS : this.#o.retryMs ?? 500);
+      }
     }
   }
 

@@ -36,6 +36,8 @@ export interface AppDeps {
   registerPerMinute: number;
   loginPerMinute: number;
   writerStalled: () => string | null;
+  /** Whether the external MQTT broker connection is up (always true without one). */
+  mqttConnected: () => boolean;
   metrics: Metrics;
 }
 

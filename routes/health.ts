@@ -10,6 +10,8 @@ export interface HealthDeps {
   store: Store;
   /** Why the writer is stalled, or `null` while it keeps up. */
   writerStalled: () => string | null;
+  /** Whether the external MQTT broker connection is up (always true without one). */
+  mqttConnected?: () => boolean;
   /** Receives the details that `/readyz` keeps from its unauthenticated callers. */
   logger: Logger;
 }
@@ -45,6 +47,7 @@ export function healthRoutes(deps: HealthDeps): Hono {
         deps.logger.warn("readiness: writer is stalled", { reason: stalled });
         checks.writer = "stalled";
       }
+      checks.mqtt = deps.mqttConnected?.() === false ? "down" : "ok";
       const ready = Object.values(checks).every((v) => v === "ok");
       return c.json({ status: ready ? "ready" : "not_ready", checks }, ready ? 200 : 503);
     });

@@ -85,8 +85,12 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     "Readings accepted and not yet committed",
     () => writer.stats.queued,
   );
-  metrics.gauge("gateway_writer_batches_total", "Batches committed", () => writer.stats.batches);
-  metrics.gauge("gateway_writer_rows_total", "Rows written", () => writer.stats.rows);
+  metrics.counterOf(
+    "gateway_writer_batches_total",
+    "Batches committed",
+    () => writer.stats.batches,
+  );
+  metrics.counterOf("gateway_writer_rows_total", "Rows written", () => writer.stats.rows);
   metrics.gauge(
     "gateway_writer_batch_max",
     "Largest batch so far",
@@ -103,7 +107,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     () => writer.stalled === null ? 0 : 1,
   );
   metrics.gauge("gateway_ws_clients", "Connected WebSocket clients", () => hub.size);
-  metrics.gauge(
+  metrics.counterOf(
     "gateway_ws_dropped_total",
     "WebSocket clients dropped as too slow",
     () => hub.dropped,
@@ -182,6 +186,15 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         metrics,
       });
       cleanups.push(() => external!.close());
+      // Until the subscription exists, a fresh broker session would drop published readings:
+      // do not report the gateway as listening before it (bounded; it keeps trying after).
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const subscribed = await Promise.race([
+        external.ready().then(() => true),
+        new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), 10_000)),
+      ]);
+      clearTimeout(timer);
+      if (!subscribed) logger.warn("external MQTT broker not reachable yet; retrying", {});
     } else if (config.mqtt.enabled) {
       broker = await EmbeddedBroker.start({
         host: config.mqtt.host,
@@ -231,6 +244,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     registerPerMinute: config.registerRateLimit,
     loginPerMinute: config.loginRateLimit,
     writerStalled: () => writer.stalled,
+    mqttConnected: () => external === undefined || external.connected,
     metrics,
   });
 

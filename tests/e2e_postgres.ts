@@ -11,6 +11,7 @@ const SUITES = [
   "tests/http_hourly_test.ts",
   "tests/ws_test.ts",
   "tests/mqtt_embedded_test.ts",
+  "tests/mqtt_crash_test.ts",
   "tests/cli_test.ts",
 ];
 

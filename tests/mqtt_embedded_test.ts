@@ -781,3 +781,44 @@ Deno.test("1,000 meters connect at once to the embedded broker, each publishes, 
     "mqtt_connection_errors_total did not grow",
   );
 });
+
+Deno.test("a device with more readings in flight than its actor's mailbox holds gets them all stored", async () => {
+  // Regression: "overloaded" from a full mailbox used to make the intake spin on the writer's
+  // (free) capacity at 100% CPU, starving the very activation it waited for.
+  await using gw = await startTestGateway({ env: { ACTOR_MAILBOX_MAX: "2" } });
+  const user = await gw.createUser("mailbox@example.com");
+  const meter = "mailbox-1";
+  const secret = Buffer.from((await gw.registerMeter(meter, user.id)).secret_hex, "hex");
+  const client = connect(`mqtt://127.0.0.1:${gw.gateway.broker!.ports.mqtt}`, {
+    ...connectCredentials(meter, secret, Date.now()),
+    clientId: "mailbox-device",
+    reconnectPeriod: 0,
+  });
+  await new Promise((resolve, reject) => {
+    client.once("connect", resolve);
+    client.once("error", reject);
+  });
+  // Make the actor reload slowly (a key rotation invalidates it) so publishes pile up.
+  const store = gw.gateway.store;
+  const getDevice = store.getDevice.bind(store);
+  store.getDevice = async (m) => {
+    await new Promise((r) => setTimeout(r, 300));
+    return getDevice(m);
+  };
+  const rotated = await gw.request("POST", `/api/admin/devices/${meter}/rotate`, {
+    token: gw.adminToken,
+  });
+  assert.equal(rotated.status, 200);
+  const stamps = Array.from({ length: 40 }, (_, i) => isoAgo((i + 1) * 16 * 60_000));
+  await Promise.all(
+    stamps.map((ts) =>
+      client.publishAsync(`meters/${meter}/readings`, readingPayload(meter, secret, ts, "1.5"), {
+        qos: 1,
+      })
+    ),
+  );
+  for (const ts of stamps) {
+    assert.ok(await gw.gateway.store.getReading(meter, Date.parse(ts)), `stored ${ts}`);
+  }
+  await client.endAsync();
+});
