@@ -47,7 +47,7 @@ export function healthRoutes(deps: HealthDeps): Hono {
         deps.logger.warn("readiness: writer is stalled", { reason: stalled });
         checks.writer = "stalled";
       }
-      checks.mqtt = deps.mqttConnected?.() === false ? "down" : "ok";
+      if (deps.mqttConnected) checks.mqtt = deps.mqttConnected() ? "ok" : "down";
       const ready = Object.values(checks).every((v) => v === "ok");
       return c.json({ status: ready ? "ready" : "not_ready", checks }, ready ? 200 : 503);
     });
