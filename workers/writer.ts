@@ -11,7 +11,26 @@ const RETRY_MIN_MS = 100;
 const RETRY_MAX_MS = 5_000;
 
 let store: Store | undefined;
-let chain: Promise<void> = Promise.resolve();
+// Batches written at once: PostgreSQL takes two on its two connections (per-meter row locks
+// in sorted order keep them apart); Deno KV has one writer, so one at a time.
+let concurrency = 1;
+const waiting: { id: number; rows: ArrayBuffer }[] = [];
+const running = new Set<Promise<void>>();
+
+function pump(): void {
+  while (running.size < concurrency && waiting.length > 0) {
+    const { id, rows } = waiting.shift()!;
+    const task = writeBatch(id, rows).finally(() => {
+      running.delete(task);
+      pump();
+    });
+    running.add(task);
+  }
+}
+
+async function idle(): Promise<void> {
+  while (running.size > 0 || waiting.length > 0) await Promise.race(running);
+}
 let closing = false;
 
 function post(message: FromWriter, transfer: Transferable[] = []): void {
@@ -72,6 +91,7 @@ self.onmessage = (event: MessageEvent<ToWriter>) => {
   const message = event.data;
   switch (message.type) {
     case "init":
+      concurrency = message.spec.kind === "postgres" ? 2 : 1;
       openStore(message.spec, message.options).then(
         (s) => {
           store = s;
@@ -81,11 +101,12 @@ self.onmessage = (event: MessageEvent<ToWriter>) => {
       );
       break;
     case "batch":
-      chain = chain.then(() => writeBatch(message.id, message.rows));
+      waiting.push({ id: message.id, rows: message.rows });
+      pump();
       break;
     case "close":
       closing = true;
-      chain.then(async () => {
+      idle().then(async () => {
         await store?.close();
         post({ type: "closed" });
         self.close();
