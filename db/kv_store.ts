@@ -27,9 +27,11 @@ import type {
  *   ["readings", meter_id, ts]                  ReadingRow (natural key)
  *   ["readings_by_user", user_id, ts, meter_id] null: points at the row
  *   ["readings_by_time", ts, meter_id]          null: points at the row
- *   ["meter_heads", meter_id]                   MeterHead: bumped by every write of the meter's
- *                                               readings, so checking its versionstamp makes a
- *                                               whole dedupe decision atomic (see insertReadings)
+ *   ["meter_heads", meter_id]                   MeterHead: rewritten with every write of the
+ *                                               meter's readings
+ *   ["reading_writer"]                          null: rewritten by every commit of readings, so
+ *                                               checking its versionstamp makes a whole batch's
+ *                                               dedupe decisions atomic (see insertReadings)
  *   ["totals", field] / ["totals_by_user", user_id, field]   KvU64 counters
  */
 
@@ -44,13 +46,12 @@ interface MeterHead {
 type TotalField = "count" | "kwh_e4" | "meters" | "minted";
 const TOTAL_FIELDS: readonly TotalField[] = ["count", "kwh_e4", "meters", "minted"];
 
-// Deno KV limits of one atomic commit (measured on Deno 2.9.6).
-const MAX_CHECKS = 100;
+// Deno KV limits of one atomic commit (measured on Deno 2.9.6); a readings commit has one check.
 const MAX_MUTATIONS = 1000;
 const MAX_KEY_BYTES = 81_920;
 const MAX_MUTATION_BYTES = 819_200;
-// Reserved for the global totals of a chunk.
-const GLOBAL_MUTATIONS = TOTAL_FIELDS.length;
+// Reserved for the global totals of a chunk and the writer key.
+const GLOBAL_MUTATIONS = TOTAL_FIELDS.length + 1;
 const GLOBAL_BYTES = 512;
 // Approximate per-mutation overhead counted by KV besides key and value.
 const MUTATION_OVERHEAD = 16;
@@ -63,8 +64,12 @@ const FILTER_GROUP = 50;
 // per call, then returns what it found with a cursor at the scan position (a short page).
 const SCAN_BUDGET_MIN = 1000;
 const SCAN_BUDGET_PER_ITEM = 10;
-// A meter that loses this many commit races in one call gives up rather than spin.
+// A call that loses this many commit races gives up rather than spin.
 const MAX_ATTEMPTS = 32;
+/** Bumped by every commit of readings: a commit that checks it saw every earlier one. */
+const WRITER_KEY: Deno.KvKey = ["reading_writer"];
+// Meter heads kept in memory; the least recently written are dropped beyond this.
+const HEAD_CACHE_MAX = 100_000;
 // Commits that find the file locked by another process are retried for about 5 s.
 const LOCK_RETRIES = 60;
 
@@ -73,6 +78,16 @@ export class KvStore implements Store {
   #kv: Deno.Kv;
   #windowMs: number;
   #closed = false;
+  /**
+   * Versionstamp of {@linkcode WRITER_KEY} as of this handle's last read or commit of it, or
+   * `undefined` when unknown. While the stored key still has it, no other handle has written
+   * readings since, and `#heads` is exact.
+   */
+  #writer: string | null | undefined = undefined;
+  /** Known meter heads (`null`: the meter has no readings), valid while `#writer` is current. */
+  #heads = new Map<string, MeterHead | null>();
+  /** Serialises `insertReadings` calls of this handle (they share `#writer` and `#heads`). */
+  #inserting: Promise<unknown> = Promise.resolve();
 
   /** Wraps an open handle; the store owns it from now on and closes it in `close()`. */
   constructor(kv: Deno.Kv, options: StoreOptions) {
@@ -212,6 +227,27 @@ export class KvStore implements Store {
 
   async insertReadings(rows: ReadingRow[]): Promise<InsertResult[]> {
     for (const row of rows) checkRow(row);
+    const run = this.#inserting.then(() => this.#insertSerial(rows));
+    this.#inserting = run.catch(() => {});
+    return await run;
+  }
+
+  async #insertSerial(rows: ReadingRow[]): Promise<InsertResult[]> {
+    try {
+      return await this.#insert(rows);
+    } catch (error) {
+      // A commit may or may not have landed: know nothing rather than something wrong.
+      this.#forgetWriter();
+      throw error;
+    }
+  }
+
+  #forgetWriter(): void {
+    this.#writer = undefined;
+    this.#heads.clear();
+  }
+
+  async #insert(rows: ReadingRow[]): Promise<InsertResult[]> {
     const results: (InsertResult | undefined)[] = new Array(rows.length);
     const stored = new Uint8Array(rows.length);
     let pending = new Map<string, number[]>();
@@ -230,8 +266,9 @@ export class KvStore implements Store {
       }
       const plans = await this.#planInserts(rows, pending, results);
       await this.#commitPlans(rows, plans, results, stored);
-      // A failed commit means another writer changed the meter: re-decide its unstored rows
-      // against the fresh state (earlier duplicates may have pointed at rows that never landed).
+      // A failed commit means another writer wrote readings: re-decide the unstored rows of
+      // every meter with rows that did not land against the fresh state (earlier duplicates
+      // may have pointed at rows that never landed).
       pending = new Map();
       for (const plan of plans) {
         if (!plan.failed) continue;
@@ -247,17 +284,20 @@ export class KvStore implements Store {
     pending: Map<string, number[]>,
     results: (InsertResult | undefined)[],
   ): Promise<MeterPlan[]> {
+    if (this.#writer === undefined) {
+      // Read before anything it vouches for: a write after this read fails our commits.
+      this.#heads.clear();
+      this.#writer = (await this.#kv.get(WRITER_KEY)).versionstamp;
+    }
     const meters = [...pending.keys()];
     const heads = await this.#getHeads(meters);
     const windowMs = this.#windowMs;
     return await mapPool(meters, READ_CONCURRENCY, async (meter, m) => {
       const indices = pending.get(meter)!;
       const head = heads[m];
-      // The head is read before the neighbours; the commit checks the head's versionstamp, so
-      // any write to this meter in between (or later) fails the commit and we re-plan.
-      const near = head.value === null
-        ? []
-        : await this.#storedNear(meter, rows, indices, head.value);
+      // Every commit checks the writer key, so a write of any other handle after the reads
+      // behind this decision fails the commit and we re-plan.
+      const near = head === null ? [] : await this.#storedNear(meter, rows, indices, head);
       const accepted: number[] = [];
       const acceptedTs: number[] = [];
       for (const i of indices) {
@@ -271,28 +311,45 @@ export class KvStore implements Store {
         insertSorted(acceptedTs, ts);
         accepted.push(i);
       }
-      return {
-        meter,
-        indices,
-        accepted,
-        head: head.value,
-        versionstamp: head.versionstamp,
-        failed: false,
-      };
+      return { meter, indices, accepted, head, failed: false };
     });
   }
 
-  async #getHeads(meters: string[]): Promise<Deno.KvEntryMaybe<MeterHead>[]> {
-    const groups: string[][] = [];
-    for (let i = 0; i < meters.length; i += GET_MANY_MAX) {
-      groups.push(meters.slice(i, i + GET_MANY_MAX));
+  /** The heads of `meters`, from memory where known, else read (and remembered). */
+  async #getHeads(meters: string[]): Promise<(MeterHead | null)[]> {
+    const out: (MeterHead | null)[] = new Array(meters.length);
+    const missing: number[] = [];
+    for (let m = 0; m < meters.length; m++) {
+      const head = this.#heads.get(meters[m]);
+      if (head === undefined) missing.push(m);
+      else out[m] = head;
     }
-    const got = await mapPool(
-      groups,
-      READ_CONCURRENCY,
-      (group) => this.#kv.getMany<MeterHead[]>(group.map((m) => ["meter_heads", m])),
-    );
-    return got.flat();
+    const groups: number[][] = [];
+    for (let i = 0; i < missing.length; i += GET_MANY_MAX) {
+      groups.push(missing.slice(i, i + GET_MANY_MAX));
+    }
+    await mapPool(groups, READ_CONCURRENCY, async (group) => {
+      const got = await this.#kv.getMany<MeterHead[]>(
+        group.map((m) => ["meter_heads", meters[m]]),
+      );
+      for (let j = 0; j < group.length; j++) out[group[j]] = got[j].value;
+    });
+    for (const m of missing) this.#rememberHead(meters[m], out[m]);
+    return out;
+  }
+
+  #rememberHead(meter: string, head: MeterHead | null): void {
+    const heads = this.#heads;
+    heads.delete(meter);
+    heads.set(meter, head);
+    if (heads.size > HEAD_CACHE_MAX) {
+      // Drop the least recently remembered tenth in one go.
+      let drop = HEAD_CACHE_MAX / 10;
+      for (const key of heads.keys()) {
+        if (drop-- === 0) break;
+        heads.delete(key);
+      }
+    }
   }
 
   /** Stored timestamps of `meter` that may collide with the given rows, ascending. */
@@ -339,15 +396,16 @@ export class KvStore implements Store {
     results: (InsertResult | undefined)[],
     stored: Uint8Array,
   ): Promise<void> {
-    for (const chunk of buildChunks(rows, plans)) {
-      const parts = chunk.filter((part) => !part.plan.failed);
-      if (parts.length === 0) continue;
-      const op = this.#kv.atomic();
+    const chunks = buildChunks(rows, plans);
+    for (let c = 0; c < chunks.length; c++) {
+      const parts = chunks[c];
+      const op = this.#kv.atomic()
+        .check({ key: WRITER_KEY, versionstamp: this.#writer! })
+        .set(WRITER_KEY, null);
       const global = newTotals();
       const byUser = new Map<string, Totals>();
       for (const part of parts) {
         const meter = part.plan.meter;
-        op.check({ key: ["meter_heads", meter], versionstamp: part.plan.versionstamp });
         op.set(["meter_heads", meter], part.headAfter);
         if (part.newMeter) global.meters++;
         for (const user of part.newUsers) totalsOf(byUser, user).meters++;
@@ -370,12 +428,18 @@ export class KvStore implements Store {
       addTotals(op, ["totals"], global);
       for (const [user, totals] of byUser) addTotals(op, ["totals_by_user", user], totals);
       const res = await commit(op);
-      for (const part of parts) {
-        if (!res.ok) {
-          part.plan.failed = true;
-          continue;
+      if (!res.ok) {
+        // Another handle wrote readings: what we know may be stale, and every later chunk
+        // would fail the same check. Their meters are planned again from fresh reads.
+        this.#forgetWriter();
+        for (let d = c; d < chunks.length; d++) {
+          for (const part of chunks[d]) part.plan.failed = true;
         }
-        part.plan.versionstamp = res.versionstamp;
+        return;
+      }
+      this.#writer = res.versionstamp;
+      for (const part of parts) {
+        this.#rememberHead(part.plan.meter, part.headAfter);
         for (const i of part.rows) {
           results[i] = { status: "stored" };
           stored[i] = 1;
@@ -623,9 +687,7 @@ interface MeterPlan {
   /** Rows to store, in input order. */
   accepted: number[];
   head: MeterHead | null;
-  /** Expected versionstamp of the head at the next commit of this meter. */
-  versionstamp: string | null;
-  /** A commit of this meter lost a race: its later chunks are skipped and it is re-planned. */
+  /** A commit of this meter lost a race or was skipped after one: it is re-planned. */
   failed: boolean;
 }
 
@@ -668,20 +730,27 @@ function addTotals(op: Deno.AtomicOperation, prefix: Deno.KvKey, totals: Totals)
 function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
   const chunks: ChunkPart[][] = [];
   let parts: ChunkPart[] = [];
-  let users = new Set<string>();
+  /** Per-user total fields (bit masks of TOTAL_FIELDS) already summed in the chunk. */
+  let users = new Map<string, number>();
   let mutations = GLOBAL_MUTATIONS;
   let keyBytes = GLOBAL_BYTES;
   let bytes = GLOBAL_BYTES;
   const flush = () => {
     if (parts.length > 0) chunks.push(parts);
     parts = [];
-    users = new Set();
+    users = new Map();
     mutations = GLOBAL_MUTATIONS;
     keyBytes = GLOBAL_BYTES;
     bytes = GLOBAL_BYTES;
   };
-  for (const plan of plans) {
-    if (plan.accepted.length === 0) continue;
+  // Owners together: a commit then touches few pages of the per-owner index and totals.
+  const ordered = plans.filter((plan) => plan.accepted.length > 0).map((plan) => ({
+    plan,
+    user: rows[plan.accepted[0]].user_id,
+  })).sort((a, b) =>
+    a.user < b.user ? -1 : a.user > b.user ? 1 : a.plan.meter < b.plan.meter ? -1 : 1
+  );
+  for (const { plan } of ordered) {
     const meterBytes = keyPartBytes(plan.meter);
     const headKeyBytes = 13 + meterBytes;
     // The head before the part being built; each part carries the head after it.
@@ -695,8 +764,12 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
       const rowBytes = rowKeyBytes + rowValueBytes(row) + 3 * (MUTATION_OVERHEAD + 1);
       const cost = () => {
         const newPart = part === null;
-        const newUser = !users.has(row.user_id);
         const headUsers = newPart ? (head?.user_ids ?? []) : part!.headAfter.user_ids;
+        // The per-user sums this row adds (addTotals skips zero fields).
+        const fields = FIELD_COUNT | (row.kwh_e4 > 0 ? FIELD_KWH : 0) |
+          (headUsers.includes(row.user_id) ? 0 : FIELD_METERS) | (row.minted ? FIELD_MINTED : 0);
+        const had = users.get(row.user_id) ?? 0;
+        const sums = popCount(fields & ~had);
         let m = 3;
         let k = rowKeyBytes;
         let b = rowBytes;
@@ -707,18 +780,15 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
             headUsers.reduce((n, u) => n + stringValueBytes(u), 0);
         }
         if (!headUsers.includes(row.user_id)) b += stringValueBytes(row.user_id);
-        if (newUser) {
-          // Up to four per-user sums.
-          m += 4;
-          k += 4 * (16 + userBytes + 8);
-          b += 4 * (16 + userBytes + 8 + 9 + MUTATION_OVERHEAD);
-        }
-        return { m, k, b, newPart };
+        m += sums;
+        k += sums * (16 + userBytes + 8);
+        b += sums * (16 + userBytes + 8 + 9 + MUTATION_OVERHEAD);
+        return { m, k, b, newPart, fields: fields | had };
       };
       let c = cost();
       const fits = () =>
         mutations + c.m <= MAX_MUTATIONS && keyBytes + c.k <= MAX_KEY_BYTES &&
-        bytes + c.b <= MAX_MUTATION_BYTES && (!c.newPart || parts.length < MAX_CHECKS);
+        bytes + c.b <= MAX_MUTATION_BYTES;
       if (!fits()) {
         if (part !== null) head = part.headAfter;
         flush();
@@ -729,7 +799,7 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
       mutations += c.m;
       keyBytes += c.k;
       bytes += c.b;
-      users.add(row.user_id);
+      users.set(row.user_id, c.fields);
       if (part === null) {
         part = {
           plan,
@@ -754,6 +824,17 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
   }
   flush();
   return chunks;
+}
+
+const FIELD_COUNT = 1;
+const FIELD_KWH = 2;
+const FIELD_METERS = 4;
+const FIELD_MINTED = 8;
+
+function popCount(mask: number): number {
+  let n = 0;
+  for (let m = mask; m !== 0; m &= m - 1) n++;
+  return n;
 }
 
 /** Encoded size of a string key part: tag, UTF-8 bytes (NUL escaped), terminator. */

@@ -195,11 +195,42 @@ Deno.test("KvStore handles racing writers on one file without storing anything t
         }
         assert.equal((await b.readingStats({})).meter_count, 70);
       });
+
+      await t.step(
+        "a write of the other writer is seen despite what a writer remembers",
+        async () => {
+          const base = T0 + 2_000 * 15 * MIN;
+          // a learns the meter's last reading, b writes a later one behind a's back; a's next row
+          // is past what a knew but within the window of b's reading.
+          assert.deepEqual(await a.insertReadings([row("m-late", base)]), [{ status: "stored" }]);
+          assert.deepEqual(await b.insertReadings([row("m-late", base + 20 * MIN)]), [
+            { status: "stored" },
+          ]);
+          assert.deepEqual(await a.insertReadings([row("m-late", base + 30 * MIN)]), [
+            { status: "duplicate", conflict_ts: base + 20 * MIN },
+          ]);
+          assert.deepEqual(await a.recentReadingTimes("m-late", 10), [base + 20 * MIN, base]);
+        },
+      );
     } finally {
       await a.close();
       await b.close();
     }
   });
+});
+
+Deno.test("KvStore decides overlapping calls on one handle as if one after the other", async () => {
+  const store = await KvStore.open(undefined, OPTIONS);
+  try {
+    const left = Array.from({ length: 50 }, (_, m) => row(`m-${m}`, T0));
+    const right = Array.from({ length: 50 }, (_, m) => row(`m-${m}`, T0 + 5 * MIN));
+    const [rl, rr] = await Promise.all([store.insertReadings(left), store.insertReadings(right)]);
+    assert.ok(rl.every((r) => r.status === "stored"));
+    assert.deepEqual(rr, right.map(() => ({ status: "duplicate", conflict_ts: T0 })));
+    assert.equal((await store.readingStats({})).reading_count, 50);
+  } finally {
+    await store.close();
+  }
 });
 
 Deno.test("KvStore examines at most max(1000, 10 × limit) entries per filtered page", async (t) => {
