@@ -60,3 +60,37 @@ function toE4(text: string): number {
   const e4 = Number(m[1] || "0") * 10_000 + Number(frac.slice(0, 4));
   return frac[4] >= "5" ? e4 + 1 : e4;
 }
+
+/** The time in `sorted` (ascending) closest to `ts` that collides with it; an exact match first. */
+export function nearestColliding(
+  sorted: number[],
+  ts: number,
+  windowMs: number,
+): number | undefined {
+  if (sorted.length === 0) return undefined;
+  const p = lowerBound(sorted, ts);
+  if (sorted[p] === ts) return ts;
+  const below = p > 0 ? sorted[p - 1] : undefined;
+  const above = p < sorted.length ? sorted[p] : undefined;
+  const hitBelow = below !== undefined && collides(below, ts, windowMs);
+  const hitAbove = above !== undefined && collides(above, ts, windowMs);
+  if (hitBelow && hitAbove) return ts - below! <= above! - ts ? below : above;
+  return hitBelow ? below : hitAbove ? above : undefined;
+}
+
+/** Inserts `ts` into ascending `sorted`; in-order arrivals append without searching. */
+export function insertSorted(sorted: number[], ts: number): void {
+  if (sorted.length === 0 || sorted[sorted.length - 1] < ts) sorted.push(ts);
+  else sorted.splice(lowerBound(sorted, ts), 0, ts);
+}
+
+function lowerBound(sorted: number[], ts: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (sorted[mid] < ts) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}

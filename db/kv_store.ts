@@ -1,7 +1,7 @@
 import type { AuditEntry, DeviceRecord } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
-import { collides } from "../core/rules.ts";
+import { insertSorted, nearestColliding } from "../core/rules.ts";
 import type { User, UserRecord } from "../core/user.ts";
 import type {
   DeviceChange,
@@ -860,36 +860,6 @@ function rowValueBytes(row: ReadingRow): number {
   return 160 + stringValueBytes(row.meter_id) + stringValueBytes(row.user_id) +
     stringValueBytes(row.wallet_address) + stringValueBytes(row.key_id) +
     stringValueBytes(row.device_signature) + stringValueBytes(row.source);
-}
-
-/** The stored timestamp closest to `ts` that collides with it (an exact match first). */
-function nearestColliding(sorted: number[], ts: number, windowMs: number): number | undefined {
-  if (sorted.length === 0) return undefined;
-  const p = lowerBound(sorted, ts);
-  if (sorted[p] === ts) return ts;
-  const below = p > 0 ? sorted[p - 1] : undefined;
-  const above = p < sorted.length ? sorted[p] : undefined;
-  const hitBelow = below !== undefined && collides(below, ts, windowMs);
-  const hitAbove = above !== undefined && collides(above, ts, windowMs);
-  if (hitBelow && hitAbove) return ts - below! <= above! - ts ? below : above;
-  return hitBelow ? below : hitAbove ? above : undefined;
-}
-
-function lowerBound(sorted: number[], ts: number): number {
-  let lo = 0;
-  let hi = sorted.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if (sorted[mid] < ts) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-function insertSorted(sorted: number[], ts: number): void {
-  // Readings mostly arrive in time order: append without searching.
-  if (sorted.length === 0 || sorted[sorted.length - 1] < ts) sorted.push(ts);
-  else sorted.splice(lowerBound(sorted, ts), 0, ts);
 }
 
 /** Runs `fn` over `items` with at most `width` in flight; results in input order. */

@@ -3,7 +3,7 @@ import type { AuditEntry, DeviceRecord, StoredKey } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
 import type { ReadingRow, ReadingSource } from "../core/reading.ts";
-import { collides } from "../core/rules.ts";
+import { collides, insertSorted, nearestColliding } from "../core/rules.ts";
 import type { User, UserRecord } from "../core/user.ts";
 import { migrate, type TimescaleOptions, timescaleSchema } from "./migrate.ts";
 import type {
@@ -869,35 +869,6 @@ function hasBatchCollisions(rows: ReadingRow[], windowMs: number): boolean {
     }
   }
   return false;
-}
-
-/** The timestamp in `sorted` closest to `ts` that collides with it (an exact match first). */
-function nearestColliding(sorted: number[], ts: number, windowMs: number): number | undefined {
-  if (sorted.length === 0) return undefined;
-  const p = lowerBound(sorted, ts);
-  if (sorted[p] === ts) return ts;
-  const below = p > 0 ? sorted[p - 1] : undefined;
-  const above = p < sorted.length ? sorted[p] : undefined;
-  const hitBelow = below !== undefined && collides(below, ts, windowMs);
-  const hitAbove = above !== undefined && collides(above, ts, windowMs);
-  if (hitBelow && hitAbove) return ts - below! <= above! - ts ? below : above;
-  return hitBelow ? below : hitAbove ? above : undefined;
-}
-
-function lowerBound(sorted: number[], ts: number): number {
-  let lo = 0;
-  let hi = sorted.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if (sorted[mid] < ts) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-function insertSorted(sorted: number[], ts: number): void {
-  if (sorted.length === 0 || sorted[sorted.length - 1] < ts) sorted.push(ts);
-  else sorted.splice(lowerBound(sorted, ts), 0, ts);
 }
 
 // ---- errors ------------------------------------------------------------------------------------
