@@ -1,3 +1,4 @@
+import { decodeCursor, encodeCursor, malformedCursor } from "./_cursor.ts";
 import type { AuditEntry, DeviceRecord } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
@@ -969,23 +970,6 @@ function compareKeys(a: Deno.KvKey, b: Deno.KvKey): number {
   return a.length - b.length;
 }
 
-function encodeCursor(parts: unknown[]): string {
-  const bytes = new TextEncoder().encode(JSON.stringify(parts));
-  return btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_")
-    .replace(/=+$/, "");
-}
-
-function decodeCursor(cursor: string): unknown {
-  try {
-    if (!/^[A-Za-z0-9_-]+$/.test(cursor)) throw new Error("not base64url");
-    const binary = atob(cursor.replaceAll("-", "+").replaceAll("_", "/"));
-    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
-    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
-  } catch {
-    throw malformedCursor();
-  }
-}
-
 function decodeReadingCursor(cursor: string): { ts: number; meter_id: string } {
   const parts = decodeCursor(cursor);
   if (
@@ -1003,8 +987,4 @@ function decodeDeviceCursor(cursor: string): string {
     throw malformedCursor();
   }
   return parts[0];
-}
-
-function malformedCursor(): GatewayError {
-  return new GatewayError("invalid_payload", "cursor is malformed");
 }
