@@ -109,18 +109,8 @@ const CONNECTION_CODES = new Set([
   "53300", // too_many_connections
 ]);
 
-interface ReadingRecord {
-  meter_id: string;
-  ts: number;
-  kwh_e4: number;
-  user_id: string;
-  wallet_address: string | null;
-  key_id: string;
-  device_signature: string;
-  source: ReadingSource;
-  submitted_at: number;
-  minted: boolean;
-}
+/** A reading as selected (a driver row object; `toReading` copies it to a plain one). */
+type ReadingRecord = ReadingRow;
 
 interface DeviceRow {
   meter_id: string;
