@@ -247,31 +247,8 @@ function issuesOf(details: unknown): string[] {
   return issues.map((i) => (i.path ? `${i.path}: ` : "") + (i.message ?? ""));
 }
 
-/** A newly issued device key (`IssuedKey` of the API); the HMAC secret is shown only here. */
-export interface IssuedKey {
-  meter_id: string;
-  key_id: string;
-  algorithm: "hmac-sha256" | "ed25519";
-  secret_hex?: string;
-}
-
-/** A device as the API shows it (`Device` of the API). */
-export interface DeviceView {
-  meter_id: string;
-  user_id: string;
-  status: "active" | "revoked";
-  created_at: string;
-  revoked_at: string | null;
-  rotation_due: boolean;
-  keys: {
-    key_id: string;
-    algorithm: "hmac-sha256" | "ed25519";
-    created_at: string;
-    retired_at: string | null;
-    state: "valid" | "due" | "expired";
-    public_key?: string;
-  }[];
-}
+// The API's shapes, from the service that produces them.
+export type { DeviceView, IssuedKey } from "../services/devices.ts";
 
 /** The warning printed next to every HMAC secret. */
 export const SECRET_WARNING =

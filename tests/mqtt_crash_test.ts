@@ -5,13 +5,12 @@
 // the gateway's persistent session, so what it had not acknowledged is redelivered and stored.
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
-import { fileURLToPath } from "node:url";
 import { connectAsync, type MqttClient } from "mqtt";
 import { connectCredentials, readingPayload } from "../mqtt/device_credentials.ts";
-import { freePort, mosquittoAvailable, startMosquitto } from "./_mosquitto.ts";
+import { mosquittoAvailable, startMosquitto } from "./_mosquitto.ts";
+import { embeddedMqttPort, GatewayProcess } from "./_gateway_process.ts";
 import { createTestSchema } from "./_services.ts";
 
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const ADMIN_EMAIL = "root@mqtt-crash.test";
 const ADMIN_PASSWORD = "mqtt-crash-admin-password";
 const METERS = 500;
@@ -22,153 +21,11 @@ const KILL_AFTER = 1_000;
 /** …while at least this many are still outstanding. */
 const MIN_OUTSTANDING = 50;
 /** Guards against hangs only; every wait ends on an event, a counter or an exit. */
-const STARTUP_TIMEOUT_MS = 30_000;
-const EXIT_TIMEOUT_MS = 15_000;
 const SETTLE_TIMEOUT_MS = 30_000;
 
 /** Deno KV by default; a fresh PostgreSQL schema per test with `GATEWAY_TEST_STORE=postgres`. */
 const ON_POSTGRES = Deno.env.get("GATEWAY_TEST_STORE") === "postgres";
 const STORE_NAME = ON_POSTGRES ? " (PostgreSQL)" : "";
-
-type LogEntry = Record<string, unknown> & { msg?: string };
-
-/** Environment the child inherits from us: only what Deno itself needs. */
-function baseEnv(): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const name of ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME", "LANG", "TMPDIR"]) {
-    const value = Deno.env.get(name);
-    if (value !== undefined) env[name] = value;
-  }
-  return env;
-}
-
-/** `main.ts` as a child process; stdout lines collected (JSON logs), stderr kept for errors. */
-class GatewayProcess implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  readonly url: string;
-  readonly lines: string[] = [];
-  #output: Promise<void>;
-  #done = false;
-  #changed = Promise.withResolvers<void>();
-
-  private constructor(env: Record<string, string>) {
-    this.url = `http://127.0.0.1:${env.PORT}`;
-    this.child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", "main.ts"],
-      cwd: ROOT,
-      env: { ...baseEnv(), ...env },
-      clearEnv: true,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#output = Promise.all([this.#pump(this.child.stdout), this.#pump(this.child.stderr)])
-      .then(() => {
-        this.#done = true;
-        this.#notify();
-      });
-  }
-
-  /** Starts the gateway on a free HTTP port and waits for "gateway listening". */
-  static async start(env: Record<string, string>): Promise<GatewayProcess> {
-    const gw = new GatewayProcess({ PORT: String(freePort()), HOST: "127.0.0.1", ...env });
-    try {
-      await gw.waitForLog((e) => e.msg === "gateway listening");
-    } catch (error) {
-      await gw.stop();
-      throw error;
-    }
-    return gw;
-  }
-
-  #notify(): void {
-    const changed = this.#changed;
-    this.#changed = Promise.withResolvers<void>();
-    changed.resolve();
-  }
-
-  async #pump(stream: ReadableStream<Uint8Array>): Promise<void> {
-    let rest = "";
-    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
-      rest += text;
-      let newline: number;
-      while ((newline = rest.indexOf("\n")) >= 0) {
-        this.lines.push(rest.slice(0, newline));
-        rest = rest.slice(newline + 1);
-      }
-      this.#notify();
-    }
-    if (rest) this.lines.push(rest);
-  }
-
-  logs(): LogEntry[] {
-    const out: LogEntry[] = [];
-    for (const line of this.lines) {
-      try {
-        const value = JSON.parse(line);
-        if (value && typeof value === "object" && !Array.isArray(value)) out.push(value);
-      } catch { /* not a log line */ }
-    }
-    return out;
-  }
-
-  describe(): string {
-    return this.lines.slice(-40).join("\n");
-  }
-
-  async waitForLog(predicate: (entry: LogEntry) => boolean): Promise<LogEntry> {
-    const deadline = Date.now() + STARTUP_TIMEOUT_MS;
-    for (;;) {
-      const found = this.logs().find(predicate);
-      if (found) return found;
-      if (this.#done) throw new Error(`gateway exited early:\n${this.describe()}`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`expected log line not seen:\n${this.describe()}`);
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        this.#changed.promise,
-        new Promise((resolve) => timer = setTimeout(resolve, left)),
-      ]);
-      clearTimeout(timer);
-    }
-  }
-
-  /** The embedded broker's port, from `"mqtt": "embedded:mqtt://127.0.0.1:<port>"`. */
-  mqttPort(): number {
-    const entry = this.logs().find((e) => e.msg === "gateway listening");
-    const match = /^embedded:mqtt:\/\/[^:]+:(\d+)/.exec(String(entry?.mqtt));
-    assert.ok(match, `no embedded broker port in the log:\n${this.describe()}`);
-    return Number(match[1]);
-  }
-
-  /** Sends `signal` unless it has exited, then waits (bounded) for the exit and its output. */
-  async stop(signal: Deno.Signal = "SIGKILL"): Promise<Deno.CommandStatus> {
-    if (!this.#done) {
-      try {
-        this.child.kill(signal);
-      } catch { /* exited meanwhile */ }
-    }
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = await Promise.race([
-      this.child.status.then(() => false),
-      new Promise<boolean>((resolve) => timer = setTimeout(() => resolve(true), EXIT_TIMEOUT_MS)),
-    ]);
-    clearTimeout(timer);
-    if (late) {
-      try {
-        this.child.kill("SIGKILL");
-      } catch { /* exited meanwhile */ }
-    }
-    const status = await this.child.status;
-    await this.#output;
-    assert.ok(!late, `gateway did not exit on ${signal}:\n${this.describe()}`);
-    return status;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.stop();
-  }
-}
 
 // deno-lint-ignore no-explicit-any
 type Json = any;
@@ -398,7 +255,7 @@ Deno.test(`the embedded broker stores every PUBACKed reading exactly once across
     const token = await login(gw.url);
     meters = await provision(gw.url, token, "emb");
     readings = readingsOf(meters);
-    const clients = await connectDevices(gw.mqttPort(), meters);
+    const clients = await connectDevices(embeddedMqttPort(gw), meters);
     let killed = false;
     let outstanding = 0;
     let outstandingAtKill = 0;
@@ -459,7 +316,7 @@ Deno.test(`the embedded broker stores every PUBACKed reading exactly once across
     await using gw = await GatewayProcess.start(env);
     const token = await login(gw.url);
     const missing = readings.filter((r) => !acked.has(r.index));
-    const clients = await connectDevices(gw.mqttPort(), meters);
+    const clients = await connectDevices(embeddedMqttPort(gw), meters);
     const acks = new Map<string, Json[]>();
     try {
       clients.forEach((client, m) => {

@@ -11,8 +11,8 @@ const RETRY_MIN_MS = 100;
 const RETRY_MAX_MS = 5_000;
 
 let store: Store | undefined;
-// Batches written at once: PostgreSQL takes two on its two connections (per-meter row locks
-// in sorted order keep them apart); Deno KV has one writer, so one at a time.
+// Batches written at once: PostgreSQL takes one per connection (per-meter row locks in sorted
+// order keep them apart); Deno KV has one writer, so one at a time.
 let concurrency = 1;
 const waiting: { id: number; rows: ArrayBuffer }[] = [];
 const running = new Set<Promise<void>>();
@@ -91,7 +91,8 @@ self.onmessage = (event: MessageEvent<ToWriter>) => {
   const message = event.data;
   switch (message.type) {
     case "init":
-      concurrency = message.spec.kind === "postgres" ? 2 : 1;
+      // One batch per connection of the writer's own pool.
+      concurrency = message.spec.kind === "postgres" ? message.spec.max : 1;
       openStore(message.spec, message.options).then(
         (s) => {
           store = s;
