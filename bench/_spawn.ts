@@ -16,13 +16,18 @@ export function freePort(): number {
   return port;
 }
 
+function denoArgs(): string[] {
+  return (Deno.env.get("BENCH_GATEWAY_DENO_ARGS") ?? "").split(" ").filter(Boolean);
+}
+
 /** Runs main.ts with `env` on a temp data dir; resolves once it logs "gateway listening". */
 export async function spawnGateway(env: Record<string, string>): Promise<GatewayProcess> {
   const dir = await Deno.makeTempDir({ prefix: "gw-bench-" });
   const port = freePort();
   const root = fileURLToPath(new URL("../", import.meta.url));
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "main.ts"],
+    // BENCH_GATEWAY_DENO_ARGS, e.g. "--inspect=127.0.0.1:9229", to profile the gateway under load.
+    args: ["run", "--allow-all", ...denoArgs(), "main.ts"],
     cwd: root,
     env: {
       PORT: String(port),

@@ -1,8 +1,7 @@
-import { Buffer } from "node:buffer";
 import type { KeyPolicy, StoredKey } from "./device.ts";
 import { keyState } from "./device.ts";
 import { open } from "./secret_box.ts";
-import { type KeyMaterial, parseEd25519PublicKey } from "./signature.ts";
+import { hmacMaterial, type KeyMaterial, parseEd25519PublicKey } from "./signature.ts";
 
 /** A device key ready for verification, as an actor holds it. */
 export interface LiveKey {
@@ -23,10 +22,7 @@ export function liveKeys(meterId: string, keys: StoredKey[], kek: Uint8Array): L
   for (const key of keys) {
     let material: KeyMaterial | null = null;
     if (key.algorithm === "hmac-sha256" && key.secret_enc) {
-      material = {
-        algorithm: "hmac-sha256",
-        secret: Buffer.from(open(kek, key.secret_enc, secretContext(meterId, key.key_id))),
-      };
+      material = hmacMaterial(open(kek, key.secret_enc, secretContext(meterId, key.key_id)));
     } else if (key.algorithm === "ed25519" && key.public_key) {
       const publicKey = parseEd25519PublicKey(key.public_key);
       if (publicKey) material = { algorithm: "ed25519", publicKey };

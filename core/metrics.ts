@@ -7,9 +7,12 @@ interface Family {
   read?: () => number;
 }
 
+const MAX_CACHED_KEYS = 10_000;
+
 /** Counters and gauges rendered in the Prometheus text format; no I/O. */
 export class Metrics {
   #families = new Map<string, Family>();
+  #keys = new Map<string, string>();
 
   /** Declares a counter. */
   counter(name: string, help: string): void {
@@ -30,8 +33,15 @@ export class Metrics {
   inc(name: string, labels: Labels = {}, by = 1): void {
     const family = this.#families.get(name);
     if (!family) throw new RangeError(`Unknown metric "${name}"`);
-    const key = Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, "_")}"`)
-      .join(",");
+    // Called per message: the escaped series key is built once per distinct label set.
+    let raw = "";
+    for (const k in labels) raw += `${k}\u0000${labels[k]}\u0000`;
+    let key = this.#keys.get(raw);
+    if (key === undefined) {
+      key = Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, "_")}"`)
+        .join(",");
+      if (this.#keys.size < MAX_CACHED_KEYS) this.#keys.set(raw, key);
+    }
     family.values.set(key, (family.values.get(key) ?? 0) + by);
   }
 

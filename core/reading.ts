@@ -1,5 +1,5 @@
-import { createHash } from "node:crypto";
 import { z } from "zod";
+import { sha256Into } from "./sha256.ts";
 
 /** Meter identifiers: 1–64 characters of `[A-Za-z0-9._:-]`. */
 export const METER_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
@@ -28,13 +28,25 @@ export const rfc3339Schema = z.string().max(40).regex(
 
 /** Whether an RFC 3339 string names a real calendar day and time (Date.parse rolls 02-30 over). */
 export function isRealDateTime(text: string): boolean {
-  const m = /^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})/.exec(text);
-  if (!m) return false;
-  const [y, mo, d, h, mi, s] = m.slice(1).map(Number);
-  const days = new Date(Date.UTC(y, mo, 0)).getUTCDate(); // day 0 of next month = last day
-  return mo >= 1 && mo <= 12 && d >= 1 && d <= days && h <= 23 && mi <= 59 && s <= 59 &&
-    !Number.isNaN(Date.parse(text));
+  // Runs on every reading: digits are read by position (RFC3339 has already fixed the shape).
+  const n = (at: number, len: number) => {
+    let v = 0;
+    for (let i = at; i < at + len; i++) {
+      const c = text.charCodeAt(i) - 48;
+      if (c < 0 || c > 9) return NaN;
+      v = v * 10 + c;
+    }
+    return v;
+  };
+  const y = n(0, 4), mo = n(5, 2), d = n(8, 2), h = n(11, 2), mi = n(14, 2), s = n(17, 2);
+  if (text[4] !== "-" || text[7] !== "-" || text[13] !== ":" || text[16] !== ":") return false;
+  if (!(mo >= 1 && mo <= 12 && d >= 1 && h <= 23 && mi <= 59 && s <= 59)) return false;
+  const leap = (y % 4 === 0 && y % 100 !== 0) || y % 400 === 0;
+  const days = mo === 2 ? (leap ? 29 : 28) : DAYS_IN_MONTH[mo - 1];
+  return d <= days && !Number.isNaN(Date.parse(text));
 }
+
+const DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
 
 /** A decimal as a string, or a JSON number (kept in its `JSON.stringify` form for signing). */
 export const kwhSchema = z.union([
@@ -108,12 +120,16 @@ export interface Reading {
   minted: boolean;
 }
 
+const ID_DIGEST = new Uint8Array(32);
+const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
+
 /** The reading's id: derived from its natural key, so every replay and every instance agrees on it. */
 export function readingId(meterId: string, ts: number): string {
-  const h = createHash("sha256").update(`${meterId}\n${ts}`).digest();
+  const h = sha256Into(`${meterId}\n${ts}`, ID_DIGEST);
   h[6] = (h[6] & 0x0f) | 0x80; // UUID version 8 (custom)
   h[8] = (h[8] & 0x3f) | 0x80; // RFC 4122 variant
-  const x = h.toString("hex", 0, 16);
+  let x = "";
+  for (let i = 0; i < 16; i++) x += HEX[h[i]];
   return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
 }
 
@@ -125,14 +141,44 @@ export function toReading(row: ReadingRow): Reading {
     user_id: row.user_id,
     wallet_address: row.wallet_address,
     kwh_amount: row.kwh_e4 / 10_000,
-    reading_timestamp: new Date(row.ts).toISOString(),
+    reading_timestamp: isoUtc(row.ts),
     key_id: row.key_id,
     device_signature: row.device_signature,
     source: row.source,
-    submitted_at: new Date(row.submitted_at).toISOString(),
+    submitted_at: isoUtc(row.submitted_at),
     minted: row.minted,
   };
 }
+
+/** `new Date(ms).toISOString()`, without a Date: it runs twice per stored reading. */
+export function isoUtc(ms: number): string {
+  if (!(ms >= 0 && ms < MS_YEAR_10000)) return new Date(ms).toISOString();
+  const days = Math.floor(ms / 86_400_000);
+  let rest = ms - days * 86_400_000;
+  // Civil date from days since 1970-01-01 (H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
+  const z = days + 719_468;
+  const era = Math.floor(z / 146_097);
+  const doe = z - era * 146_097;
+  const yoe = Math.floor(
+    (doe - Math.floor(doe / 1460) + Math.floor(doe / 36_524) - Math.floor(doe / 146_096)) / 365,
+  );
+  const doy = doe - (365 * yoe + Math.floor(yoe / 4) - Math.floor(yoe / 100));
+  const mp = Math.floor((5 * doy + 2) / 153);
+  const d = doy - Math.floor((153 * mp + 2) / 5) + 1;
+  const m = mp < 10 ? mp + 3 : mp - 9;
+  const y = yoe + era * 400 + (m <= 2 ? 1 : 0);
+  const h = Math.floor(rest / 3_600_000);
+  rest -= h * 3_600_000;
+  const mi = Math.floor(rest / 60_000);
+  rest -= mi * 60_000;
+  const sec = Math.floor(rest / 1000);
+  const milli = rest - sec * 1000;
+  return `${y}-${TWO[m]}-${TWO[d]}T${TWO[h]}:${TWO[mi]}:${TWO[sec]}.${THREE[milli]}Z`;
+}
+
+const MS_YEAR_10000 = 253_402_300_800_000;
+const TWO = Array.from({ length: 100 }, (_, i) => String(i).padStart(2, "0"));
+const THREE = Array.from({ length: 1000 }, (_, i) => String(i).padStart(3, "0"));
 
 /** The exact text of `kwh_amount` that was signed. */
 export function kwhText(kwh: string | number): string {

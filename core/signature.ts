@@ -2,10 +2,10 @@ import {
   createHmac,
   createPublicKey,
   type KeyObject,
-  timingSafeEqual,
   verify as verifySignature,
 } from "node:crypto";
 import { Buffer } from "node:buffer";
+import { hmacSha256Equals, type HmacSha256Key, hmacSha256Key } from "./sha256.ts";
 
 /** Device key algorithms. */
 export type KeyAlgorithm = "hmac-sha256" | "ed25519";
@@ -23,12 +23,33 @@ export function connectMessage(meterId: string, unixSeconds: string): string {
 }
 
 /** Decodes a hex or base64url (padding optional) signature; `null` when neither fits. */
-export function decodeSignature(text: string, algorithm: KeyAlgorithm): Buffer | null {
+export function decodeSignature(text: string, algorithm: KeyAlgorithm): Uint8Array | null {
   const bytes = SIGNATURE_BYTES[algorithm];
-  if (text.length === bytes * 2 && /^[0-9a-fA-F]+$/.test(text)) return Buffer.from(text, "hex");
+  if (text.length === bytes * 2) {
+    const decoded = decodeHex(text);
+    if (decoded) return decoded;
+  }
   if (!/^[A-Za-z0-9_-]+={0,2}$/.test(text)) return null;
   const decoded = Buffer.from(text.replace(/=+$/, ""), "base64url");
   return decoded.length === bytes ? decoded : null;
+}
+
+/** Hex digits to bytes; `null` at the first character that is not one. */
+function decodeHex(text: string): Uint8Array | null {
+  const out = new Uint8Array(text.length >> 1);
+  for (let i = 0; i < out.length; i++) {
+    const hi = nibble(text.charCodeAt(2 * i)), lo = nibble(text.charCodeAt(2 * i + 1));
+    if ((hi | lo) < 0) return null;
+    out[i] = (hi << 4) | lo;
+  }
+  return out;
+}
+
+function nibble(c: number): number {
+  if (c >= 48 && c <= 57) return c - 48; // 0-9
+  if (c >= 97 && c <= 102) return c - 87; // a-f
+  if (c >= 65 && c <= 70) return c - 55; // A-F
+  return -1;
 }
 
 /** Parses an Ed25519 public key given as 32 raw bytes in hex/base64url/base64, or as PEM. */
@@ -58,18 +79,20 @@ export function ed25519Raw(key: KeyObject): string {
 
 /** Key material ready to verify: an HMAC secret or an Ed25519 public key. */
 export type KeyMaterial =
-  | { algorithm: "hmac-sha256"; secret: Buffer }
+  | { algorithm: "hmac-sha256"; key: HmacSha256Key }
   | { algorithm: "ed25519"; publicKey: KeyObject };
 
 /** Verifies `signature` over `message`; constant-time for HMAC. */
 export function verifyWith(material: KeyMaterial, message: string, signature: string): boolean {
   const sig = decodeSignature(signature, material.algorithm);
   if (sig === null) return false;
-  if (material.algorithm === "hmac-sha256") {
-    const mac = createHmac("sha256", material.secret).update(message).digest();
-    return timingSafeEqual(mac, sig);
-  }
+  if (material.algorithm === "hmac-sha256") return hmacSha256Equals(material.key, message, sig);
   return verifySignature(null, Buffer.from(message), material.publicKey, sig);
+}
+
+/** HMAC key material from a device secret (pad states computed once, here). */
+export function hmacMaterial(secret: Uint8Array): KeyMaterial {
+  return { algorithm: "hmac-sha256", key: hmacSha256Key(secret) };
 }
 
 /** Signs `message` with an HMAC secret (the reference signer; returns hex). */

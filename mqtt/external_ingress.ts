@@ -77,6 +77,11 @@ export class ExternalIngress implements AsyncDisposable {
       resubscribe: false,
       // Hooks must be in place before the first packet: queued session messages arrive at once.
       manualConnect: true,
+      // mqtt.js logs every packet through `debug`; even disabled, that cost shows under load.
+      log: () => {},
+      // Rescheduling the keepalive timer on every packet sent costs a timer per ack; a ping
+      // every keepalive period regardless is just as good at finding a dead connection.
+      reschedulePings: false,
     };
     this.#client = connect(options.url, clientOptions);
     this.#install();

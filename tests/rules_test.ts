@@ -1,8 +1,9 @@
+import { createHash } from "node:crypto";
 import assert from "node:assert/strict";
 import { checkKwh, checkTimestamp, collides, type RuleLimits } from "../core/rules.ts";
 import { TokenBucket } from "../core/token_bucket.ts";
 import { keyState } from "../core/device.ts";
-import { readingId } from "../core/reading.ts";
+import { isoUtc, isRealDateTime, readingId } from "../core/reading.ts";
 
 const LIMITS: RuleLimits = {
   kwhMax: 100,
@@ -67,4 +68,79 @@ Deno.test("readingId() is a UUID derived from the natural key", () => {
   assert.equal(readingId("meter-1", 1000), a);
   assert.notEqual(readingId("meter-1", 1001), a);
   assert.notEqual(readingId("meter-2", 1000), a);
+  // Ids already stored must never change: pinned to the published derivation.
+  assert.equal(
+    readingId("meter-1", Date.parse("2026-11-29T10:15:00Z")),
+    referenceId("meter-1", Date.parse("2026-11-29T10:15:00Z")),
+  );
+  for (let i = 0; i < 50; i++) {
+    assert.equal(readingId(`m-${i}`, i * 977), referenceId(`m-${i}`, i * 977));
+  }
+});
+
+/** The id derivation written with node:crypto, as the README states it. */
+function referenceId(meterId: string, ts: number): string {
+  const h = createHash("sha256").update(`${meterId}\n${ts}`).digest();
+  h[6] = (h[6] & 0x0f) | 0x80;
+  h[8] = (h[8] & 0x3f) | 0x80;
+  const x = h.toString("hex", 0, 16);
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}
+
+Deno.test("isRealDateTime() knows the calendar", () => {
+  const real = [
+    "2024-02-29T00:00:00Z",
+    "2000-02-29T12:00:00+02:00",
+    "2026-12-31T23:59:59.999Z",
+    "2026-04-30t00:00:00z",
+    "2026-11-29 10:15:00Z",
+  ];
+  const unreal = [
+    "2023-02-29T00:00:00Z",
+    "1900-02-29T00:00:00Z",
+    "2026-04-31T00:00:00Z",
+    "2026-13-01T00:00:00Z",
+    "2026-00-10T00:00:00Z",
+    "2026-01-00T00:00:00Z",
+    "2026-01-01T24:00:00Z",
+    "2026-01-01T23:60:00Z",
+    "2026-01-01T23:59:60Z",
+    "2026-1-01T00:00:00Z",
+    "abcd-01-01T00:00:00Z",
+    "",
+  ];
+  for (const text of real) assert.equal(isRealDateTime(text), true, text);
+  for (const text of unreal) assert.equal(isRealDateTime(text), false, text);
+  // Every day of a leap and a common year agrees with the Date-based definition.
+  for (const year of [2023, 2024]) {
+    for (let month = 1; month <= 12; month++) {
+      for (let day = 1; day <= 31; day++) {
+        const text = `${year}-${String(month).padStart(2, "0")}-${
+          String(day).padStart(2, "0")
+        }T06:30:00Z`;
+        const expected = new Date(Date.UTC(year, month, 0)).getUTCDate() >= day;
+        assert.equal(isRealDateTime(text), expected, text);
+      }
+    }
+  }
+});
+
+Deno.test("isoUtc() formats exactly as Date#toISOString", () => {
+  const edges = [
+    0,
+    1,
+    999,
+    86_399_999,
+    951_782_400_000,
+    4_107_542_399_999,
+    253_402_300_799_999,
+    253_402_300_800_000,
+    -1,
+    -86_400_000,
+  ];
+  for (const ms of edges) assert.equal(isoUtc(ms), new Date(ms).toISOString(), String(ms));
+  for (let i = 0; i < 20_000; i++) {
+    const ms = Math.floor(Math.random() * 253_402_300_800_000);
+    assert.equal(isoUtc(ms), new Date(ms).toISOString(), String(ms));
+  }
 });

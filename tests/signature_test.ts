@@ -5,6 +5,7 @@ import {
   canonicalMessage,
   decodeSignature,
   ed25519Raw,
+  hmacMaterial,
   parseEd25519PublicKey,
   signHmac,
   verifyWith,
@@ -29,7 +30,7 @@ Deno.test("canonicalMessage() and HMAC-SHA256 reproduce the published test vecto
     assert.equal(signHmac(SECRET, message), VECTOR);
   });
   await t.step("hex, upper-case hex and base64url encodings all verify", () => {
-    const material = { algorithm: "hmac-sha256" as const, secret: SECRET };
+    const material = hmacMaterial(SECRET);
     assert.equal(verifyWith(material, message, VECTOR), true);
     assert.equal(verifyWith(material, message, VECTOR.toUpperCase()), true);
     const b64 = Buffer.from(VECTOR, "hex").toString("base64url");
@@ -37,7 +38,7 @@ Deno.test("canonicalMessage() and HMAC-SHA256 reproduce the published test vecto
     assert.equal(verifyWith(material, message, b64 + "="), true);
   });
   await t.step("any change to a signed value fails verification", () => {
-    const material = { algorithm: "hmac-sha256" as const, secret: SECRET };
+    const material = hmacMaterial(SECRET);
     const other = canonicalMessage("meter-1", "2026-11-29T10:15:00Z", "12.50");
     assert.equal(verifyWith(material, other, VECTOR), false);
     assert.equal(verifyWith(material, message, VECTOR.slice(0, 62) + "00"), false);
