@@ -50,6 +50,7 @@ const envSchema = z.object({
   WRITER_BATCH_MAX: int(1000, 1, 100_000),
   WRITER_FLUSH_MS: int(5, 0, 10_000),
   WRITER_QUEUE_MAX: int(20_000),
+  WRITER_CONCURRENCY: int(2, 1, 64),
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
@@ -99,7 +100,7 @@ export interface Config {
   rules: { kwhMax: number; maxAgeMs: number; maxFutureMs: number; dedupeWindowMs: number };
   bucket: { burst: number; refillPerMs: number };
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
-  writer: { batchMax: number; flushMs: number; queueMax: number };
+  writer: { batchMax: number; flushMs: number; queueMax: number; concurrency: number };
   /** PostgreSQL/TimescaleDB; absent means the embedded Deno KV store. */
   database?: {
     url: string;
@@ -198,6 +199,7 @@ export function loadConfig(
       batchMax: e.WRITER_BATCH_MAX,
       flushMs: e.WRITER_FLUSH_MS,
       queueMax: e.WRITER_QUEUE_MAX,
+      concurrency: e.WRITER_CONCURRENCY,
     },
     database: e.DATABASE_URL
       ? {

@@ -57,16 +57,21 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     store: describeStore(deps.storeSpec),
     ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
   });
-  // The writer's own connection(s): migrations were applied above, once.
-  const writerSpec: StoreSpec = deps.storeSpec.kind === "postgres"
-    ? { ...deps.storeSpec, migrate: false, max: 2 }
-    : deps.storeSpec;
+  // The writer's own connections, one per batch in flight: migrations were applied above, once.
+  const { concurrency, ...writerOptions } = config.writer;
+  const spec = deps.storeSpec;
+  const postgres = spec.kind === "postgres";
+  const writerSpec: StoreSpec = spec.kind === "postgres"
+    ? { ...spec, migrate: false, max: concurrency }
+    : spec;
   let writer: WriterClient;
   try {
     writer = await WriterClient.start({
       spec: writerSpec,
       storeOptions,
-      ...config.writer,
+      ...writerOptions,
+      // Deno KV writes one batch at a time; a second one waiting keeps it busy.
+      maxInFlight: postgres ? concurrency : 2,
       onStall: (message) =>
         message === null
           ? logger.info("writer recovered")
@@ -100,6 +105,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     "gateway_writer_last_batch_ms",
     "Duration of the last batch",
     () => writer.stats.lastBatchMs,
+  );
+  metrics.gauge(
+    "gateway_writer_last_round_trip_ms",
+    "From handing the last batch to the writer until its results were back",
+    () => writer.stats.lastRoundTripMs,
   );
   metrics.gauge(
     "gateway_writer_stalled",

@@ -30,6 +30,8 @@ export interface WriterStats {
   rows: number;
   lastBatchSize: number;
   lastBatchMs: number;
+  /** From handing the last batch to the worker until its results were back, in ms. */
+  lastRoundTripMs: number;
   maxBatchSize: number;
   restarts: number;
 }
@@ -52,6 +54,7 @@ export class WriterClient implements AsyncDisposable {
   #options: WriterOptions & { maxInFlight: number; closeTimeoutMs: number };
   #pending: Pending[] = [];
   #inFlight = new Map<number, Pending[]>();
+  #sentAt = new Map<number, number>();
   #nextId = 1;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #restartTimer: ReturnType<typeof setTimeout> | undefined;
@@ -67,6 +70,7 @@ export class WriterClient implements AsyncDisposable {
     rows: 0,
     lastBatchSize: 0,
     lastBatchMs: 0,
+    lastRoundTripMs: 0,
     maxBatchSize: 0,
     restarts: 0,
   };
@@ -205,6 +209,7 @@ export class WriterClient implements AsyncDisposable {
   #sendBatch(id: number, batch: Pending[]): void {
     const buffer = encodeRows(batch.map((p) => p.row));
     const message: ToWriter = { type: "batch", id, rows: buffer };
+    this.#sentAt.set(id, performance.now());
     this.#worker?.postMessage(message, [buffer]);
   }
 
@@ -212,6 +217,8 @@ export class WriterClient implements AsyncDisposable {
     const batch = this.#inFlight.get(id);
     if (!batch) return;
     this.#inFlight.delete(id);
+    this.#stats.lastRoundTripMs = performance.now() - (this.#sentAt.get(id) ?? 0);
+    this.#sentAt.delete(id);
     for (let i = 0; i < batch.length; i++) batch[i].resolve(results(i));
     this.#queued -= batch.length;
     // Rows that waited behind a busy worker go out at once: batches grow with load.
