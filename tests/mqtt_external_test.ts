@@ -484,3 +484,67 @@ mosquittoTest(
     }
   },
 );
+
+mosquittoTest(
+  "an ack published while the broker is away reaches the device after the reconnect, and the " +
+    "reading, never acknowledged, comes again",
+  async () => {
+    await using mosq = await startMosquitto();
+    const metrics = new Metrics();
+    metrics.counter("mqtt_messages_received_total", "test");
+    metrics.counter("mqtt_connection_errors_total", "test");
+    const intake = new ControlledIntake();
+    const ingress = await ExternalIngress.start({
+      url: mosq.url,
+      clientId: uniqueId("away-ingress"),
+      sessionExpirySeconds: 600,
+      inflightMax: 100,
+      intake: intake as unknown as MqttIntake,
+      logger: silentLogger,
+      metrics,
+    });
+    // A persistent device session: its acks subscription outlives the broker restart.
+    const device = connect(mosq.url, {
+      clientId: uniqueId("away-device"),
+      clean: false,
+      reconnectPeriod: 200,
+      connectTimeout: EVENT_TIMEOUT_MS,
+    });
+    device.on("error", () => {});
+    try {
+      await within(new Promise((resolve) => device.once("connect", resolve)), "device CONNACK");
+      await within(ingress.ready(), "ingress subscription");
+      const meterId = "away-meter";
+      const acks = new Inbox(device);
+      await device.subscribeAsync(`meters/${meterId}/acks`, { qos: 1 });
+      const payload = JSON.stringify({
+        kwh_amount: "1",
+        reading_timestamp: isoAgo(INTERVAL),
+        device_signature: "x",
+      });
+      await device.publishAsync(`meters/${meterId}/readings`, payload, { qos: 1 });
+      await intake.waitFor(1);
+
+      await mosq.stop();
+      await pollUntil(() => !ingress.connected, "the ingress saw the broker go");
+      const ack = accepted(intake.calls[0]);
+      intake.calls[0].resolve(ack); // final while the broker is away: kept, not dropped
+      await mosq.restart();
+
+      assert.deepEqual(
+        await acks.nextJson(RECONNECT_TIMEOUT_MS),
+        ack,
+        "the ack made while away, delivered after both reconnected",
+      );
+      await intake.waitFor(2);
+      assert.equal(intake.calls[1].payload, payload, "its PUBACK never went out: redelivered");
+      const again = { ...accepted(intake.calls[1]), status: "duplicate" as const };
+      intake.calls[1].resolve(again);
+      assert.deepEqual(await acks.nextJson(), again);
+      await pollUntil(() => ingress.inFlight === 0, "the redelivered reading's PUBACK released");
+    } finally {
+      await device.endAsync(true);
+      await ingress.close();
+    }
+  },
+);
