@@ -40,6 +40,7 @@ Options:
   --batch B            Writer batchMax, and the COPY batch size (default 1000, WRITER_BATCH_MAX)
   --queue Q            Writer queueMax (default 20000, WRITER_QUEUE_MAX)
   --flush-ms F         Writer linger (default 5, WRITER_FLUSH_MS)
+  --lanes L            Writer lanes, two connections each (default 1, WRITER_CONCURRENCY)
   --stats-rows N       Rows in meter_readings for the hourly stats phase (default 10000000);
                        ceil(N / 2880) meters x 2880 readings (30 days every 15 minutes)
   --stats-queries Q    hourlyStats calls measured, each for a random meter (default 200)
@@ -52,6 +53,7 @@ Options:
     batch: { type: "string", default: "1000" },
     queue: { type: "string", default: "20000" },
     "flush-ms": { type: "string", default: "5" },
+    lanes: { type: "string", default: "1" },
     "stats-rows": { type: "string", default: "10000000" },
     "stats-queries": { type: "string", default: "200" },
     "skip-write": { type: "boolean", default: false },
@@ -71,6 +73,7 @@ const METERS = intFlag("meters", flags.meters, 1);
 const BATCH = intFlag("batch", flags.batch, 1);
 const QUEUE = intFlag("queue", flags.queue, 1);
 const FLUSH_MS = intFlag("flush-ms", flags["flush-ms"], 0);
+const LANES = intFlag("lanes", flags.lanes, 1);
 const STATS_ROWS = intFlag("stats-rows", flags["stats-rows"], STATS_SLOTS);
 const STATS_QUERIES = intFlag("stats-queries", flags["stats-queries"], 1);
 
@@ -227,8 +230,10 @@ interface WriterFigures {
 
 async function writerPhase(url: string, rows: ReadingRow[]): Promise<WriterFigures> {
   const client = await WriterClient.start({
-    spec: { kind: "postgres", url, max: 2, migrate: false, timescale: false },
+    spec: { kind: "postgres", url, max: 2 * LANES, migrate: false, timescale: false },
     storeOptions: { dedupeWindowMs: DEDUPE_WINDOW_MS },
+    lanes: LANES,
+    maxInFlight: 2,
     batchMax: BATCH,
     flushMs: FLUSH_MS,
     queueMax: QUEUE,

@@ -57,12 +57,13 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     store: describeStore(deps.storeSpec),
     ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
   });
-  // The writer's own connections, one per batch in flight: migrations were applied above, once.
+  // The writer's own connections, one per batch in flight (each lane keeps one batch waiting
+  // behind the one being written): migrations were applied above, once.
   const { concurrency, ...writerOptions } = config.writer;
   const spec = deps.storeSpec;
   const postgres = spec.kind === "postgres";
   const writerSpec: StoreSpec = spec.kind === "postgres"
-    ? { ...spec, migrate: false, max: concurrency }
+    ? { ...spec, migrate: false, max: 2 * concurrency }
     : spec;
   let writer: WriterClient;
   try {
@@ -70,8 +71,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       spec: writerSpec,
       storeOptions,
       ...writerOptions,
-      // Deno KV writes one batch at a time; a second one waiting keeps it busy.
-      maxInFlight: postgres ? concurrency : 2,
+      // Deno KV writes one batch at a time; PostgreSQL one per lane, meters split between lanes.
+      lanes: postgres ? concurrency : 1,
+      maxInFlight: 2,
       onStall: (message) =>
         message === null
           ? logger.info("writer recovered")
