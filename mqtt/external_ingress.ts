@@ -1,16 +1,12 @@
-import {
-  connect,
-  type IClientOptions,
-  type MqttClient,
-  type Packet,
-  UniqueMessageIdProvider,
-} from "mqtt";
+import { connect, type IClientOptions, type MqttClient, type Packet } from "mqtt";
 import { Buffer } from "node:buffer";
 import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
 import { isFinal, type MqttIntake } from "./intake.ts";
 import { Fifo } from "../core/fifo.ts";
+import { type AckMessage } from "./intake.ts";
+import { AckOutbox } from "./ack_outbox.ts";
 import { PacketBuffer } from "./packet_buffer.ts";
 import { acksTopic, meterOfReadingsTopic } from "./topics.ts";
 
@@ -33,15 +29,14 @@ export interface ExternalIngressOptions {
 
 interface Entry {
   final: boolean;
+  /** Its PUBACK was captured (or there is none to capture); until then it is not released. */
+  captured: boolean;
+  /** Whether a PUBACK goes out once final: not for readings that may be tried again. */
+  puback: boolean;
   /** The connection it arrived on; PUBACKs never cross to a new connection. */
   epoch: number;
-  /** The publish's packet id; `undefined` once there is no PUBACK to send. */
+  /** The publish's packet id, once captured. */
   packetId?: number;
-}
-
-interface AckPublish {
-  topic: string;
-  payload: string;
 }
 
 type SendPacket = (packet: Packet, cb?: (error?: Error) => void, ...rest: unknown[]) => void;
@@ -57,6 +52,8 @@ type Internals = { _sendPacket: SendPacket };
 const SLICE_MS = 4;
 /** Ack publishes kept while the broker is away or its receive window is full, at most. */
 const ACK_BACKLOG_MAX = 100_000;
+/** How long close() waits for its last write to reach the socket. */
+const CLOSE_WRITE_TIMEOUT_MS = 1_000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
 
@@ -72,10 +69,13 @@ const BACKOFF_MAX_MS = 30_000;
  * it fails CI.
  *
  * The packets sent per reading (its PUBACK and its QoS 1 ack publish) are encoded here and
- * written once per burst ({@linkcode PacketBuffer}); their packet ids come from the client's
- * own id allocator, so they never clash with mqtt.js's, and the broker's PUBACKs of our ack
- * publishes are taken from `packetreceive`. Unacknowledged ack publishes are sent again, marked
- * DUP, after a reconnect, as mqtt.js would.
+ * written once per burst ({@linkcode PacketBuffer}); ack publishes go through an
+ * {@linkcode AckOutbox} whose packet ids are shared with mqtt.js, and the broker's PUBACKs of
+ * them are taken from `packetreceive`.
+ *
+ * A connection that closes takes its PUBACKs with it: entries are stamped with the connection
+ * they arrived on, packets mqtt.js still parses from a closed connection are not taken, and
+ * its held callbacks are never resumed. The broker redelivers all of those readings.
  */
 export class ExternalIngress implements AsyncDisposable {
   #o: ExternalIngressOptions;
@@ -88,20 +88,25 @@ export class ExternalIngress implements AsyncDisposable {
   #subscribed: Promise<void>;
   #markSubscribed!: () => void;
   #maxInFlight = 0;
-  #ids = new UniqueMessageIdProvider();
+  #closed = false;
   #out = new PacketBuffer();
-  /** Ack publishes sent and not yet acknowledged by the broker, by packet id. */
-  #unacked = new Map<number, AckPublish>();
-  /** Ack publishes waiting for the connection or for room in the broker's receive window. */
-  #backlog = new Fifo<AckPublish>();
-  #receiveMaximum = 65_535;
+  #outbox: AckOutbox;
   /** When the current slice of intake work began; -1 after a yield. */
   #sliceStart = -1;
   #flushScheduled = false;
+  /** Settles when the last write reached the socket (close waits for it). */
+  #lastWrite: Promise<void> = Promise.resolve();
 
   private constructor(options: ExternalIngressOptions) {
     this.#o = options;
     this.#subscribed = new Promise((resolve) => this.#markSubscribed = resolve);
+    this.#outbox = new AckOutbox({
+      out: this.#out,
+      flushSoon: () => this.#scheduleFlush(),
+      backlogMax: ACK_BACKLOG_MAX,
+      onDropped: () =>
+        options.metrics.inc("mqtt_connection_errors_total", { reason: "ack_backlog_full" }),
+    });
     const clientOptions: IClientOptions = {
       protocolVersion: 5,
       clean: false,
@@ -115,7 +120,7 @@ export class ExternalIngress implements AsyncDisposable {
       },
       reconnectPeriod: BACKOFF_MIN_MS,
       connectTimeout: 10_000,
-      // We subscribe ourselves when the broker has no session for us.
+      // We subscribe ourselves on every connect.
       resubscribe: false,
       // Hooks must be in place before the first packet: queued session messages arrive at once.
       manualConnect: true,
@@ -125,7 +130,7 @@ export class ExternalIngress implements AsyncDisposable {
       // every keepalive period regardless is just as good at finding a dead connection.
       reschedulePings: false,
       // Shared with our ack publishes: an id is never used twice at once.
-      messageIdProvider: this.#ids,
+      messageIdProvider: this.#outbox.ids,
     };
     this.#client = connect(options.url, clientOptions);
     this.#install();
@@ -174,43 +179,57 @@ export class ExternalIngress implements AsyncDisposable {
     };
     client.on("packetreceive", (packet) => {
       if (packet.cmd === "puback" && packet.messageId !== undefined) {
-        this.#acked(packet.messageId);
+        this.#outbox.acked(packet.messageId);
       }
     });
 
     client.handleMessage = (packet, callback) => {
       if (packet.cmd !== "publish") return callback();
+      // mqtt.js goes on parsing what a closed connection had buffered: leave those packets (the
+      // broker redelivers them) and stop that connection's pump here.
+      if (this.#closed || !client.connected) return;
       metrics.inc("mqtt_messages_received_total", { topic: "meters/+/readings" });
       const meterId = meterOfReadingsTopic(packet.topic);
       const payload = packet.payload as Uint8Array;
-      if (meterId === null) {
-        logger.warn("mqtt message on an unexpected topic", { topic: packet.topic });
-        return callback();
-      }
       if (packet.qos !== 1) {
+        if (meterId === null) return this.#unexpected(packet.topic, callback);
         // QoS 0 has no ack to hold; QoS 2 is rare for meters and is simply held in series.
-        const done = this.#o.intake.handle(meterId, payload).then((ack) => this.#ack(meterId, ack));
-        return packet.qos === 2 ? void done.then(() => callback(), callback) : callback();
+        const done = this.#o.intake.handle(meterId, payload).then(
+          (ack) => this.#ack(meterId, ack),
+          (error) => logger.error("mqtt intake failed", { error, meter_id: meterId }),
+        );
+        return packet.qos === 2 ? void done.then(() => callback()) : callback();
       }
-      const entry: Entry = { final: false, epoch: this.#epoch };
+      const entry: Entry = { final: false, captured: false, puback: true, epoch: this.#epoch };
       this.#queue.push(entry);
       this.#maxInFlight = Math.max(this.#maxInFlight, this.#queue.length);
-      this.#o.intake.handle(meterId, payload).then((ack) => {
-        this.#ack(meterId, ack);
-        // A non-final ack only happens at shutdown: no PUBACK, the broker redelivers.
-        if (!isFinal(ack)) entry.packetId = undefined;
+      const finish = (puback: boolean) => {
+        entry.puback = puback;
         entry.final = true;
         this.#release();
-      }, (error) => {
-        logger.error("mqtt intake failed", { error, meter_id: meterId });
-        entry.final = true;
-        entry.packetId = undefined;
-        this.#release();
-      });
+      };
+      if (meterId === null) {
+        // Acknowledged (in order) so the broker drops it; nothing else to do with it.
+        logger.warn("mqtt message on an unexpected topic", { topic: packet.topic });
+        finish(true);
+      } else {
+        this.#o.intake.handle(meterId, payload).then((ack) => {
+          this.#ack(meterId, ack);
+          // A non-final ack only happens at shutdown: no PUBACK, the broker redelivers.
+          finish(isFinal(ack));
+        }, (error) => {
+          logger.error("mqtt intake failed", { error, meter_id: meterId });
+          finish(false);
+        });
+      }
       const proceed = () => {
+        // That connection closed while this waited: its pump stops here.
+        if (entry.epoch !== this.#epoch || this.#closed) return;
         this.#capturing = entry;
         callback();
         this.#capturing = null;
+        entry.captured = true;
+        this.#release();
       };
       // Bounded window: with too many readings in flight, stop reading from the socket.
       if (this.#queue.length >= this.#o.inflightMax) this.#paused = proceed;
@@ -222,13 +241,13 @@ export class ExternalIngress implements AsyncDisposable {
       (client.stream as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
       this.#backoff = BACKOFF_MIN_MS;
       client.options.reconnectPeriod = BACKOFF_MIN_MS;
-      this.#receiveMaximum = connack.properties?.receiveMaximum ?? 65_535;
-      this.#resendAcks();
+      this.#outbox.connected(connack.properties?.receiveMaximum ?? 65_535);
       logger.info("mqtt connected to external broker", {
         url: redact(this.#o.url),
         session_present: connack.sessionPresent,
       });
-      if (connack.sessionPresent) return this.#markSubscribed();
+      // Every time, even with a session present: a subscription that was lost or refused
+      // before its SUBACK would otherwise never be made again.
       const base = "meters/+/readings";
       const topic = this.#o.sharedGroup ? `$share/${this.#o.sharedGroup}/${base}` : base;
       client.subscribe(topic, { qos: 1 }, (error) => {
@@ -238,9 +257,12 @@ export class ExternalIngress implements AsyncDisposable {
     });
     client.on("close", () => {
       // PUBACKs of this connection can no longer be sent; the broker redelivers those readings.
-      // Ack publishes not yet written stay in #unacked and go again after the reconnect.
+      // Ack publishes not yet written stay unacknowledged in the outbox and go again later.
       this.#epoch++;
+      this.#paused = null;
       this.#out.clear();
+      this.#outbox.disconnected();
+      this.#release(); // entries of the old connection no longer wait for their capture
       this.#backoff = Math.min(BACKOFF_MAX_MS, this.#backoff * 2);
       client.options.reconnectPeriod = this.#backoff;
     });
@@ -250,12 +272,25 @@ export class ExternalIngress implements AsyncDisposable {
     });
   }
 
-  /** Sends PUBACKs of final readings from the head of the queue, in receive order. */
+  /** A QoS 0/2 publish on a topic we did not subscribe: acknowledged and dropped. */
+  #unexpected(topic: string, callback: () => void): void {
+    this.#o.logger.warn("mqtt message on an unexpected topic", { topic });
+    callback();
+  }
+
+  /**
+   * Sends PUBACKs of final readings from the head of the queue, in receive order. An entry of
+   * the current connection also waits for its PUBACK to be captured; one of a closed
+   * connection only for its outcome.
+   */
   #release(): void {
-    while (this.#queue.length > 0 && this.#queue.peek()!.final) {
-      const entry = this.#queue.shift()!;
-      if (entry.epoch === this.#epoch && entry.packetId !== undefined) {
-        this.#out.puback(entry.packetId);
+    while (this.#queue.length > 0) {
+      const head = this.#queue.peek()!;
+      const current = head.epoch === this.#epoch;
+      if (!head.final || (current && !head.captured)) break;
+      this.#queue.shift();
+      if (current && head.puback && head.packetId !== undefined && this.#client.connected) {
+        this.#out.puback(head.packetId);
         this.#scheduleFlush();
       }
     }
@@ -266,50 +301,12 @@ export class ExternalIngress implements AsyncDisposable {
     }
   }
 
-  #ack(meterId: string, ack: object): void {
-    this.#publishAck({ topic: acksTopic(meterId), payload: JSON.stringify(ack) });
-  }
-
-  #publishAck(ack: AckPublish): void {
-    if (!this.#client.connected || this.#unacked.size >= this.#receiveMaximum) {
-      if (this.#backlog.length >= ACK_BACKLOG_MAX) {
-        this.#o.metrics.inc("mqtt_connection_errors_total", { reason: "ack_backlog_full" });
-        this.#backlog.shift(); // the device learns the outcome again when it resends
-      }
-      this.#backlog.push(ack);
-      return;
+  #ack(meterId: string, ack: AckMessage): void {
+    try {
+      this.#outbox.publish({ topic: acksTopic(meterId), payload: JSON.stringify(ack) });
+    } catch (error) {
+      this.#o.logger.error("mqtt ack could not be encoded", { error, meter_id: meterId });
     }
-    const id = this.#ids.allocate();
-    if (id === null) return void this.#backlog.push(ack);
-    this.#unacked.set(id, ack);
-    this.#out.publishQos1(ack.topic, ack.payload, id, false);
-    this.#scheduleFlush();
-  }
-
-  /** The broker acknowledged one of our ack publishes. */
-  #acked(id: number): void {
-    if (!this.#unacked.delete(id)) return;
-    this.#ids.deallocate(id);
-    while (this.#backlog.length > 0 && this.#unacked.size < this.#receiveMaximum) {
-      this.#publishAck(this.#backlog.shift()!);
-    }
-  }
-
-  /** After a (re)connect: unacknowledged ack publishes again (DUP), then the backlog. */
-  #resendAcks(): void {
-    const retry: AckPublish[] = [];
-    for (const [id, ack] of this.#unacked) {
-      // mqtt.js cleared its allocator on connect: claim our ids again.
-      if (this.#ids.register(id)) {
-        this.#out.publishQos1(ack.topic, ack.payload, id, true);
-      } else {
-        this.#unacked.delete(id);
-        retry.push(ack);
-      }
-    }
-    const waiting = [...retry, ...this.#backlog.drain()];
-    for (const ack of waiting) this.#publishAck(ack);
-    this.#scheduleFlush();
   }
 
   /** Runs `next` now, or after the event loop had its turn when this slice is used up. */
@@ -323,7 +320,7 @@ export class ExternalIngress implements AsyncDisposable {
 
   #scheduleFlush(): void {
     // One write per burst: a writer batch releases hundreds of readings in one turn.
-    if (this.#flushScheduled) return;
+    if (this.#flushScheduled || this.#closed) return;
     this.#flushScheduled = true;
     setImmediate(() => this.#flush());
   }
@@ -334,12 +331,23 @@ export class ExternalIngress implements AsyncDisposable {
     if (this.#out.length === 0) return;
     const stream = this.#client.stream;
     if (!this.#client.connected || !stream?.writable) return this.#out.clear();
-    stream.write(Buffer.from(this.#out.take().buffer));
+    const bytes = Buffer.from(this.#out.take().buffer);
+    this.#lastWrite = new Promise((resolve) => stream.write(bytes, () => resolve()));
   }
 
   /** Disconnects; readings not yet acknowledged are redelivered by the broker later. */
   async close(): Promise<void> {
+    if (this.#closed) return;
     this.#flush();
+    this.#closed = true;
+    this.#paused = null;
+    // The last PUBACKs and acks must reach the socket before it is torn down.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.#lastWrite,
+      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WRITE_TIMEOUT_MS)),
+    ]);
+    clearTimeout(timer);
     this.#epoch++;
     await this.#client.endAsync(true);
   }

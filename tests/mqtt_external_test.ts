@@ -548,3 +548,92 @@ mosquittoTest(
     }
   },
 );
+
+/** An intake that answers every reading itself: at once, or all pending ones together. */
+class AutoIntake {
+  calls = 0;
+  #pending: ((ack: AckMessage) => void)[] = [];
+  #timer: ReturnType<typeof setInterval> | undefined;
+
+  constructor(readonly mode: "instant" | "batched") {
+    if (mode === "batched") {
+      // Like the writer: outcomes arrive for many readings in one turn.
+      this.#timer = setInterval(() => {
+        for (const resolve of this.#pending.splice(0)) resolve(this.#ack());
+      }, 5);
+    }
+  }
+
+  handle(): Promise<AckMessage> {
+    this.calls++;
+    if (this.mode === "instant") return Promise.resolve(this.#ack());
+    return new Promise((resolve) => this.#pending.push(resolve));
+  }
+
+  #ack(): AckMessage {
+    return { reading_timestamp: null, status: "rejected", code: "invalid_payload", message: "x" };
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+  }
+}
+
+for (const mode of ["instant", "batched"] as const) {
+  mosquittoTest(
+    `every reading gets its PUBACK when outcomes come ${
+      mode === "instant" ? "at once" : "in batches"
+    } ` +
+      "and the in-flight window is small: after a restart nothing is redelivered",
+    async () => {
+      await using mosq = await startMosquitto();
+      const metrics = new Metrics();
+      metrics.counter("mqtt_messages_received_total", "test");
+      metrics.counter("mqtt_connection_errors_total", "test");
+      const clientId = uniqueId(`window-${mode}`);
+      const open = async (intake: unknown) => {
+        const ingress = await ExternalIngress.start({
+          url: mosq.url,
+          clientId,
+          sessionExpirySeconds: 600,
+          inflightMax: 10,
+          intake: intake as MqttIntake,
+          logger: silentLogger,
+          metrics,
+        });
+        await within(ingress.ready(), "ingress subscription");
+        return ingress;
+      };
+      const auto = new AutoIntake(mode);
+      const publisher = await connectClient(mosq, { clientId: uniqueId("window-pub") });
+      let ingress = await open(auto);
+      try {
+        const N = 300;
+        await Promise.all(
+          Array.from(
+            { length: N },
+            (_, i) =>
+              publisher.publishAsync(`meters/window-meter/readings`, `{"n":${i}}`, { qos: 1 }),
+          ),
+        );
+        await pollUntil(() => auto.calls >= N && ingress.inFlight === 0, `${N} readings final`);
+        assert.equal(auto.calls, N, "each reading reached the intake once");
+        await ingress.close();
+
+        const again = new ControlledIntake();
+        ingress = await open(again);
+        const marker = JSON.stringify({ marker: true });
+        await publisher.publishAsync(`meters/window-meter/readings`, marker, { qos: 1 });
+        await again.waitFor(1);
+        assert.equal(again.payloads[0], marker, "no reading was left without its PUBACK");
+        again.calls[0].resolve(
+          accepted({ ...again.calls[0], payload: '{"reading_timestamp":"x"}' }),
+        );
+      } finally {
+        auto.stop();
+        await ingress.close();
+        await publisher.endAsync();
+      }
+    },
+  );
+}

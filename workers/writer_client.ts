@@ -21,7 +21,10 @@ export interface WriterOptions {
    * meter locks (measured: two batches of the same meters ran one after the other).
    */
   lanes?: number;
-  /** Batches of one lane handed to the worker at once (one writing, one waiting keeps it busy). */
+  /**
+   * Batches of one lane handed to the worker at once. PostgreSQL writes them together on
+   * connections of their own (meter locks keep them apart); Deno KV one after the other.
+   */
   maxInFlight?: number;
   /** How long `close()` waits for accepted rows to be written before giving up. */
   closeTimeoutMs?: number;
