@@ -81,6 +81,7 @@ export class WriterClient implements AsyncDisposable {
   #capacityWaiters: (() => void)[] = [];
   #drainWaiters: (() => void)[] = [];
   #closing: Promise<void> | undefined;
+  #closed = false;
   #stats: WriterStats = {
     queued: 0,
     batches: 0,
@@ -170,6 +171,11 @@ export class WriterClient implements AsyncDisposable {
         if (ready) return this.#onMessage(message);
         if (message.type === "ready") {
           ready = true;
+          // A restart that finished after close() gave up on it: nothing may keep it alive.
+          if (this.#closed) {
+            worker.terminate();
+            return resolve();
+          }
           this.#worker = worker;
           resolve();
         } else if (message.type === "init_failed") {
@@ -194,6 +200,7 @@ export class WriterClient implements AsyncDisposable {
 
   #crashed(reason: string): void {
     this.#worker = undefined;
+    if (this.#closed) return;
     this.#stats.restarts++;
     this.#setStalled(reason);
     this.#restartTimer = setTimeout(() => {
@@ -307,16 +314,25 @@ export class WriterClient implements AsyncDisposable {
       clearTimeout(this.#restartTimer);
       const worker = this.#worker;
       if (worker && !gaveUp) {
+        // Bounded too: a worker that dies while closing never says "closed".
+        let closeTimer: ReturnType<typeof setTimeout> | undefined;
         await new Promise<void>((resolve) => {
           worker.onmessage = (event: MessageEvent<FromWriter>) => {
             if (event.data.type === "closed") resolve();
           };
+          worker.onerror = (event) => {
+            event.preventDefault();
+            resolve();
+          };
+          closeTimer = setTimeout(resolve, this.#options.closeTimeoutMs);
           const message: ToWriter = { type: "close" };
           worker.postMessage(message);
         });
+        clearTimeout(closeTimer);
       }
       worker?.terminate();
       this.#worker = undefined;
+      this.#closed = true;
       // Whatever is left was never committed; its callers were never told it was.
       const left = [...this.#inFlight.values()].flatMap((e) => e.batch)
         .concat(this.#lanes.flatMap((lane) => lane.pending.splice(0)));
