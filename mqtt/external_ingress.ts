@@ -52,8 +52,8 @@ type Internals = { _sendPacket: SendPacket };
 const SLICE_MS = 4;
 /** Ack publishes kept while the broker is away or its receive window is full, at most. */
 const ACK_BACKLOG_MAX = 100_000;
-/** How long close() waits for its last write to reach the socket. */
-const CLOSE_WRITE_TIMEOUT_MS = 1_000;
+/** How long close() waits for the broker to close its side. */
+const CLOSE_TIMEOUT_MS = 2_000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
 
@@ -94,8 +94,6 @@ export class ExternalIngress implements AsyncDisposable {
   /** When the current slice of intake work began; -1 after a yield. */
   #sliceStart = -1;
   #flushScheduled = false;
-  /** Settles when the last write reached the socket (close waits for it). */
-  #lastWrite: Promise<void> = Promise.resolve();
 
   private constructor(options: ExternalIngressOptions) {
     this.#o = options;
@@ -331,24 +329,39 @@ export class ExternalIngress implements AsyncDisposable {
     if (this.#out.length === 0) return;
     const stream = this.#client.stream;
     if (!this.#client.connected || !stream?.writable) return this.#out.clear();
-    const bytes = Buffer.from(this.#out.take().buffer);
-    this.#lastWrite = new Promise((resolve) => stream.write(bytes, () => resolve()));
+    stream.write(Buffer.from(this.#out.take().buffer));
   }
 
-  /** Disconnects; readings not yet acknowledged are redelivered by the broker later. */
+  /**
+   * Disconnects; readings not yet acknowledged are redelivered by the broker later. The PUBACKs
+   * and acks already released reach the broker first: the socket is half-closed after them and
+   * read to its end, since closing with unread input resets the connection, and a reset lets
+   * the broker drop what it had not read yet (measured: a reading acknowledged just before
+   * close() came back).
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#flush();
     this.#closed = true;
     this.#paused = null;
-    // The last PUBACKs and acks must reach the socket before it is torn down.
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      this.#lastWrite,
-      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WRITE_TIMEOUT_MS)),
-    ]);
-    clearTimeout(timer);
     this.#epoch++;
+    const stream = this.#client.stream as
+      | (NodeJS.ReadWriteStream & { destroyed?: boolean; unpipe(): void })
+      | undefined;
+    if (this.#client.connected && stream && !stream.destroyed) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        new Promise<void>((resolve) => {
+          stream.once("close", () => resolve());
+          stream.unpipe(); // mqtt.js no longer reads it
+          stream.on("data", () => {}); // read to the broker's FIN, discarding
+          stream.resume();
+          stream.end();
+        }),
+        new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_TIMEOUT_MS)),
+      ]);
+      clearTimeout(timer);
+    }
     await this.#client.endAsync(true);
   }
 
