@@ -59,3 +59,27 @@ export async function spawnGateway(env: Record<string, string>): Promise<Gateway
   };
   return { url: `http://127.0.0.1:${port}`, dir, child, [Symbol.asyncDispose]: close };
 }
+
+/** A decoded API response: benchmarks read fields without declaring every shape. */
+// deno-lint-ignore no-explicit-any
+type Json = any;
+
+/** A JSON call to the gateway's API (GET without a body, POST with one); throws unless 2xx. */
+export async function api(
+  gw: GatewayProcess,
+  path: string,
+  body?: unknown,
+  token?: string,
+): Promise<Json> {
+  const res = await fetch(gw.url + path, {
+    method: body === undefined ? "GET" : "POST",
+    headers: {
+      "content-type": "application/json",
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
+    },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  if (!res.ok) throw new Error(`${path}: ${res.status} ${text}`);
+  return text.startsWith("{") ? JSON.parse(text) : text;
+}

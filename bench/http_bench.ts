@@ -4,7 +4,7 @@
 import { parseArgs } from "node:util";
 import { Buffer } from "node:buffer";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
-import { spawnGateway } from "./_spawn.ts";
+import { api as gatewayApi, spawnGateway } from "./_spawn.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -26,20 +26,7 @@ await using gw = await spawnGateway({
   LOG_LEVEL: "info",
 });
 
-// deno-lint-ignore no-explicit-any
-async function api(path: string, body?: unknown, token?: string): Promise<any> {
-  const res = await fetch(gw.url + path, {
-    method: body === undefined ? "GET" : "POST",
-    headers: {
-      "content-type": "application/json",
-      ...(token ? { authorization: `Bearer ${token}` } : {}),
-    },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  if (!res.ok) throw new Error(`${path}: ${res.status} ${text}`);
-  return text.startsWith("{") ? JSON.parse(text) : text;
-}
+const api = (path: string, body?: unknown, token?: string) => gatewayApi(gw, path, body, token);
 
 const { access_token: token } = await api("/api/auth/login", ADMIN);
 const user = await api("/api/admin/users", {

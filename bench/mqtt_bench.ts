@@ -13,7 +13,7 @@ import { fileURLToPath } from "node:url";
 import { connectAsync, type MqttClient } from "mqtt";
 import { readingPayload } from "../mqtt/device_credentials.ts";
 import { fatal, parseFlags } from "../cli/_args.ts";
-import { freePort, type GatewayProcess, spawnGateway } from "./_spawn.ts";
+import { api, freePort, type GatewayProcess, spawnGateway } from "./_spawn.ts";
 import postgres from "postgres";
 import { createTestSchema } from "../tests/_services.ts";
 
@@ -628,21 +628,6 @@ function fmt(n: number): string {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-// deno-lint-ignore no-explicit-any
-async function api(gw: GatewayProcess, path: string, body?: unknown, token?: string): Promise<any> {
-  const res = await fetch(gw.url + path, {
-    method: body === undefined ? "GET" : "POST",
-    headers: {
-      "content-type": "application/json",
-      ...(token ? { authorization: `Bearer ${token}` } : {}),
-    },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  if (!res.ok) throw new Error(`${path}: ${res.status} ${text}`);
-  return text.startsWith("{") ? JSON.parse(text) : text;
-}
 
 interface GatewayFigures {
   /** `gateway_readings_total{source="mqtt"}` by outcome. */

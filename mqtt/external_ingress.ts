@@ -3,10 +3,9 @@ import { Buffer } from "node:buffer";
 import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
-import { isFinal, type MqttIntake } from "./intake.ts";
 import { Fifo } from "../core/fifo.ts";
-import { type AckMessage } from "./intake.ts";
 import { AckOutbox } from "./ack_outbox.ts";
+import { type AckMessage, isFinal, type MqttIntake } from "./intake.ts";
 import { PacketBuffer } from "./packet_buffer.ts";
 import { acksTopic, meterOfReadingsTopic } from "./topics.ts";
 
@@ -189,8 +188,11 @@ export class ExternalIngress implements AsyncDisposable {
       metrics.inc("mqtt_messages_received_total", { topic: "meters/+/readings" });
       const meterId = meterOfReadingsTopic(packet.topic);
       const payload = packet.payload as Uint8Array;
+      if (meterId === null) {
+        logger.warn("mqtt message on an unexpected topic", { topic: packet.topic });
+      }
       if (packet.qos !== 1) {
-        if (meterId === null) return this.#unexpected(packet.topic, callback);
+        if (meterId === null) return callback(); // acknowledged and dropped
         // QoS 0 has no ack to hold; QoS 2 is rare for meters and is simply held in series.
         const done = this.#o.intake.handle(meterId, payload).then(
           (ack) => this.#ack(meterId, ack),
@@ -207,9 +209,7 @@ export class ExternalIngress implements AsyncDisposable {
         this.#release();
       };
       if (meterId === null) {
-        // Acknowledged (in order) so the broker drops it; nothing else to do with it.
-        logger.warn("mqtt message on an unexpected topic", { topic: packet.topic });
-        finish(true);
+        finish(true); // acknowledged (in order) so the broker drops it
       } else {
         this.#o.intake.handle(meterId, payload).then((ack) => {
           this.#ack(meterId, ack);
@@ -270,12 +270,6 @@ export class ExternalIngress implements AsyncDisposable {
     });
   }
 
-  /** A QoS 0/2 publish on a topic we did not subscribe: acknowledged and dropped. */
-  #unexpected(topic: string, callback: () => void): void {
-    this.#o.logger.warn("mqtt message on an unexpected topic", { topic });
-    callback();
-  }
-
   /**
    * Sends PUBACKs of final readings from the head of the queue, in receive order. An entry of
    * the current connection also waits for its PUBACK to be captured; one of a closed
@@ -300,11 +294,7 @@ export class ExternalIngress implements AsyncDisposable {
   }
 
   #ack(meterId: string, ack: AckMessage): void {
-    try {
-      this.#outbox.publish({ topic: acksTopic(meterId), payload: JSON.stringify(ack) });
-    } catch (error) {
-      this.#o.logger.error("mqtt ack could not be encoded", { error, meter_id: meterId });
-    }
+    this.#outbox.publish({ topic: acksTopic(meterId), payload: JSON.stringify(ack) });
   }
 
   /** Runs `next` now, or after the event loop had its turn when this slice is used up. */

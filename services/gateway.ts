@@ -57,11 +57,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     store: describeStore(deps.storeSpec),
     ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
   });
-  // The writer's own connections, one per batch in flight (each lane keeps one batch waiting
-  // behind the one being written): migrations were applied above, once.
+  // The writer's own connections, one per batch in flight (two per lane): migrations were
+  // applied above, once.
   const { concurrency, ...writerOptions } = config.writer;
   const spec = deps.storeSpec;
-  const postgres = spec.kind === "postgres";
   const writerSpec: StoreSpec = spec.kind === "postgres"
     ? { ...spec, migrate: false, max: 2 * concurrency }
     : spec;
@@ -72,7 +71,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       storeOptions,
       ...writerOptions,
       // Deno KV writes one batch at a time; PostgreSQL one per lane, meters split between lanes.
-      lanes: postgres ? concurrency : 1,
+      lanes: spec.kind === "postgres" ? concurrency : 1,
       maxInFlight: 2,
       onStall: (message) =>
         message === null

@@ -60,6 +60,14 @@ interface Lane {
   lingerDone: boolean;
 }
 
+/** A batch handed to the worker. */
+interface InFlight {
+  lane: Lane;
+  rows: Pending[];
+  /** performance.now() when it was (last) handed over. */
+  sentAt: number;
+}
+
 const RESTART_DELAY_MS = 200;
 const WORKER_URL = new URL("./writer.ts", import.meta.url);
 
@@ -72,8 +80,8 @@ export class WriterClient implements AsyncDisposable {
   #worker: Worker | undefined;
   #options: WriterOptions & { lanes: number; maxInFlight: number; closeTimeoutMs: number };
   #lanes: Lane[];
-  #inFlight = new Map<number, { lane: Lane; batch: Pending[] }>();
-  #sentAt = new Map<number, number>();
+  /** Batches at the worker, by id, with when they were (last) handed over. */
+  #inFlight = new Map<number, InFlight>();
   #nextId = 1;
   #restartTimer: ReturnType<typeof setTimeout> | undefined;
   #queued = 0;
@@ -129,9 +137,7 @@ export class WriterClient implements AsyncDisposable {
   submit(row: ReadingRow): Promise<WriteResult> | null {
     if (!this.hasCapacity) return null;
     this.#queued++;
-    const lane = this.#lanes.length === 1
-      ? this.#lanes[0]
-      : this.#lanes[laneOf(row.meter_id, this.#lanes.length)];
+    const lane = this.#lanes[laneOf(row.meter_id, this.#lanes.length)];
     return new Promise((resolve) => {
       lane.pending.push({ row, resolve });
       if (lane.pending.length === 1 && lane.timer === undefined) {
@@ -208,7 +214,7 @@ export class WriterClient implements AsyncDisposable {
       this.#spawn().then(() => {
         // Unfinished batches go again, in order; rows already committed come back as
         // duplicates of themselves and the worker claims them as stored.
-        for (const [id, { batch }] of this.#inFlight) this.#sendBatch(id, batch);
+        for (const [id, batch] of this.#inFlight) this.#sendBatch(id, batch);
         this.#flush();
       }, (error) => this.#crashed(String(error?.message ?? error)));
     }, RESTART_DELAY_MS);
@@ -229,10 +235,10 @@ export class WriterClient implements AsyncDisposable {
       this.#worker && lane.pending.length > 0 && lane.inFlight < this.#options.maxInFlight &&
       (lane.lingerDone || lane.pending.length >= this.#options.batchMax)
     ) {
-      const batch = lane.pending.splice(0, this.#options.batchMax);
+      const batch = { lane, rows: lane.pending.splice(0, this.#options.batchMax), sentAt: 0 };
       const id = this.#nextId++;
       lane.inFlight++;
-      this.#inFlight.set(id, { lane, batch });
+      this.#inFlight.set(id, batch);
       this.#sendBatch(id, batch);
     }
     if (lane.pending.length === 0) {
@@ -242,21 +248,20 @@ export class WriterClient implements AsyncDisposable {
     }
   }
 
-  #sendBatch(id: number, batch: Pending[]): void {
-    const buffer = encodeRows(batch.map((p) => p.row));
+  #sendBatch(id: number, batch: InFlight): void {
+    const buffer = encodeRows(batch.rows.map((p) => p.row));
     const message: ToWriter = { type: "batch", id, rows: buffer };
-    this.#sentAt.set(id, performance.now());
+    batch.sentAt = performance.now();
     this.#worker?.postMessage(message, [buffer]);
   }
 
   #settle(id: number, results: (i: number) => WriteResult): void {
     const entry = this.#inFlight.get(id);
     if (!entry) return;
-    const { lane, batch } = entry;
+    const { lane, rows: batch } = entry;
     this.#inFlight.delete(id);
     lane.inFlight--;
-    this.#stats.lastRoundTripMs = performance.now() - (this.#sentAt.get(id) ?? 0);
-    this.#sentAt.delete(id);
+    this.#stats.lastRoundTripMs = performance.now() - entry.sentAt;
     for (let i = 0; i < batch.length; i++) batch[i].resolve(results(i));
     this.#queued -= batch.length;
     // Rows that waited behind a busy lane go out at once: batches grow with load.
@@ -334,7 +339,7 @@ export class WriterClient implements AsyncDisposable {
       this.#worker = undefined;
       this.#closed = true;
       // Whatever is left was never committed; its callers were never told it was.
-      const left = [...this.#inFlight.values()].flatMap((e) => e.batch)
+      const left = [...this.#inFlight.values()].flatMap((e) => e.rows)
         .concat(this.#lanes.flatMap((lane) => lane.pending.splice(0)));
       this.#inFlight.clear();
       for (const p of left) {
@@ -351,6 +356,7 @@ export class WriterClient implements AsyncDisposable {
 
 /** The lane of a meter: FNV-1a of its id, so a meter always goes the same way. */
 function laneOf(meterId: string, lanes: number): number {
+  if (lanes === 1) return 0;
   let h = 0x811c9dc5;
   for (let i = 0; i < meterId.length; i++) h = Math.imul(h ^ meterId.charCodeAt(i), 0x01000193);
   return (h >>> 0) % lanes;
