@@ -46,9 +46,19 @@ export async function spawnGateway(env: Record<string, string>): Promise<Gateway
     if (done) throw new Error(`gateway exited before listening:\n${buffered}`);
     buffered += value;
   }
-  // Keep draining stdout so the child never blocks on a full pipe.
+  // Keep draining stdout so the child never blocks on a full pipe; BENCH_GATEWAY_LOG=<file>
+  // keeps it (e.g. with BENCH_GATEWAY_DENO_ARGS=--v8-flags=--trace-gc).
+  const logPath = Deno.env.get("BENCH_GATEWAY_LOG");
+  const log = logPath
+    ? await Deno.open(logPath, { write: true, create: true, append: true })
+    : null;
   (async () => {
-    while (!(await lines.read()).done) { /* discard */ }
+    const encoder = new TextEncoder();
+    if (log) await log.write(encoder.encode(buffered));
+    for (let r = await lines.read(); !r.done; r = await lines.read()) {
+      if (log) await log.write(encoder.encode(r.value));
+    }
+    log?.close();
   })();
   const close = async () => {
     try {

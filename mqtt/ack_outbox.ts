@@ -74,11 +74,12 @@ export class AckOutbox {
     if (!this.#trySend(ack, false)) this.#keep(ack);
   }
 
-  /** The broker acknowledged packet `id` (ignored unless it is one of ours). */
-  acked(id: number): void {
-    if (!this.#unacked.delete(id)) return;
+  /** The broker acknowledged packet `id`; whether it was one of ours (others are ignored). */
+  acked(id: number): boolean {
+    if (!this.#unacked.delete(id)) return false;
     this.ids.deallocate(id);
     this.#drain();
+    return true;
   }
 
   /** A connection is up with this receive maximum: resend what was unacknowledged, then more. */

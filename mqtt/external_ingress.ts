@@ -1,5 +1,6 @@
-import { connect, type IClientOptions, type MqttClient, type Packet } from "mqtt";
+import { connect, type IClientOptions, type MqttClient } from "mqtt";
 import { Buffer } from "node:buffer";
+import type { Duplex } from "node:stream";
 import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
@@ -7,7 +8,8 @@ import { Fifo } from "../core/fifo.ts";
 import { AckOutbox } from "./ack_outbox.ts";
 import { type AckMessage, isFinal, type MqttIntake } from "./intake.ts";
 import { PacketBuffer } from "./packet_buffer.ts";
-import { acksTopic, meterOfReadingsTopic } from "./topics.ts";
+import { PublishTap, type TappedPublish } from "./publish_tap.ts";
+import { acksTopic, meterOfReadingsTopic, meterOfReadingsTopicBytes } from "./topics.ts";
 
 /** Options of {@linkcode ExternalIngress}. */
 export interface ExternalIngressOptions {
@@ -28,19 +30,17 @@ export interface ExternalIngressOptions {
 
 interface Entry {
   final: boolean;
-  /** Its PUBACK was captured (or there is none to capture); until then it is not released. */
-  captured: boolean;
   /** Whether a PUBACK goes out once final: not for readings that may be tried again. */
   puback: boolean;
   /** The connection it arrived on; PUBACKs never cross to a new connection. */
   epoch: number;
-  /** The publish's packet id, once captured. */
-  packetId?: number;
+  /** The publish's packet id. */
+  packetId: number;
 }
 
-type SendPacket = (packet: Packet, cb?: (error?: Error) => void, ...rest: unknown[]) => void;
+type StreamBuilder = (client: MqttClient) => Duplex;
 /** The one private member we rely on (see the class comment). */
-type Internals = { _sendPacket: SendPacket };
+type Internals = { streamBuilder: StreamBuilder };
 
 /**
  * Longest stretch, in ms, spent handing buffered publishes to the intake before yielding.
@@ -61,28 +61,30 @@ const BACKOFF_MAX_MS = 30_000;
  * session. Intake is pipelined: many readings are in flight at once, and each PUBACK is held
  * until its reading is final, then released in receive order.
  *
- * mqtt.js sends a QoS 1 PUBACK right after `handleMessage` calls back and reads the next packet
- * only after that PUBACK was handed to `_sendPacket`. We call back at once (so the next packet
- * is read) and capture that PUBACK in `_sendPacket`, to send it ourselves later. `_sendPacket`
- * is private; tests/mqtt_external_test.ts pins this behaviour so an mqtt.js upgrade that breaks
- * it fails CI.
+ * mqtt.js connects, subscribes, keeps the connection alive and reconnects; the per-reading
+ * packets bypass it. Each connection's stream is wrapped in a {@linkcode PublishTap} (through
+ * mqtt.js's private `streamBuilder`), which takes QoS 0/1 PUBLISH packets and the PUBACKs of
+ * our ack publishes off the wire and passes everything else on. Reading from the socket stops
+ * while the window of readings in flight is full. tests/mqtt_external_test.ts pins this
+ * behaviour so an mqtt.js upgrade that breaks it fails CI.
  *
  * The packets sent per reading (its PUBACK and its QoS 1 ack publish) are encoded here and
  * written once per burst ({@linkcode PacketBuffer}); ack publishes go through an
- * {@linkcode AckOutbox} whose packet ids are shared with mqtt.js, and the broker's PUBACKs of
- * them are taken from `packetreceive`.
+ * {@linkcode AckOutbox} whose packet ids are shared with mqtt.js.
  *
  * A connection that closes takes its PUBACKs with it: entries are stamped with the connection
- * they arrived on, packets mqtt.js still parses from a closed connection are not taken, and
- * its held callbacks are never resumed. The broker redelivers all of those readings.
+ * they arrived on, and nothing is taken from a closed connection's tap. The broker redelivers
+ * all of those readings.
  */
 export class ExternalIngress implements AsyncDisposable {
   #o: ExternalIngressOptions;
   #client: MqttClient;
   #queue = new Fifo<Entry>();
   #epoch = 0;
-  #capturing: Entry | null = null;
-  #paused: (() => void) | null = null;
+  /** The current connection's tap. */
+  #tap: PublishTap | null = null;
+  /** A tap stopped because the window is full. */
+  #paused: PublishTap | null = null;
   #backoff = BACKOFF_MIN_MS;
   #subscribed: Promise<void>;
   #markSubscribed!: () => void;
@@ -163,83 +165,37 @@ export class ExternalIngress implements AsyncDisposable {
     const client = this.#client;
     const { logger, metrics } = this.#o;
     const internals = client as unknown as Internals;
-    const send = internals._sendPacket.bind(client);
-    internals._sendPacket = (packet, cb, ...rest) => {
-      const entry = this.#capturing;
-      if (entry && packet.cmd === "puback") {
-        this.#capturing = null;
-        entry.packetId = packet.messageId;
-        cb?.(); // lets mqtt.js read the next packet now
-        return;
-      }
-      send(packet, cb, ...rest);
+    const build = internals.streamBuilder;
+    internals.streamBuilder = (c) => {
+      const tap: PublishTap = new PublishTap(build(c), {
+        publish: (packet) => this.#onPublish(tap, packet),
+        puback: (id) => this.#outbox.acked(id),
+      });
+      this.#tap = tap;
+      return tap;
     };
-    client.on("packetreceive", (packet) => {
-      if (packet.cmd === "puback" && packet.messageId !== undefined) {
-        this.#outbox.acked(packet.messageId);
-      }
-    });
 
+    // Only what the tap passes on gets here: QoS 2 (which a QoS 1 subscription never receives)
+    // and anything a broker sends before its CONNACK. Held in series, acknowledged when final.
     client.handleMessage = (packet, callback) => {
-      if (packet.cmd !== "publish") return callback();
-      // mqtt.js goes on parsing what a closed connection had buffered: leave those packets (the
-      // broker redelivers them) and stop that connection's pump here.
-      if (this.#closed || !client.connected) return;
-      metrics.inc("mqtt_messages_received_total", { topic: "meters/+/readings" });
-      const meterId = meterOfReadingsTopic(packet.topic);
-      const payload = packet.payload as Uint8Array;
-      if (meterId === null) {
-        logger.warn("mqtt message on an unexpected topic", { topic: packet.topic });
-      }
-      if (packet.qos !== 1) {
-        if (meterId === null) return callback(); // acknowledged and dropped
-        // QoS 0 has no ack to hold; QoS 2 is rare for meters and is simply held in series.
-        const done = this.#o.intake.handle(meterId, payload).then(
-          (ack) => this.#ack(meterId, ack),
-          (error) => logger.error("mqtt intake failed", { error, meter_id: meterId }),
-        );
-        return packet.qos === 2 ? void done.then(() => callback()) : callback();
-      }
-      const entry: Entry = { final: false, captured: false, puback: true, epoch: this.#epoch };
-      this.#queue.push(entry);
-      this.#maxInFlight = Math.max(this.#maxInFlight, this.#queue.length);
-      const finish = (puback: boolean) => {
-        entry.puback = puback;
-        entry.final = true;
-        this.#release();
-      };
-      if (meterId === null) {
-        finish(true); // acknowledged (in order) so the broker drops it
-      } else {
-        this.#o.intake.handle(meterId, payload).then((ack) => {
-          this.#ack(meterId, ack);
-          // A non-final ack only happens at shutdown: no PUBACK, the broker redelivers.
-          finish(isFinal(ack));
-        }, (error) => {
-          logger.error("mqtt intake failed", { error, meter_id: meterId });
-          finish(false);
-        });
-      }
-      const proceed = () => {
-        // That connection closed while this waited: its pump stops here.
-        if (entry.epoch !== this.#epoch || this.#closed) return;
-        this.#capturing = entry;
-        callback();
-        this.#capturing = null;
-        entry.captured = true;
-        this.#release();
-      };
-      // Bounded window: with too many readings in flight, stop reading from the socket.
-      if (this.#queue.length >= this.#o.inflightMax) this.#paused = proceed;
-      else this.#inSlice(proceed);
+      if (packet.cmd !== "publish" || this.#closed) return callback();
+      const topic = packet.topic;
+      const meterId = meterOfReadingsTopic(topic);
+      this.#received(meterId, topic);
+      if (meterId === null) return callback();
+      this.#o.intake.handle(meterId, packet.payload as Uint8Array).then(
+        (ack) => this.#ack(meterId, ack),
+        (error) => logger.error("mqtt intake failed", { error, meter_id: meterId }),
+      ).then(() => callback());
     };
 
     client.on("connect", (connack) => {
       // Held PUBACKs are small and released in bursts: do not let Nagle delay them.
-      (client.stream as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+      this.#tap?.setNoDelay(true);
       this.#backoff = BACKOFF_MIN_MS;
       client.options.reconnectPeriod = BACKOFF_MIN_MS;
       this.#outbox.connected(connack.properties?.receiveMaximum ?? 65_535);
+      this.#flush(); // PUBACKs released before mqtt.js saw the CONNACK
       logger.info("mqtt connected to external broker", {
         url: redact(this.#o.url),
         session_present: connack.sessionPresent,
@@ -270,40 +226,100 @@ export class ExternalIngress implements AsyncDisposable {
     });
   }
 
+  /** A QoS 0/1 publish from `tap`; returns whether the tap may go on reading now. */
+  #onPublish(tap: PublishTap, packet: TappedPublish): boolean {
+    // Nothing is taken from a connection that is no longer the current one, or after close().
+    if (this.#closed || tap !== this.#tap) return false;
+    const { intake, logger } = this.#o;
+    const { bytes, topicStart, topicEnd } = packet;
+    const meterId = meterOfReadingsTopicBytes(bytes, topicStart, topicEnd);
+    this.#received(meterId, meterId === null ? topicText(bytes, topicStart, topicEnd) : "");
+    if (packet.qos === 0) {
+      if (meterId !== null) {
+        intake.handle(meterId, packet.payload).then(
+          (ack) => this.#ack(meterId, ack),
+          (error) => logger.error("mqtt intake failed", { error, meter_id: meterId }),
+        );
+      }
+      return this.#goOn(tap);
+    }
+    const entry: Entry = {
+      final: false,
+      puback: true,
+      epoch: this.#epoch,
+      packetId: packet.packetId,
+    };
+    this.#queue.push(entry);
+    this.#maxInFlight = Math.max(this.#maxInFlight, this.#queue.length);
+    const finish = (puback: boolean) => {
+      entry.puback = puback;
+      entry.final = true;
+      this.#release();
+    };
+    if (meterId === null) {
+      finish(true); // acknowledged (in order) so the broker drops it
+    } else {
+      intake.handle(meterId, packet.payload).then((ack) => {
+        this.#ack(meterId, ack);
+        // A non-final ack only happens at shutdown: no PUBACK, the broker redelivers.
+        finish(isFinal(ack));
+      }, (error) => {
+        logger.error("mqtt intake failed", { error, meter_id: meterId });
+        finish(false);
+      });
+    }
+    // Bounded window: with too many readings in flight, stop reading from the socket.
+    if (this.#queue.length >= this.#o.inflightMax) {
+      this.#paused = tap;
+      return false;
+    }
+    return this.#goOn(tap);
+  }
+
+  /** Counts a received publish; logs one on an unexpected topic. */
+  #received(meterId: string | null, topic: string): void {
+    this.#o.metrics.inc("mqtt_messages_received_total", { topic: "meters/+/readings" });
+    if (meterId === null) this.#o.logger.warn("mqtt message on an unexpected topic", { topic });
+  }
+
   /**
-   * Sends PUBACKs of final readings from the head of the queue, in receive order. An entry of
-   * the current connection also waits for its PUBACK to be captured; one of a closed
-   * connection only for its outcome.
+   * Whether the tap may go on now; when this slice of intake work is used up, it goes on after
+   * the event loop had its turn (timers, the writer's results, PUBACK writes).
+   */
+  #goOn(tap: PublishTap): boolean {
+    const now = performance.now();
+    if (this.#sliceStart < 0) this.#sliceStart = now;
+    if (now - this.#sliceStart < SLICE_MS) return true;
+    this.#sliceStart = -1;
+    setImmediate(() => {
+      if (this.#paused !== tap) tap.proceed();
+    });
+    return false;
+  }
+
+  /**
+   * Sends PUBACKs of final readings from the head of the queue, in receive order (those of a
+   * closed connection are dropped: the broker redelivers their readings).
    */
   #release(): void {
     while (this.#queue.length > 0) {
       const head = this.#queue.peek()!;
-      const current = head.epoch === this.#epoch;
-      if (!head.final || (current && !head.captured)) break;
+      if (!head.final) break;
       this.#queue.shift();
-      if (current && head.puback && head.packetId !== undefined && this.#client.connected) {
+      if (head.puback && head.epoch === this.#epoch && this.#tap?.live) {
         this.#out.puback(head.packetId);
         this.#scheduleFlush();
       }
     }
-    if (this.#paused && this.#queue.length < this.#o.inflightMax) {
-      const proceed = this.#paused;
+    const paused = this.#paused;
+    if (paused && this.#queue.length < this.#o.inflightMax) {
       this.#paused = null;
-      this.#inSlice(proceed);
+      if (paused === this.#tap && this.#goOn(paused)) paused.proceed();
     }
   }
 
   #ack(meterId: string, ack: AckMessage): void {
     this.#outbox.publish({ topic: acksTopic(meterId), payload: JSON.stringify(ack) });
-  }
-
-  /** Runs `next` now, or after the event loop had its turn when this slice is used up. */
-  #inSlice(next: () => void): void {
-    const now = performance.now();
-    if (this.#sliceStart < 0) this.#sliceStart = now;
-    if (now - this.#sliceStart < SLICE_MS) return next();
-    this.#sliceStart = -1;
-    setImmediate(next);
   }
 
   #scheduleFlush(): void {
@@ -317,9 +333,9 @@ export class ExternalIngress implements AsyncDisposable {
     this.#flushScheduled = false;
     this.#sliceStart = -1; // the event loop had a turn
     if (this.#out.length === 0) return;
-    const stream = this.#client.stream;
-    if (!this.#client.connected || !stream?.writable) return this.#out.clear();
-    stream.write(Buffer.from(this.#out.take().buffer));
+    const tap = this.#tap;
+    if (!tap?.live) return this.#out.clear();
+    tap.write(Buffer.from(this.#out.take().buffer));
   }
 
   /**
@@ -335,29 +351,19 @@ export class ExternalIngress implements AsyncDisposable {
     this.#closed = true;
     this.#paused = null;
     this.#epoch++;
-    const stream = this.#client.stream as
-      | (NodeJS.ReadWriteStream & { destroyed?: boolean; unpipe(): void })
-      | undefined;
-    if (this.#client.connected && stream && !stream.destroyed) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([
-        new Promise<void>((resolve) => {
-          stream.once("close", () => resolve());
-          stream.unpipe(); // mqtt.js no longer reads it
-          stream.on("data", () => {}); // read to the broker's FIN, discarding
-          stream.resume();
-          stream.end();
-        }),
-        new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_TIMEOUT_MS)),
-      ]);
-      clearTimeout(timer);
-    }
+    if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
     await this.#client.endAsync(true);
   }
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+const decoder = new TextDecoder();
+
+function topicText(bytes: Uint8Array, start: number, end: number): string {
+  return decoder.decode(bytes.subarray(start, end));
 }
 
 function redact(url: string): string {
