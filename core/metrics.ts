@@ -7,12 +7,20 @@ interface Family {
   read?: () => number;
 }
 
+/** Series keys by label name, then value, then the next label's name…: no strings built per call. */
+interface KeyNode {
+  next: Map<string, KeyNode>;
+  key?: string;
+}
+
 const MAX_CACHED_KEYS = 10_000;
+const NO_LABELS: Labels = {};
 
 /** Counters and gauges rendered in the Prometheus text format; no I/O. */
 export class Metrics {
   #families = new Map<string, Family>();
-  #keys = new Map<string, string>();
+  #keys: KeyNode = { next: new Map() };
+  #cached = 0;
 
   /** Declares a counter. */
   counter(name: string, help: string): void {
@@ -30,19 +38,30 @@ export class Metrics {
   }
 
   /** Adds `by` to a counter's labelled series. */
-  inc(name: string, labels: Labels = {}, by = 1): void {
+  inc(name: string, labels: Labels = NO_LABELS, by = 1): void {
     const family = this.#families.get(name);
     if (!family) throw new RangeError(`Unknown metric "${name}"`);
-    // Called per message: the escaped series key is built once per distinct label set.
-    let raw = "";
-    for (const k in labels) raw += `${k}\u0000${labels[k]}\u0000`;
-    let key = this.#keys.get(raw);
-    if (key === undefined) {
-      key = Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, "_")}"`)
-        .join(",");
-      if (this.#keys.size < MAX_CACHED_KEYS) this.#keys.set(raw, key);
-    }
+    const key = this.#keyOf(labels);
     family.values.set(key, (family.values.get(key) ?? 0) + by);
+  }
+
+  /** The escaped series key of a label set; called per message, so built once per label set. */
+  #keyOf(labels: Labels): string {
+    let node: KeyNode | undefined = this.#keys;
+    for (const k in labels) {
+      node = node.next.get(k)?.next.get(labels[k]);
+      if (node === undefined) break;
+    }
+    if (node?.key !== undefined) return node.key;
+    const key = Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, "_")}"`)
+      .join(",");
+    if (this.#cached < MAX_CACHED_KEYS) {
+      this.#cached++;
+      let at = this.#keys;
+      for (const k in labels) at = child(child(at, k), labels[k]);
+      at.key = key;
+    }
+    return key;
   }
 
   /** The exposition text. */
@@ -55,4 +74,10 @@ export class Metrics {
     }
     return lines.join("\n") + "\n";
   }
+}
+
+function child(node: KeyNode, name: string): KeyNode {
+  let next = node.next.get(name);
+  if (next === undefined) node.next.set(name, next = { next: new Map() });
+  return next;
 }
