@@ -49,13 +49,18 @@ export class PublishTap extends Duplex {
   #stopped = false;
   #connacked = false;
   #discarding = false;
+  /** The broker ended its side; the end is passed on once the packets before it are handled. */
+  #ended = false;
 
   constructor(inner: Duplex, handlers: TapHandlers) {
     super();
     this.#inner = inner;
     this.#handlers = handlers;
     inner.on("data", (chunk: Buffer) => this.#onData(chunk));
-    inner.on("end", () => this.push(null));
+    inner.on("end", () => {
+      this.#ended = true;
+      this.#endIfDrained();
+    });
     inner.on("error", (error) => this.destroy(error));
     inner.on("close", () => this.destroy());
   }
@@ -157,8 +162,16 @@ export class PublishTap extends Duplex {
       if (end === b.length) this.#buf = null;
       this.#packet(b, start, at, end);
     }
-    if (this.#stopped) this.#inner.pause();
-    else if (!this.destroyed) this.#inner.resume();
+    if (this.#stopped) return void this.#inner.pause();
+    if (this.destroyed) return;
+    this.#inner.resume();
+    this.#endIfDrained();
+  }
+
+  #endIfDrained(): void {
+    if (!this.#ended || this.#stopped || this.readableEnded || this.destroyed) return;
+    this.#ended = false;
+    this.push(null);
   }
 
   #packet(b: Buffer, start: number, body: number, end: number): void {
