@@ -405,6 +405,34 @@ pgTest("strings that look like SQL are stored and found as plain data", async (t
   });
 });
 
+pgTest("a batch is written in one transaction with its meter locks", async (t, db) => {
+  const store = await db.open();
+  const sql = db.raw();
+
+  await t.step("the rows' inserting transaction is the one that locked their meters", async () => {
+    // The common path sends BEGIN, the locks, the insert and COMMIT together: an insert queued
+    // after COMMIT would run on its own, without the locks (caught once: see #pipelined).
+    // New meters are locked by inserting their row (its xmin), known ones by locking it (xmax).
+    const batch = (k: number) =>
+      Array.from({ length: 50 }, (_, i) => row(`m-tx-${i % 5}`, T0 + (k * 50 + i) * WINDOW));
+    const xids = async (k: number, lock: "xmin" | "xmax") =>
+      await sql<{ reading: string; lock: string }[]>`
+        SELECT DISTINCT r.xmin::text AS reading, ${sql.unsafe(`m.${lock}`)}::text AS lock
+        FROM meter_readings r JOIN reading_meters m USING (meter_id)
+        WHERE r.meter_id LIKE 'm-tx-%'
+          AND r.reading_timestamp >= ${new Date(T0 + k * 50 * WINDOW)}
+          AND r.reading_timestamp < ${new Date(T0 + (k + 1) * 50 * WINDOW)}`;
+    for (const [k, lock] of [[0, "xmin"], [1, "xmax"]] as const) {
+      const rows = batch(k);
+      assert.deepEqual(await store.insertReadings(rows), rows.map(() => STORED));
+      const found = await xids(k, lock);
+      assert.equal(found.length, 1, `batch ${k}: one writing and one locking transaction`);
+      assert.notEqual(found[0].lock, "0", `batch ${k}: the meters were locked`);
+      assert.equal(found[0].reading, found[0].lock, `batch ${k}: and they are the same`);
+    }
+  });
+});
+
 pgTest("two store instances writing overlapping batches store each reading once", async (t, db) => {
   const a = await db.open();
   const b = await db.open({ migrate: false });
