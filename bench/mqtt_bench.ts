@@ -14,7 +14,6 @@ import { connectAsync, type MqttClient } from "mqtt";
 import { readingPayload } from "../mqtt/device_credentials.ts";
 import { fatal, parseFlags } from "../cli/_args.ts";
 import { api, freePort, type GatewayProcess, spawnGateway } from "./_spawn.ts";
-import postgres from "postgres";
 import { createTestSchema } from "../tests/_services.ts";
 
 const SLOT_MS = 15 * 60_000;
@@ -494,27 +493,36 @@ function cpuOfMachine(): { busy: number; iowait: number } {
  * time spent waiting for I/O.
  */
 class CpuMeter {
-  #pids: Record<string, number[]>;
+  #pids: Record<string, () => number[]>;
   #start = new Map<string, Map<string, number>>();
   #machine = { busy: 0, iowait: 0 };
   #t = 0;
 
-  /** Processes by display name; several pids of one name are summed (PostgreSQL backends). */
-  constructor(pids: Record<string, number | number[]>) {
-    this.#pids = Object.fromEntries(
-      Object.entries(pids).map(([name, pid]) => [name, Array.isArray(pid) ? pid : [pid]]),
-    );
+  /**
+   * Processes by display name; several pids of one name are summed. A function is asked for
+   * the pids at the start and at the end of each measurement (processes come and go).
+   */
+  constructor(pids: Record<string, number | number[] | (() => number[])>) {
+    this.#pids = {};
+    for (const [name, pid] of Object.entries(pids)) this.add(name, pid);
   }
 
   /** Adds processes under `name` (from the next `begin()` on). */
-  add(name: string, pids: number[]): void {
-    if (pids.length > 0) this.#pids[name] = pids;
+  add(name: string, pids: number | number[] | (() => number[])): void {
+    this.#pids[name] = typeof pids === "function"
+      ? pids
+      : Array.isArray(pids)
+      ? () => pids
+      : () => [pids];
   }
 
+  /** CPU seconds by "pid thread": a process that started since begin() counts from zero. */
   #threads(name: string): Map<string, number> {
     const out = new Map<string, number>();
-    for (const pid of this.#pids[name] ?? []) {
-      for (const [t, s] of cpuByThread(pid)) out.set(t, (out.get(t) ?? 0) + s);
+    for (const pid of this.#pids[name]()) {
+      for (const [t, s] of cpuByThread(pid)) {
+        out.set(`${pid} ${t}`, (out.get(`${pid} ${t}`) ?? 0) + s);
+      }
     }
     return out;
   }
@@ -536,8 +544,12 @@ class CpuMeter {
     let ours = 0;
     for (const name of Object.keys(this.#pids)) {
       const before = this.#start.get(name) ?? new Map<string, number>();
-      const threads = [...this.#threads(name)]
-        .map(([t, s]): [string, number] => [t, (s - (before.get(t) ?? 0)) / seconds])
+      const byThread = new Map<string, number>();
+      for (const [key, s] of this.#threads(name)) {
+        const t = key.slice(key.indexOf(" ") + 1);
+        byThread.set(t, (byThread.get(t) ?? 0) + (s - (before.get(key) ?? 0)) / seconds);
+      }
+      const threads = [...byThread]
         .filter(([, c]) => c >= 0.01)
         .sort((a, b) => b[1] - a[1]);
       const total = threads.reduce((sum, [, c]) => sum + c, 0);
@@ -559,35 +571,22 @@ class CpuMeter {
 }
 
 /**
- * The PostgreSQL server processes serving `pid`'s connections: its sockets to the database port
- * (from `ss`), matched to `pg_stat_activity.client_port`. Empty when anything is missing.
+ * Every PostgreSQL server process on this machine (the bench's database is local; nothing
+ * else uses it while it runs).
  */
-async function postgresBackends(databaseUrl: string, pid: number): Promise<number[]> {
+function postgresProcesses(): number[] {
+  const pids: number[] = [];
   try {
-    const dbPort = new URL(databaseUrl).port || "5432";
-    const ss = await new Deno.Command("ss", {
-      args: ["-tnpH", "state", "established", `( dport = :${dbPort} )`],
-      stdout: "piped",
-      stderr: "null",
-    }).output();
-    const ports: number[] = [];
-    for (const line of new TextDecoder().decode(ss.stdout).split("\n")) {
-      if (!line.includes(`pid=${pid},`)) continue;
-      const local = line.trim().split(/\s+/)[2] ?? "";
-      ports.push(Number(local.slice(local.lastIndexOf(":") + 1)));
+    for (const entry of Deno.readDirSync("/proc")) {
+      if (!/^\d+$/.test(entry.name)) continue;
+      try {
+        if (Deno.readTextFileSync(`/proc/${entry.name}/comm`).startsWith("postgres")) {
+          pids.push(Number(entry.name));
+        }
+      } catch { /* gone */ }
     }
-    if (ports.length === 0) return [];
-    const sql = postgres(databaseUrl, { max: 1, onnotice: () => {} });
-    try {
-      const rows = await sql<{ pid: number }[]>`
-        SELECT pid FROM pg_stat_activity WHERE client_port = ANY(${ports}::int[])`;
-      return rows.map((r) => r.pid);
-    } finally {
-      await sql.end({ timeout: 5 });
-    }
-  } catch {
-    return [];
-  }
+  } catch { /* no /proc */ }
+  return pids;
 }
 
 function round2(x: number): number {
@@ -985,10 +984,9 @@ Options:
       `    warm-up: ${fmt(warmup)} readings (one per meter) in ${((t1 - t0) / 1000).toFixed(2)} s`,
     );
   }
-  // The database server's work for this gateway, once its pools are open.
-  if (flags["database-url"]) {
-    cpu.add("postgres", await postgresBackends(flags["database-url"], gw.child.pid));
-  }
+  // The database server's work: every PostgreSQL process (backends come and go with the
+  // pools' load; the WAL writer and checkpointer work for every writer too).
+  if (flags["database-url"]) cpu.add("postgres", postgresProcesses);
 
   // b1: closed loop
   const before = await gatewayFigures(gw);
