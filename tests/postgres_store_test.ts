@@ -410,8 +410,8 @@ pgTest("a batch is written in one transaction with its meter locks", async (t, d
   const sql = db.raw();
 
   await t.step("the rows' inserting transaction is the one that locked their meters", async () => {
-    // The common path sends BEGIN, the locks, the insert and COMMIT together: an insert queued
-    // after COMMIT would run on its own, without the locks (caught once: see #pipelined).
+    // The insert is pipelined behind the lock statement; queued after COMMIT instead, it would
+    // run on its own, without the locks (a version that pipelined COMMIT too got this wrong).
     // New meters are locked by inserting their row (its xmin), known ones by locking it (xmax).
     const batch = (k: number) =>
       Array.from({ length: 50 }, (_, i) => row(`m-tx-${i % 5}`, T0 + (k * 50 + i) * WINDOW));
