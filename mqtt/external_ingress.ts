@@ -169,7 +169,7 @@ export class ExternalIngress implements AsyncDisposable {
     internals.streamBuilder = (c) => {
       const tap: PublishTap = new PublishTap(build(c), {
         publish: (packet) => this.#onPublish(tap, packet),
-        puback: (id) => this.#outbox.acked(id),
+        puback: (id) => tap === this.#tap && this.#outbox.acked(id),
       });
       this.#tap = tap;
       return tap;
@@ -183,10 +183,11 @@ export class ExternalIngress implements AsyncDisposable {
       const meterId = meterOfReadingsTopic(topic);
       this.#received(meterId, topic);
       if (meterId === null) return callback();
-      this.#o.intake.handle(meterId, packet.payload as Uint8Array).then(
-        (ack) => this.#ack(meterId, ack),
-        (error) => logger.error("mqtt intake failed", { error, meter_id: meterId }),
-      ).then(() => callback());
+      this.#o.intake.handle(meterId, packet.payload as Uint8Array).then((ack) => {
+        this.#ack(meterId, ack);
+        // Not final (shutting down): no acknowledgement, the broker delivers it again.
+        if (isFinal(ack) && !this.#closed) callback();
+      }, (error) => logger.error("mqtt intake failed", { error, meter_id: meterId }));
     };
 
     client.on("connect", (connack) => {

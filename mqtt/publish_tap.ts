@@ -46,6 +46,11 @@ export class PublishTap extends Duplex {
   /** Received bytes not yet handled, from `#pos`. */
   #buf: Buffer | null = null;
   #pos = 0;
+  /** Size of the packet that begins at `#pos` but is not complete yet; 0 when not known. */
+  #need = 0;
+  /** Chunks of that packet received since, joined once it is complete (not on every chunk). */
+  #parts: Buffer[] = [];
+  #partsLength = 0;
   #stopped = false;
   #connacked = false;
   #discarding = false;
@@ -90,6 +95,7 @@ export class PublishTap extends Duplex {
   async shutdown(timeoutMs: number): Promise<void> {
     this.#discarding = true;
     this.#buf = null;
+    this.#parts = [];
     if (this.destroyed) return;
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
@@ -97,6 +103,9 @@ export class PublishTap extends Duplex {
         this.once("close", () => resolve());
         this.#inner.resume();
         this.end();
+        // mqtt.js may still write (a keepalive PINGREQ): a write after end() would be an error
+        // that destroys the tap and resets the socket, dropping the PUBACKs just written.
+        this.write = dropWrite;
       }),
       new Promise<void>((resolve) => timer = setTimeout(resolve, timeoutMs)),
     ]);
@@ -119,6 +128,7 @@ export class PublishTap extends Duplex {
 
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     this.#buf = null;
+    this.#parts = [];
     this.#inner.destroy();
     callback(error);
   }
@@ -129,10 +139,16 @@ export class PublishTap extends Duplex {
       this.#buf = chunk;
       this.#pos = 0;
     } else {
+      this.#parts.push(chunk);
+      this.#partsLength += chunk.length;
+      if (this.#buf.length - this.#pos + this.#partsLength < this.#need) return;
       // The rest of a packet that began in an earlier chunk.
-      this.#buf = Buffer.concat([this.#buf.subarray(this.#pos), chunk]);
+      this.#buf = Buffer.concat([this.#buf.subarray(this.#pos), ...this.#parts]);
       this.#pos = 0;
+      this.#parts = [];
+      this.#partsLength = 0;
     }
+    this.#need = 0;
     this.#pump();
   }
 
@@ -157,7 +173,10 @@ export class PublishTap extends Duplex {
         break; // the header continues in the next chunk
       }
       const end = at + length;
-      if (end > b.length) break; // the packet continues in the next chunk
+      if (end > b.length) {
+        this.#need = end - start; // the packet continues in later chunks
+        break;
+      }
       this.#pos = end;
       if (end === b.length) this.#buf = null;
       this.#packet(b, start, at, end);
@@ -216,6 +235,20 @@ export class PublishTap extends Duplex {
   }
 
   #malformed(what: string): void {
-    this.destroy(new Error(`Malformed MQTT packet from the broker: ${what}`));
+    // A code makes mqtt.js report it as a client error (it drops errors without one).
+    const error = Object.assign(new Error(`Malformed MQTT packet from the broker: ${what}`), {
+      code: "MQTT_MALFORMED_PACKET",
+    });
+    this.destroy(error);
   }
+}
+
+function dropWrite(
+  _chunk: unknown,
+  encoding?: BufferEncoding | ((error?: Error | null) => void),
+  callback?: (error?: Error | null) => void,
+): boolean {
+  const done = typeof encoding === "function" ? encoding : callback;
+  if (done) queueMicrotask(() => done());
+  return true;
 }

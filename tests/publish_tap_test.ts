@@ -586,6 +586,27 @@ Deno.test("PublishTap.shutdown()", SANITIZE, async (t) => {
     await h.dispose();
   });
 
+  await t.step(
+    "a write after it started (mqtt.js's keepalive) is dropped, not an error",
+    async () => {
+      const h = harness();
+      await h.feed(CONNACK);
+      h.tap.write(Buffer.of(0x40, 2, 0, 1)); // a PUBACK burst just before
+      const done = h.tap.shutdown(LONG_MS);
+      let called = false;
+      h.tap.write(Buffer.of(0xc0, 0), () => called = true); // PINGREQ
+      h.socket.push(null); // the broker closes after our FIN
+      await done;
+      assert.deepEqual(h.errors, [], "no write-after-end error");
+      assert.ok(called, "the writer is told it is done");
+      assert.deepEqual(
+        h.socket.written,
+        [Buffer.of(0x40, 2, 0, 1)],
+        "the PUBACK went, the ping not",
+      );
+    },
+  );
+
   await t.step("started by a handler, takes nothing more from the same chunk", async () => {
     let shutdown: Promise<void> | undefined;
     const h = harness({
