@@ -20,7 +20,8 @@ import type {
 /*
  * How insertReadings stays exact under concurrency
  *
- * One transaction per batch:
+ * One transaction per batch; in the common case a single statement, the function
+ * `gateway_insert_readings` of migration 0003 (one round trip), which does steps 1 and 2:
  *
  *   1. Lock the batch's meters: one row per meter in `reading_meters`, upserted in meter_id
  *      order with `ON CONFLICT DO UPDATE ... WHERE false`, which row-locks existing meters
@@ -32,7 +33,8 @@ import type {
  *      advisory locks failed here with "out of shared memory", and concurrent writers share
  *      that table).
  *   2. With the meters locked, one statement (READ COMMITTED: its snapshot is taken after
- *      the locks are granted, so it sees every earlier writer's commit) finds each row's
+ *      the locks are granted, so it sees every earlier writer's commit; inside the function
+ *      each statement takes a fresh snapshot) finds each row's
  *      nearest stored reading strictly within the window and inserts the other rows with
  *      `ON CONFLICT DO NOTHING`. That window check inside the INSERT is the database's
  *      enforcement of rule 3; the lock makes it race-free. A BEFORE INSERT trigger would need
@@ -343,21 +345,15 @@ export class PostgresStore implements Store {
     const judgeFirst = hasBatchCollisions(rows, this.#windowMs);
     for (let attempt = 1;; attempt++) {
       try {
+        // The common case: one statement, its own transaction, one round trip.
+        if (!judgeFirst) return await this.#insertNew(this.#sql, rows, all, meters);
         return await this.#sql.begin(async (tx) => {
-          // Plans of these statements depend on the batch size, which a cached generic plan
-          // of a prepared statement would have to guess. JIT compiling them costs more than it
-          // saves: measured 460 ms of a 620 ms 10 000-row batch.
-          const locked = Promise.all([
+          // Plans of the judging query depend on the batch size (see migration 0003).
+          await Promise.all([
             tx`SELECT set_config('plan_cache_mode', 'force_custom_plan', true),
                       set_config('jit', 'off', true)`.execute(),
             lockMeters(tx, meters),
           ]);
-          if (!judgeFirst) {
-            // Pipelined: the insert is sent at once but runs after the locks are granted.
-            const [, outcome] = await Promise.all([locked, this.#insertNew(tx, rows, all)]);
-            return outcome;
-          }
-          await locked;
           return await this.#judgeThenInsert(tx, rows);
         });
       } catch (error) {
@@ -372,10 +368,17 @@ export class PostgresStore implements Store {
   }
 
   /**
-   * Inserts `rows[indices]` except those with a stored reading strictly within the window;
-   * returns one result per input row (stored where not told otherwise).
+   * Locks the meters (`sortedMeters`, those of `rows[indices]`) and inserts `rows[indices]`
+   * except those with a stored reading strictly within the window, in one statement
+   * (`gateway_insert_readings`, migration 0003); returns one result per input row (stored
+   * where not told otherwise).
    */
-  async #insertNew(tx: Tx, rows: ReadingRow[], indices: number[]): Promise<InsertResult[]> {
+  async #insertNew(
+    sql: Sql | Tx,
+    rows: ReadingRow[],
+    indices: number[],
+    sortedMeters: string[],
+  ): Promise<InsertResult[]> {
     const n = indices.length;
     const meter = new Array<string>(n);
     const ts = new Array<number>(n);
@@ -400,47 +403,15 @@ export class PostgresStore implements Store {
       submitted[j] = r.submitted_at;
       minted[j] = r.minted;
     }
-    // `hits`: each row's nearest stored reading strictly within the window (an exact replay
-    // first, then the closer one, the earlier on a tie). Rows without a hit are inserted; one
-    // that still conflicts can only be an exact replay by a writer that skipped the meter lock,
-    // and is reported as a duplicate of itself.
-    const conflicts = await tx<{ ord: number; conflict_ts: number }[]>`
-      WITH input AS (
-        SELECT u.ord::int4 AS ord, u.meter_id, u.ts_ms,
-               timestamptz 'epoch' + u.ts_ms * interval '1 millisecond' AS ts,
-               u.kwh_e4, u.user_id, u.wallet_address, u.key_id, u.device_signature, u.source,
-               u.submitted_ms, u.minted
-        FROM unnest(
-          ${tx.array(meter, 25)}::text[], ${tx.array(ts, 20)}::int8[],
-          ${tx.array(kwh, 20)}::int8[], ${tx.array(user, 25)}::text[],
-          ${tx.array(wallet, 25)}::text[], ${tx.array(key, 25)}::text[],
-          ${tx.array(signature, 25)}::text[], ${tx.array(source, 25)}::text[],
-          ${tx.array(submitted, 20)}::int8[], ${tx.array(minted, 16)}::bool[]
-        ) WITH ORDINALITY AS u(meter_id, ts_ms, kwh_e4, user_id, wallet_address, key_id,
-                               device_signature, source, submitted_ms, minted, ord)
-      ),
-      hits AS (
-        SELECT i.ord, h.reading_timestamp AS hit
-        FROM input i CROSS JOIN LATERAL (${nearestStored(tx, this.#windowMs)}) h
-      ),
-      inserted AS (
-        INSERT INTO meter_readings (meter_id, reading_timestamp, kwh_amount, user_id,
-          wallet_address, key_id, device_signature, source, submitted_at, minted)
-        SELECT i.meter_id, i.ts, i.kwh_e4 * 0.0001, i.user_id, i.wallet_address, i.key_id,
-               i.device_signature, i.source,
-               timestamptz 'epoch' + i.submitted_ms * interval '1 millisecond', i.minted
-        FROM input i
-        WHERE NOT EXISTS (SELECT 1 FROM hits h WHERE h.ord = i.ord)
-        ON CONFLICT DO NOTHING
-        RETURNING meter_id, reading_timestamp
-      )
-      SELECT h.ord, ${ms(tx, "h.hit", "conflict_ts")} FROM hits h
-      UNION ALL
-      SELECT i.ord, i.ts_ms::float8 FROM input i
-      WHERE NOT EXISTS (SELECT 1 FROM hits h WHERE h.ord = i.ord)
-        AND NOT EXISTS (
-          SELECT 1 FROM inserted x WHERE x.meter_id = i.meter_id AND x.reading_timestamp = i.ts
-        )`;
+    const conflicts = await sql<{ ord: number; conflict_ts: number }[]>`
+      SELECT ord, conflict_ts FROM gateway_insert_readings(
+        ${sql.array(sortedMeters, 25)}::text[],
+        ${sql.array(meter, 25)}::text[], ${sql.array(ts, 20)}::int8[],
+        ${sql.array(kwh, 20)}::int8[], ${sql.array(user, 25)}::text[],
+        ${sql.array(wallet, 25)}::text[], ${sql.array(key, 25)}::text[],
+        ${sql.array(signature, 25)}::text[], ${sql.array(source, 25)}::text[],
+        ${sql.array(submitted, 20)}::int8[], ${sql.array(minted, 16)}::bool[],
+        ${`${this.#windowMs} milliseconds`}::interval)`;
     const results: InsertResult[] = rows.map(() => ({ status: "stored" }));
     for (const c of conflicts) {
       results[indices[c.ord - 1]] = { status: "duplicate", conflict_ts: c.conflict_ts };
@@ -451,13 +422,14 @@ export class PostgresStore implements Store {
   /** The slow path: a batch that collides with itself is judged row by row, in input order. */
   async #judgeThenInsert(tx: Tx, rows: ReadingRow[]): Promise<InsertResult[]> {
     const near = await tx<{ ord: number; conflict_ts: number }[]>`
-      SELECT i.ord::int4 AS ord, ${ms(tx, "h.reading_timestamp", "conflict_ts")}
+      SELECT i.ord::int4 AS ord, ${ms(tx, "h.hit", "conflict_ts")}
       FROM (
         SELECT u.ord, u.meter_id, timestamptz 'epoch' + u.ts_ms * interval '1 millisecond' AS ts
         FROM unnest(${tx.array(rows.map((r) => r.meter_id), 25)}::text[],
                     ${tx.array(rows.map((r) => r.ts), 20)}::int8[])
           WITH ORDINALITY AS u(meter_id, ts_ms, ord)
-      ) i CROSS JOIN LATERAL (${nearestStored(tx, this.#windowMs)}) h`;
+      ) i CROSS JOIN LATERAL gateway_nearest_reading(i.meter_id, i.ts,
+        ${`${this.#windowMs} milliseconds`}::interval) h`;
     const stored = new Map<number, number>();
     for (const c of near) stored.set(c.ord - 1, c.conflict_ts);
     const results = new Array<InsertResult>(rows.length);
@@ -476,7 +448,8 @@ export class PostgresStore implements Store {
       accepted.push(i);
     }
     if (accepted.length > 0) {
-      const inserted = await this.#insertNew(tx, rows, accepted);
+      const meters = [...new Set(accepted.map((i) => rows[i].meter_id))].sort();
+      const inserted = await this.#insertNew(tx, rows, accepted, meters);
       for (const i of accepted) results[i] = inserted[i];
     }
     return results;
@@ -587,7 +560,7 @@ export class PostgresStore implements Store {
                  max(kwh_amount)::float8 AS max_kwh
           FROM meter_readings
           WHERE meter_id = ${meterId}
-            -- Row bounds: only the primary key serves them (see nearestStored).
+            -- Row bounds: only the primary key serves them (see migration 0003).
             AND (meter_id, reading_timestamp) >= (${meterId}::text, ${date(start)}::timestamptz)
             AND (meter_id, reading_timestamp) < (${meterId}::text, ${date(end)}::timestamptz)
           GROUP BY 1 ORDER BY 1`);
@@ -679,25 +652,6 @@ function readingColumns(sql: postgres.ISql): Fragment {
 function deviceColumns(sql: postgres.ISql): Fragment {
   return sql`meter_id, user_id, status, ${ms(sql, "created_at")}, ${ms(sql, "updated_at")},
     ${ms(sql, "revoked_at")}, keys`;
-}
-
-/**
- * The stored reading of `i.meter_id` nearest to `i.ts` strictly within the window, as a
- * LATERAL subquery: one short range scan of the primary key per row.
- */
-function nearestStored(sql: postgres.ISql, windowMs: number): Fragment {
-  const window = `${windowMs} milliseconds`;
-  // The bounds are row comparisons on (meter_id, reading_timestamp) on purpose: only the
-  // primary key can serve them. Written as plain time bounds, the planner may pick the
-  // (reading_timestamp, meter_id) index and scan every meter's readings of the window for
-  // each row (measured: 4k instead of 60k rows/s at 5 000-row batches).
-  return sql`
-    SELECT m.reading_timestamp FROM meter_readings m
-    WHERE m.meter_id = i.meter_id
-      AND (m.meter_id, m.reading_timestamp) > (i.meter_id, i.ts - ${window}::interval)
-      AND (m.meter_id, m.reading_timestamp) < (i.meter_id, i.ts + ${window}::interval)
-    ORDER BY abs(extract(epoch FROM m.reading_timestamp - i.ts)), m.reading_timestamp
-    LIMIT 1`;
 }
 
 /**

@@ -14,13 +14,13 @@ let store: Store | undefined;
 // Batches written at once: PostgreSQL takes one per connection (per-meter row locks in sorted
 // order keep them apart); Deno KV has one writer, so one at a time.
 let concurrency = 1;
-const waiting: { id: number; rows: ArrayBuffer }[] = [];
+const waiting: { id: number; rows: ArrayBuffer; resent: boolean }[] = [];
 const running = new Set<Promise<void>>();
 
 function pump(): void {
   while (running.size < concurrency && waiting.length > 0) {
-    const { id, rows } = waiting.shift()!;
-    const task = writeBatch(id, rows).finally(() => {
+    const { id, rows, resent } = waiting.shift()!;
+    const task = writeBatch(id, rows, resent).finally(() => {
       running.delete(task);
       pump();
     });
@@ -43,7 +43,7 @@ function isPermanent(error: unknown): boolean {
     (error as { code?: string })?.code === "invalid_payload";
 }
 
-async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
+async function writeBatch(id: number, buffer: ArrayBuffer, resent: boolean): Promise<void> {
   let rows: ReadingRow[];
   try {
     rows = decodeRows(buffer);
@@ -55,7 +55,8 @@ async function writeBatch(id: number, buffer: ArrayBuffer): Promise<void> {
     const started = performance.now();
     try {
       const results = await store!.insertReadings(rows);
-      if (retryMs > RETRY_MIN_MS) await claimOwnRows(rows, results);
+      // After a failed attempt (here or in a worker that died), part of the batch may be in.
+      if (resent || retryMs > RETRY_MIN_MS) await claimOwnRows(rows, results);
       const packed = encodeResults(results);
       post({ type: "done", id, results: packed, ms: performance.now() - started }, [packed]);
       return;
@@ -102,7 +103,7 @@ self.onmessage = (event: MessageEvent<ToWriter>) => {
       );
       break;
     case "batch":
-      waiting.push({ id: message.id, rows: message.rows });
+      waiting.push({ id: message.id, rows: message.rows, resent: message.resent === true });
       pump();
       break;
     case "close":

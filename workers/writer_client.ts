@@ -214,7 +214,7 @@ export class WriterClient implements AsyncDisposable {
       this.#spawn().then(() => {
         // Unfinished batches go again, in order; rows already committed come back as
         // duplicates of themselves and the worker claims them as stored.
-        for (const [id, batch] of this.#inFlight) this.#sendBatch(id, batch);
+        for (const [id, batch] of this.#inFlight) this.#sendBatch(id, batch, true);
         this.#flush();
       }, (error) => this.#crashed(String(error?.message ?? error)));
     }, RESTART_DELAY_MS);
@@ -248,9 +248,9 @@ export class WriterClient implements AsyncDisposable {
     }
   }
 
-  #sendBatch(id: number, batch: InFlight): void {
+  #sendBatch(id: number, batch: InFlight, resent = false): void {
     const buffer = encodeRows(batch.rows.map((p) => p.row));
-    const message: ToWriter = { type: "batch", id, rows: buffer };
+    const message: ToWriter = { type: "batch", id, rows: buffer, resent };
     batch.sentAt = performance.now();
     this.#worker?.postMessage(message, [buffer]);
   }

@@ -4,7 +4,11 @@ import type { StoreOptions } from "../db/store.ts";
 /** Messages from the gateway to the writer worker. */
 export type ToWriter =
   | { type: "init"; spec: StoreSpec; options: StoreOptions }
-  | { type: "batch"; id: number; rows: ArrayBuffer }
+  /**
+   * `resent`: handed over again after a worker restart; part of it may have been committed by
+   * the worker that died, and those rows must be claimed, not reported as duplicates.
+   */
+  | { type: "batch"; id: number; rows: ArrayBuffer; resent?: boolean }
   | { type: "close" };
 
 /** Messages from the writer worker back to the gateway. */
