@@ -28,15 +28,20 @@ import type {
  *   ["readings", meter_id, ts]                  ReadingRow (natural key)
  *   ["readings_by_user", user_id, ts, meter_id] null: points at the row
  *   ["readings_by_time", ts, meter_id]          null: points at the row
- *   ["meter_heads", meter_id]                   MeterHead: rewritten with every write of the
- *                                               meter's readings
+ *   ["meter_heads", meter_id]                   MeterHead: written with the meter's first
+ *                                               readings and when an owner is added; its
+ *                                               min_ts/max_ts are those of that write only
+ *                                               (exact ones are read from ["readings", …])
  *   ["reading_writer"]                          null: rewritten by every commit of readings, so
  *                                               checking its versionstamp makes a whole batch's
  *                                               dedupe decisions atomic (see insertReadings)
  *   ["totals", field] / ["totals_by_user", user_id, field]   KvU64 counters
  */
 
-/** Per-meter summary, rewritten in the same commit as the meter's readings. */
+/**
+ * Per-meter summary. Stored only when its owners change (a write per reading was a quarter of
+ * the key writes of a batch); in memory, min_ts and max_ts are exact.
+ */
 interface MeterHead {
   /** Owners that have readings of this meter (usually one); drives `meter_count`. */
   user_ids: string[];
@@ -335,6 +340,22 @@ export class KvStore implements Store {
       );
       for (let j = 0; j < group.length; j++) out[group[j]] = got[j].value;
     });
+    // A stored head's times are those of its last write: the exact ones are the meter's first
+    // and last reading keys.
+    const known = missing.filter((m) => out[m] !== null);
+    await mapPool(known, READ_CONCURRENCY, async (m) => {
+      const [first, last] = await Promise.all([false, true].map(async (reverse) => {
+        for await (
+          const entry of this.#kv.list({ prefix: ["readings", meters[m]] }, {
+            limit: 1,
+            reverse,
+          })
+        ) return entry.key[2] as number;
+        return undefined;
+      }));
+      const head = out[m]!;
+      out[m] = { ...head, min_ts: first ?? head.min_ts, max_ts: last ?? head.max_ts };
+    });
     for (const m of missing) this.#rememberHead(meters[m], out[m]);
     return out;
   }
@@ -407,7 +428,7 @@ export class KvStore implements Store {
       const byUser = new Map<string, Totals>();
       for (const part of parts) {
         const meter = part.plan.meter;
-        op.set(["meter_heads", meter], part.headAfter);
+        if (part.writesHead) op.set(["meter_heads", meter], part.headAfter);
         if (part.newMeter) global.meters++;
         for (const user of part.newUsers) totalsOf(byUser, user).meters++;
         for (const i of part.rows) {
@@ -697,6 +718,8 @@ interface ChunkPart {
   plan: MeterPlan;
   rows: number[];
   headAfter: MeterHead;
+  /** A new meter or a new owner: the head is stored in this part's commit. */
+  writesHead: boolean;
   newMeter: boolean;
   newUsers: string[];
 }
@@ -774,7 +797,10 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
         let m = 3;
         let k = rowKeyBytes;
         let b = rowBytes;
-        if (newPart) {
+        // The head is stored once per part, by the first row that brings a new owner (or the
+        // meter's first rows).
+        const writesHead = !headUsers.includes(row.user_id) && !(part?.writesHead ?? false);
+        if (writesHead) {
           m += 1;
           k += headKeyBytes;
           b += headKeyBytes + 80 + MUTATION_OVERHEAD +
@@ -784,7 +810,7 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
         m += sums;
         k += sums * (16 + userBytes + 8);
         b += sums * (16 + userBytes + 8 + 9 + MUTATION_OVERHEAD);
-        return { m, k, b, newPart, fields: fields | had };
+        return { m, k, b, newPart, writesHead, fields: fields | had };
       };
       let c = cost();
       const fits = () =>
@@ -808,12 +834,14 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
           headAfter: head === null
             ? { user_ids: [], min_ts: row.ts, max_ts: row.ts }
             : { ...head, user_ids: [...head.user_ids] },
+          writesHead: false,
           newMeter: head === null,
           newUsers: [],
         };
         parts.push(part);
       }
       part.rows.push(i);
+      if (c.writesHead) part.writesHead = true;
       const after = part.headAfter;
       if (row.ts < after.min_ts) after.min_ts = row.ts;
       if (row.ts > after.max_ts) after.max_ts = row.ts;

@@ -72,6 +72,58 @@ Deno.test("KvStore keeps its data when the file is closed and opened again", asy
   });
 });
 
+Deno.test("KvStore reopened judges against the meter's real first and last readings", async (t) => {
+  // A meter's stored head is written only with its first readings and new owners, so its times
+  // are stale once more readings came: a reopened store must not trust them.
+  await withTempDir(async (dir) => {
+    const path = `${dir}/gateway.kv`;
+    const first = await KvStore.open(path, OPTIONS);
+    await first.insertReadings([row("m1", T0)]); // head written: [T0, T0]
+    await first.insertReadings([row("m1", T0 + 60 * MIN)]); // same owner: head not rewritten
+    await first.insertReadings([row("m1", T0 - 60 * MIN)]);
+    await first.close();
+
+    const again = await KvStore.open(path, OPTIONS);
+    try {
+      await t.step("a reading near the newest one is a duplicate of it", async () => {
+        assert.deepEqual(await again.insertReadings([row("m1", T0 + 65 * MIN)]), [
+          { status: "duplicate", conflict_ts: T0 + 60 * MIN },
+        ]);
+      });
+      await t.step("a reading near the oldest one is a duplicate of it", async () => {
+        assert.deepEqual(await again.insertReadings([row("m1", T0 - 70 * MIN)]), [
+          { status: "duplicate", conflict_ts: T0 - 60 * MIN },
+        ]);
+      });
+      await t.step("readings clear of both are stored", async () => {
+        assert.deepEqual(
+          await again.insertReadings([row("m1", T0 + 90 * MIN), row("m1", T0 - 90 * MIN)]),
+          [{ status: "stored" }, { status: "stored" }],
+        );
+        assert.deepEqual(await again.recentReadingTimes("m1", 10), [
+          T0 + 90 * MIN,
+          T0 + 60 * MIN,
+          T0,
+          T0 - 60 * MIN,
+          T0 - 90 * MIN,
+        ]);
+      });
+      await t.step(
+        "the meter is counted once for its owner, and again for a new owner",
+        async () => {
+          assert.equal((await again.readingStats({ user_id: "user-1" })).meter_count, 1);
+          await again.insertReadings([row("m1", T0 + 200 * MIN, { user_id: "user-2" })]);
+          assert.equal((await again.readingStats({ user_id: "user-2" })).meter_count, 1);
+          assert.equal((await again.readingStats({})).meter_count, 1);
+          assert.equal((await again.readingStats({})).reading_count, 6);
+        },
+      );
+    } finally {
+      await again.close();
+    }
+  });
+});
+
 Deno.test("KvStore without a path keeps its data in memory only", async () => {
   const first = await KvStore.open(undefined, OPTIONS);
   await first.insertReadings([row("m1", T0)]);
