@@ -217,7 +217,7 @@ export class ExternalIngress implements AsyncDisposable {
       this.#paused = null;
       this.#out.clear();
       this.#outbox.disconnected();
-      this.#release(); // entries of the old connection no longer wait for their capture
+      this.#release(); // final entries of the old connection leave without a PUBACK
       this.#backoff = Math.min(BACKOFF_MAX_MS, this.#backoff * 2);
       client.options.reconnectPeriod = this.#backoff;
     });
