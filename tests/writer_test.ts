@@ -183,3 +183,50 @@ Deno.test({
     }
   },
 });
+
+Deno.test("a batch resent to a new writer worker claims its rows that the old one committed", async (t) => {
+  // The gateway resends a dead worker's unfinished batches to its successor; rows the dead one
+  // had committed (same signature and submission time) are the resent rows themselves.
+  const dir = await Deno.makeTempDir({ prefix: "writer-test-" });
+  const path = `${dir}/w.kv`;
+  const rows = [row("m-resent", 0), row("m-resent", 1)];
+  try {
+    const store = await KvStore.open(path, { dedupeWindowMs: WINDOW });
+    await store.insertReadings(rows); // what the dead worker committed
+    await store.close();
+    const worker = new Worker(new URL("../workers/writer.ts", import.meta.url), { type: "module" });
+    const next = () =>
+      new Promise<Record<string, unknown>>((resolve) =>
+        worker.onmessage = (e) => resolve(e.data as Record<string, unknown>)
+      );
+    try {
+      let answer = next();
+      worker.postMessage({
+        type: "init",
+        spec: { kind: "kv", path },
+        options: { dedupeWindowMs: WINDOW },
+      });
+      assert.equal((await answer).type, "ready");
+      const send = async (id: number, resent: boolean) => {
+        answer = next();
+        worker.postMessage({ type: "batch", id, rows: encodeRows(rows), resent });
+        const done = await answer;
+        assert.equal(done.type, "done");
+        return Array.from(new Float64Array(done.results as ArrayBuffer));
+      };
+      await t.step("resent: both rows are reported stored", async () => {
+        assert.deepEqual(await send(1, true), [NaN, NaN]);
+      });
+      await t.step("not resent, the same rows are duplicates of themselves", async () => {
+        assert.deepEqual(await send(2, false), rows.map((r) => r.ts));
+      });
+      answer = next();
+      worker.postMessage({ type: "close" });
+      assert.equal((await answer).type, "closed");
+    } finally {
+      worker.terminate();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
