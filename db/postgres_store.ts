@@ -655,15 +655,12 @@ function deviceColumns(sql: postgres.ISql): Fragment {
 }
 
 /**
- * Row-locks (creating where new) the meters' `reading_meters` rows, in the given order. The
- * statement is sent at once: postgres.js queries are lazy, and a statement pipelined behind
- * this one must reach the server after it.
+ * Row-locks (creating where new) the meters' `reading_meters` rows, in the given order
+ * (`gateway_lock_meters`, migration 0003). The statement is sent at once: postgres.js queries
+ * are lazy, and a statement pipelined behind this one must reach the server after it.
  */
 function lockMeters(tx: Tx, sortedMeters: string[]): Promise<unknown> {
-  return tx`
-    INSERT INTO reading_meters (meter_id)
-    SELECT m FROM unnest(${tx.array(sortedMeters, 25)}::text[]) AS m
-    ON CONFLICT (meter_id) DO UPDATE SET meter_id = excluded.meter_id WHERE false`.execute();
+  return tx`SELECT gateway_lock_meters(${tx.array(sortedMeters, 25)}::text[])`.execute();
 }
 
 function where(sql: postgres.ISql, conds: Fragment[]): Fragment {

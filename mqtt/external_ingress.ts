@@ -33,7 +33,7 @@ interface Entry {
   /** Whether a PUBACK goes out once final: not for readings that may be tried again. */
   puback: boolean;
   /** The connection it arrived on; PUBACKs never cross to a new connection. */
-  epoch: number;
+  tap: PublishTap;
   /** The publish's packet id. */
   packetId: number;
 }
@@ -80,7 +80,6 @@ export class ExternalIngress implements AsyncDisposable {
   #o: ExternalIngressOptions;
   #client: MqttClient;
   #queue = new Fifo<Entry>();
-  #epoch = 0;
   /** The current connection's tap. */
   #tap: PublishTap | null = null;
   /** A tap stopped because the window is full. */
@@ -213,7 +212,6 @@ export class ExternalIngress implements AsyncDisposable {
     client.on("close", () => {
       // PUBACKs of this connection can no longer be sent; the broker redelivers those readings.
       // Ack publishes not yet written stay unacknowledged in the outbox and go again later.
-      this.#epoch++;
       this.#paused = null;
       this.#out.clear();
       this.#outbox.disconnected();
@@ -247,7 +245,7 @@ export class ExternalIngress implements AsyncDisposable {
     const entry: Entry = {
       final: false,
       puback: true,
-      epoch: this.#epoch,
+      tap,
       packetId: packet.packetId,
     };
     this.#queue.push(entry);
@@ -307,7 +305,8 @@ export class ExternalIngress implements AsyncDisposable {
       const head = this.#queue.peek()!;
       if (!head.final) break;
       this.#queue.shift();
-      if (head.puback && head.epoch === this.#epoch && this.#tap?.live) {
+      // A closed connection's tap is no longer live; after close() nothing is flushed.
+      if (head.puback && head.tap === this.#tap && head.tap.live && !this.#closed) {
         this.#out.puback(head.packetId);
         this.#scheduleFlush();
       }
@@ -351,7 +350,6 @@ export class ExternalIngress implements AsyncDisposable {
     this.#flush();
     this.#closed = true;
     this.#paused = null;
-    this.#epoch++;
     if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
     await this.#client.endAsync(true);
   }

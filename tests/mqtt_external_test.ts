@@ -177,6 +177,14 @@ class ControlledIntake {
   }
 }
 
+/** The counters the external ingress increments. */
+function ingressMetrics(): Metrics {
+  const metrics = new Metrics();
+  metrics.counter("mqtt_messages_received_total", "test");
+  metrics.counter("mqtt_connection_errors_total", "test");
+  return metrics;
+}
+
 function accepted(call: Call): AckMessage {
   const ts = JSON.parse(call.payload).reading_timestamp as string;
   return { reading_timestamp: ts, status: "accepted", id: `id-${ts}` };
@@ -188,9 +196,7 @@ mosquittoTest(
   async (t) => {
     await using mosq = await startMosquitto();
     const clientId = uniqueId("pin-ingress");
-    const metrics = new Metrics();
-    metrics.counter("mqtt_messages_received_total", "test");
-    metrics.counter("mqtt_connection_errors_total", "test");
+    const metrics = ingressMetrics();
     const start = async (intake: ControlledIntake) => {
       const ingress = await ExternalIngress.start({
         url: mosq.url,
@@ -490,9 +496,7 @@ mosquittoTest(
     "reading, never acknowledged, comes again",
   async () => {
     await using mosq = await startMosquitto();
-    const metrics = new Metrics();
-    metrics.counter("mqtt_messages_received_total", "test");
-    metrics.counter("mqtt_connection_errors_total", "test");
+    const metrics = ingressMetrics();
     const intake = new ControlledIntake();
     const ingress = await ExternalIngress.start({
       url: mosq.url,
@@ -587,9 +591,7 @@ for (const mode of ["instant", "batched"] as const) {
       "and the in-flight window is small: after a restart nothing is redelivered",
     async () => {
       await using mosq = await startMosquitto();
-      const metrics = new Metrics();
-      metrics.counter("mqtt_messages_received_total", "test");
-      metrics.counter("mqtt_connection_errors_total", "test");
+      const metrics = ingressMetrics();
       const clientId = uniqueId(`window-${mode}`);
       const open = async (intake: unknown) => {
         const ingress = await ExternalIngress.start({

@@ -22,6 +22,18 @@ AS $$
   LIMIT 1
 $$;
 
+-- Row-locks the meters' reading_meters rows (creating the new ones) in the order given, sorted
+-- by the caller: ON CONFLICT DO UPDATE ... WHERE false locks an existing row without writing it.
+-- Every writer locks in the same order, so two cannot deadlock on these locks.
+CREATE FUNCTION gateway_lock_meters(p_meters text[])
+RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+  INSERT INTO reading_meters (meter_id)
+  SELECT m FROM unnest(p_meters) AS m
+  ON CONFLICT (meter_id) DO UPDATE SET meter_id = excluded.meter_id WHERE false
+$$;
+
 -- Locks the batch's meters, then inserts every row without a stored reading strictly within
 -- the window; returns the rows (1-based `ord`) that were not inserted, with the reading each
 -- collides with. See "How insertReadings stays exact under concurrency" in
@@ -53,9 +65,7 @@ SET jit = off
 AS $$
 #variable_conflict use_column
 BEGIN
-  INSERT INTO reading_meters (meter_id)
-  SELECT m FROM unnest(p_meters) AS m
-  ON CONFLICT (meter_id) DO UPDATE SET meter_id = excluded.meter_id WHERE false;
+  PERFORM gateway_lock_meters(p_meters);
 
   RETURN QUERY
   WITH input AS (
