@@ -24,6 +24,8 @@ const GATEWAY_CLIENT_ID = "bench-gateway-1";
 const NULL_CLIENT_ID = "bench-null-subscriber";
 /** Guards against hangs only: every wait below ends on an event or a counter. */
 const PHASE_TIMEOUT_MS = 300_000;
+/** How long a phase waits for the sampled acks after its readings are stored. */
+const ACK_TIMEOUT_MS = 30_000;
 /** The per-packet savings the gateway's ingress uses, for the publishers and the null subscriber. */
 const LEAN_CLIENT = { log: () => {}, reschedulePings: false } as const;
 
@@ -67,7 +69,14 @@ type FromWorker =
   | { type: "ready" }
   | { type: "started"; t0: number }
   | { type: "published"; t0: number; tEnd: number; sent: number; pubacks: number; errors: number }
-  | { type: "collected"; latencies: number[]; expected: number; tally: AckTally }
+  | {
+    type: "collected";
+    latencies: number[];
+    expected: number;
+    tally: AckTally;
+    /** When the last sampled ack of the run arrived (epoch ms; 0: none). */
+    lastAt: number;
+  }
   | { type: "closed" }
   | { type: "error"; message: string };
 
@@ -126,6 +135,7 @@ function publisherWorker(): void {
   let tally: AckTally = { accepted: 0, duplicate: 0, rejected: {} };
   let expected = 0;
   let received = 0;
+  let lastAt = 0;
   let onAck: (() => void) | null = null;
 
   const sampled = (m: number) => init.sampleEvery > 0 && m % init.sampleEvery === 0;
@@ -179,6 +189,7 @@ function publisherWorker(): void {
     if (sent === undefined) return; // not of this run
     sentAt.delete(g);
     received++;
+    lastAt = performance.timeOrigin + now;
     if (ack.status === "accepted") {
       tally.accepted++;
       latencies.push(now - sent);
@@ -210,6 +221,7 @@ function publisherWorker(): void {
     latencies = [];
     tally = { accepted: 0, duplicate: 0, rejected: {} };
     received = 0;
+    lastAt = 0;
     expected = 0;
     for (let i = 0; i < msg.count; i++) if (sampled((msg.first + i) % M)) expected++;
 
@@ -274,7 +286,7 @@ function publisherWorker(): void {
     const reply = () => {
       onAck = null;
       clearTimeout(timer);
-      post({ type: "collected", latencies, expected, tally });
+      post({ type: "collected", latencies, expected, tally, lastAt });
     };
     const timer = setTimeout(reply, msg.timeoutMs);
     if (received >= expected) reply();
@@ -994,15 +1006,20 @@ Options:
   const b1 = pubs.run(warmup, N, null);
   const t0 = await b1.started;
   const pub = await b1.published;
-  const { at: t1, samples: b1Samples } = await waitAccepted(gw, accepted += N);
+  const { at: t1Stored, samples: b1Samples } = await waitAccepted(gw, accepted += N);
+  // Ingested means stored and answered: the phase ends when the devices have their acks too
+  // (an ack path that lags behind the store would otherwise do its work after the clock stops).
+  const b1Acks = await pubs.collect(ACK_TIMEOUT_MS);
   const bCpu = cpu.end();
   const after = await gatewayFigures(gw);
-  const b1Acks = await pubs.collect(10_000);
+  const t1 = Math.max(t1Stored, b1Acks.lastAt);
   const gwRate = N / ((t1 - t0) / 1000);
   const nullRate = (result.null_subscriber as { rate: number }).rate;
   const b1Lat = latency(b1Acks.latencies);
   log(
-    `    closed loop: ${fmt(N)} readings stored in ${((t1 - t0) / 1000).toFixed(2)} s → ` +
+    `    closed loop: ${fmt(N)} readings stored in ${
+      ((t1Stored - t0) / 1000).toFixed(2)
+    } s, acks in after ${((t1 - t0) / 1000).toFixed(2)} s → ` +
       `${fmt(gwRate)} readings/s (Mosquitto PUBACKed the publishers at ${
         fmt(pub.pubacks / ((pub.tEnd - pub.t0) / 1000))
       }/s)`,
@@ -1032,16 +1049,16 @@ Options:
   const t2 = await b2.started;
   const pub2 = await b2.published;
   const { at: t3, samples: b2Samples } = await waitAccepted(gw, accepted += FIXED);
+  const b2Acks = await pubs.collect(ACK_TIMEOUT_MS);
   const b2Cpu = cpu.end();
   const after2 = await gatewayFigures(gw);
-  const b2Acks = await pubs.collect(10_000);
   const b2Lat = latency(b2Acks.latencies);
   log(
     `    fixed ${fmt(RATE)}/s for ${SECONDS} s: offered ${
       fmt(pub2.sent / ((pub2.tEnd - pub2.t0) / 1000))
     }/s, all ${fmt(FIXED)} stored after ${((t3 - t2) / 1000).toFixed(2)} s (${
       fmt(FIXED / ((t3 - t2) / 1000))
-    }/s)`,
+    }/s), acks in after ${((Math.max(t3, b2Acks.lastAt) - t2) / 1000).toFixed(2)} s`,
   );
   log(`    publish→ack (from the scheduled send time): ${fmtLatency(b2Lat)}`);
   log(`    ${writerDelta(before2, after2, b2Samples)}`);

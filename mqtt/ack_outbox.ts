@@ -6,6 +6,8 @@ import type { PacketBuffer } from "./packet_buffer.ts";
 export interface AckPublish {
   topic: string;
   payload: string;
+  /** Called once the broker acknowledged it, or when it was dropped from a full backlog. */
+  done?: () => void;
 }
 
 /** Options of {@linkcode AckOutbox}. */
@@ -76,8 +78,11 @@ export class AckOutbox {
 
   /** The broker acknowledged packet `id`; whether it was one of ours (others are ignored). */
   acked(id: number): boolean {
-    if (!this.#unacked.delete(id)) return false;
+    const ack = this.#unacked.get(id);
+    if (ack === undefined) return false;
+    this.#unacked.delete(id);
     this.ids.deallocate(id);
+    ack.done?.();
     this.#drain();
     return true;
   }
@@ -137,7 +142,8 @@ export class AckOutbox {
 
   #keep(ack: AckPublish): void {
     if (this.#backlog.length >= this.#o.backlogMax) {
-      this.#backlog.shift(); // the device learns the outcome again when it resends
+      // The device learns the outcome again when it resends.
+      this.#backlog.shift()!.done?.();
       this.#o.onDropped();
     }
     this.#backlog.push(ack);

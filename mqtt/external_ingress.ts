@@ -5,7 +5,7 @@ import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
 import { Fifo } from "../core/fifo.ts";
-import { AckOutbox } from "./ack_outbox.ts";
+import type { AckPublisher } from "./ack_publisher.ts";
 import { type AckMessage, isFinal, type MqttIntake } from "./intake.ts";
 import { PacketBuffer } from "./packet_buffer.ts";
 import { PublishTap, type TappedPublish } from "./publish_tap.ts";
@@ -23,13 +23,17 @@ export interface ExternalIngressOptions {
   sessionExpirySeconds: number;
   /** Readings received and not yet final, at most; beyond it intake pauses. */
   inflightMax: number;
-  intake: MqttIntake;
+  intake: Pick<MqttIntake, "handle">;
+  /** Where outcomes are published; the ingress owns it from now on and closes it. */
+  acks: AckPublisher;
   logger: Logger;
   metrics: Metrics;
 }
 
 interface Entry {
   final: boolean;
+  /** Its ack publish is not yet acknowledged by the broker: the PUBACK waits for it. */
+  ackHeld: boolean;
   /** Whether a PUBACK goes out once final: not for readings that may be tried again. */
   puback: boolean;
   /** The connection it arrived on; PUBACKs never cross to a new connection. */
@@ -49,8 +53,6 @@ type Internals = { streamBuilder: StreamBuilder };
  * commits and their PUBACKs waited behind intake.
  */
 const SLICE_MS = 4;
-/** Ack publishes kept while the broker is away or its receive window is full, at most. */
-const ACK_BACKLOG_MAX = 100_000;
 /** How long close() waits for the broker to close its side. */
 const CLOSE_TIMEOUT_MS = 2_000;
 const BACKOFF_MIN_MS = 500;
@@ -68,9 +70,10 @@ const BACKOFF_MAX_MS = 30_000;
  * while the window of readings in flight is full. tests/mqtt_external_test.ts pins this
  * behaviour so an mqtt.js upgrade that breaks it fails CI.
  *
- * The packets sent per reading (its PUBACK and its QoS 1 ack publish) are encoded here and
- * written once per burst ({@linkcode PacketBuffer}); ack publishes go through an
- * {@linkcode AckOutbox} whose packet ids are shared with mqtt.js.
+ * PUBACKs are encoded here and written once per burst ({@linkcode PacketBuffer}). Outcomes go out
+ * on a connection of their own ({@linkcode AckPublisher}), and a reading's PUBACK waits until the
+ * broker has its ack publish: a reading that the broker will not deliver again always has its
+ * outcome on the way to the device, and a slow ack path slows intake instead of piling up acks.
  *
  * A connection that closes takes its PUBACKs with it: entries are stamped with the connection
  * they arrived on, and nothing is taken from a closed connection's tap. The broker redelivers
@@ -90,7 +93,6 @@ export class ExternalIngress implements AsyncDisposable {
   #maxInFlight = 0;
   #closed = false;
   #out = new PacketBuffer();
-  #outbox: AckOutbox;
   /** When the current slice of intake work began; -1 after a yield. */
   #sliceStart = -1;
   #flushScheduled = false;
@@ -98,13 +100,6 @@ export class ExternalIngress implements AsyncDisposable {
   private constructor(options: ExternalIngressOptions) {
     this.#o = options;
     this.#subscribed = new Promise((resolve) => this.#markSubscribed = resolve);
-    this.#outbox = new AckOutbox({
-      out: this.#out,
-      flushSoon: () => this.#scheduleFlush(),
-      backlogMax: ACK_BACKLOG_MAX,
-      onDropped: () =>
-        options.metrics.inc("mqtt_connection_errors_total", { reason: "ack_backlog_full" }),
-    });
     const clientOptions: IClientOptions = {
       protocolVersion: 5,
       clean: false,
@@ -127,8 +122,6 @@ export class ExternalIngress implements AsyncDisposable {
       // Rescheduling the keepalive timer on every packet sent costs a timer per ack; a ping
       // every keepalive period regardless is just as good at finding a dead connection.
       reschedulePings: false,
-      // Shared with our ack publishes: an id is never used twice at once.
-      messageIdProvider: this.#outbox.ids,
     };
     this.#client = connect(options.url, clientOptions);
     this.#install();
@@ -140,14 +133,14 @@ export class ExternalIngress implements AsyncDisposable {
     return Promise.resolve(new ExternalIngress(options));
   }
 
-  /** Resolves once the readings subscription is in place. */
-  ready(): Promise<void> {
-    return this.#subscribed;
+  /** Resolves once the readings subscription and the ack connection are in place. */
+  async ready(): Promise<void> {
+    await Promise.all([this.#subscribed, this.#o.acks.ready()]);
   }
 
-  /** Whether the broker connection is up. */
+  /** Whether both broker connections (readings, acks) are up. */
   get connected(): boolean {
-    return this.#client.connected;
+    return this.#client.connected && this.#o.acks.connected;
   }
 
   /** Readings received and not yet final. */
@@ -168,7 +161,8 @@ export class ExternalIngress implements AsyncDisposable {
     internals.streamBuilder = (c) => {
       const tap: PublishTap = new PublishTap(build(c), {
         publish: (packet) => this.#onPublish(tap, packet),
-        puback: (id) => tap === this.#tap && this.#outbox.acked(id),
+        // Only the ack connection publishes: any PUBACK here is mqtt.js's own business.
+        puback: () => false,
       });
       this.#tap = tap;
       return tap;
@@ -194,7 +188,6 @@ export class ExternalIngress implements AsyncDisposable {
       this.#tap?.setNoDelay(true);
       this.#backoff = BACKOFF_MIN_MS;
       client.options.reconnectPeriod = BACKOFF_MIN_MS;
-      this.#outbox.connected(connack.properties?.receiveMaximum ?? 65_535);
       this.#flush(); // PUBACKs released before mqtt.js saw the CONNACK
       logger.info("mqtt connected to external broker", {
         url: redact(this.#o.url),
@@ -211,10 +204,8 @@ export class ExternalIngress implements AsyncDisposable {
     });
     client.on("close", () => {
       // PUBACKs of this connection can no longer be sent; the broker redelivers those readings.
-      // Ack publishes not yet written stay unacknowledged in the outbox and go again later.
       this.#paused = null;
       this.#out.clear();
-      this.#outbox.disconnected();
       this.#release(); // final entries of the old connection leave without a PUBACK
       this.#backoff = Math.min(BACKOFF_MAX_MS, this.#backoff * 2);
       client.options.reconnectPeriod = this.#backoff;
@@ -244,6 +235,7 @@ export class ExternalIngress implements AsyncDisposable {
     }
     const entry: Entry = {
       final: false,
+      ackHeld: false,
       puback: true,
       tap,
       packetId: packet.packetId,
@@ -259,7 +251,7 @@ export class ExternalIngress implements AsyncDisposable {
       finish(true); // acknowledged (in order) so the broker drops it
     } else {
       intake.handle(meterId, packet.payload).then((ack) => {
-        this.#ack(meterId, ack);
+        this.#ack(meterId, ack, entry);
         // A non-final ack only happens at shutdown: no PUBACK, the broker redelivers.
         finish(isFinal(ack));
       }, (error) => {
@@ -304,9 +296,12 @@ export class ExternalIngress implements AsyncDisposable {
     while (this.#queue.length > 0) {
       const head = this.#queue.peek()!;
       if (!head.final) break;
-      this.#queue.shift();
       // A closed connection's tap is no longer live; after close() nothing is flushed.
-      if (head.puback && head.tap === this.#tap && head.tap.live && !this.#closed) {
+      const current = head.tap === this.#tap && head.tap.live && !this.#closed;
+      // Its PUBACK waits for the broker to have the ack; one that cannot be sent does not.
+      if (head.ackHeld && current) break;
+      this.#queue.shift();
+      if (head.puback && current) {
         this.#out.puback(head.packetId);
         this.#scheduleFlush();
       }
@@ -318,8 +313,16 @@ export class ExternalIngress implements AsyncDisposable {
     }
   }
 
-  #ack(meterId: string, ack: AckMessage): void {
-    this.#outbox.publish({ topic: acksTopic(meterId), payload: JSON.stringify(ack) });
+  /** Publishes an outcome; with `entry`, its PUBACK is held until the broker has the ack. */
+  #ack(meterId: string, ack: AckMessage, entry?: Entry): void {
+    if (entry === undefined) {
+      return this.#o.acks.publish(acksTopic(meterId), JSON.stringify(ack));
+    }
+    entry.ackHeld = true;
+    this.#o.acks.publish(acksTopic(meterId), JSON.stringify(ack), () => {
+      entry.ackHeld = false;
+      this.#release();
+    });
   }
 
   #scheduleFlush(): void {
@@ -352,6 +355,7 @@ export class ExternalIngress implements AsyncDisposable {
     this.#paused = null;
     if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
     await this.#client.endAsync(true);
+    await this.#o.acks.close();
   }
 
   [Symbol.asyncDispose](): Promise<void> {

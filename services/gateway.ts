@@ -12,6 +12,7 @@ import { createApp } from "../routes/app.ts";
 import { WsHub } from "../routes/ws_hub.ts";
 import { WriterClient } from "../workers/writer_client.ts";
 import { EmbeddedBroker } from "../mqtt/embedded_broker.ts";
+import { AckPublisher } from "../mqtt/ack_publisher.ts";
 import { ExternalIngress } from "../mqtt/external_ingress.ts";
 import { MqttIntake } from "../mqtt/intake.ts";
 import { DeviceService } from "./devices.ts";
@@ -189,10 +190,19 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   cleanups.push(() => intake.close());
   try {
     if (config.mqtt.enabled && config.mqtt.url) {
+      const { url, username, password, clientId } = config.mqtt;
       external = await ExternalIngress.start({
         ...config.mqtt,
-        url: config.mqtt.url,
+        url,
         intake,
+        acks: new AckPublisher({
+          url,
+          username,
+          password,
+          clientId: `${clientId}-acks`,
+          logger,
+          metrics,
+        }),
         logger,
         metrics,
       });

@@ -107,8 +107,28 @@ Deno.test("AckOutbox keeps QoS 1 acks within the broker's window and across reco
 
   await t.step("the backlog is bounded: the oldest ack goes, and it is counted", () => {
     const { box, ack, dropped } = outbox(3);
-    for (let n = 0; n < 5; n++) box.publish(ack(n));
+    const done: number[] = [];
+    for (let n = 0; n < 5; n++) box.publish({ ...ack(n), done: () => done.push(n) });
     assert.equal(box.waiting, 3);
     assert.equal(dropped(), 2);
+    assert.deepEqual(done, [0, 1], "a dropped ack is done: nothing waits for it forever");
+  });
+
+  await t.step("done runs when the broker acknowledged that ack, once, and not before", () => {
+    const { out, box, ack } = outbox();
+    const done: number[] = [];
+    box.connected(2);
+    for (let n = 0; n < 3; n++) box.publish({ ...ack(n), done: () => done.push(n) });
+    const first = sent(out);
+    assert.deepEqual(done, [], "sent is not acknowledged");
+    box.acked(first[1].id);
+    assert.deepEqual(done, [1]);
+    box.disconnected();
+    box.connected(2); // the unacknowledged one goes again; still not done
+    const again = sent(out);
+    assert.deepEqual(done, [1]);
+    for (const p of again) box.acked(p.id);
+    box.acked(first[1].id); // a stray repeat
+    assert.deepEqual(done.toSorted(), [0, 1, 2], "each once");
   });
 });

@@ -8,8 +8,9 @@ import { silentLogger } from "../core/logger.ts";
 import { Metrics } from "../core/metrics.ts";
 import type { Reading } from "../core/reading.ts";
 import { readingPayload } from "../mqtt/device_credentials.ts";
+import { AckPublisher } from "../mqtt/ack_publisher.ts";
 import { ExternalIngress } from "../mqtt/external_ingress.ts";
-import type { AckMessage, MqttIntake } from "../mqtt/intake.ts";
+import type { AckMessage } from "../mqtt/intake.ts";
 import { isoAgo, startTestGateway, type TestGateway } from "./_gateway.ts";
 import {
   EVENT_TIMEOUT_MS,
@@ -20,6 +21,7 @@ import {
   startMosquitto,
   within,
 } from "./_mosquitto.ts";
+import { startTcpProxy } from "./_tcp_proxy.ts";
 
 const MINUTE = 60_000;
 /** Readings of one meter are a metering interval apart (the dedupe window is ±15 minutes). */
@@ -185,6 +187,11 @@ function ingressMetrics(): Metrics {
   return metrics;
 }
 
+/** The ingress's ack connection, as the gateway builds it. */
+function ackPublisher(url: string, clientId: string, metrics: Metrics): AckPublisher {
+  return new AckPublisher({ url, clientId: `${clientId}-acks`, logger: silentLogger, metrics });
+}
+
 function accepted(call: Call): AckMessage {
   const ts = JSON.parse(call.payload).reading_timestamp as string;
   return { reading_timestamp: ts, status: "accepted", id: `id-${ts}` };
@@ -203,7 +210,8 @@ mosquittoTest(
         clientId,
         sessionExpirySeconds: 600,
         inflightMax: 100,
-        intake: intake as unknown as MqttIntake,
+        intake,
+        acks: ackPublisher(mosq.url, clientId, metrics),
         logger: silentLogger,
         metrics,
       });
@@ -300,7 +308,8 @@ mosquittoTest(
           await finish(fourth.calls[2]); // 3rd final: its PUBACK waits for 1st and 2nd
           assert.equal(ingress.inFlight, 3);
           await finish(fourth.calls[0]); // 1st final: released; 2nd still pending
-          assert.equal(ingress.inFlight, 2);
+          // Released once the broker acknowledged its ack, which may come after the device got it.
+          await pollUntil(() => ingress.inFlight === 2, "the 1st reading's PUBACK released");
           await ingress.close();
 
           const fifth = new ControlledIntake();
@@ -498,12 +507,14 @@ mosquittoTest(
     await using mosq = await startMosquitto();
     const metrics = ingressMetrics();
     const intake = new ControlledIntake();
+    const clientId = uniqueId("away-ingress");
     const ingress = await ExternalIngress.start({
       url: mosq.url,
-      clientId: uniqueId("away-ingress"),
+      clientId,
       sessionExpirySeconds: 600,
       inflightMax: 100,
-      intake: intake as unknown as MqttIntake,
+      intake,
+      acks: ackPublisher(mosq.url, clientId, metrics),
       logger: silentLogger,
       metrics,
     });
@@ -553,6 +564,101 @@ mosquittoTest(
   },
 );
 
+mosquittoTest(
+  "a reading's PUBACK waits until the broker has its ack: with the ack connection cut, a final " +
+    "reading stays in flight; once the ack is through, the PUBACK goes and nothing comes again",
+  async (t) => {
+    await using mosq = await startMosquitto();
+    // Only the ack connection goes through the proxy, so it alone can be cut.
+    await using proxy = startTcpProxy({ hostname: "127.0.0.1", port: mosq.port });
+    const metrics = ingressMetrics();
+    const clientId = uniqueId("held-ingress");
+    const open = async (intake: ControlledIntake, acks: AckPublisher) => {
+      const ingress = await ExternalIngress.start({
+        url: mosq.url,
+        clientId,
+        sessionExpirySeconds: 600,
+        inflightMax: 100,
+        intake,
+        acks,
+        logger: silentLogger,
+        metrics,
+      });
+      await within(ingress.ready(), "ingress subscription and ack connection");
+      return ingress;
+    };
+    const acks = new AckPublisher({
+      url: `mqtt://127.0.0.1:${proxy.port}`,
+      clientId: `${clientId}-acks`,
+      logger: silentLogger,
+      metrics,
+    });
+    const intake = new ControlledIntake();
+    let ingress = await open(intake, acks);
+    const device = await connectClient(mosq);
+    const meterId = "held-meter";
+    const reading = (slot: number) =>
+      JSON.stringify({
+        kwh_amount: "1",
+        reading_timestamp: isoAgo(slot * INTERVAL),
+        device_signature: "x",
+      });
+    try {
+      assert.match(
+        mosq.log(),
+        new RegExp(`as ${clientId}-acks`),
+        "the acks have a connection of their own",
+      );
+      const inbox = new Inbox(device);
+      await device.subscribeAsync(`meters/${meterId}/acks`, { qos: 1 });
+      await device.publishAsync(`meters/${meterId}/readings`, reading(1), { qos: 1 });
+      await intake.waitFor(1);
+
+      await t.step("final while the ack connection is cut: held, not acknowledged", async () => {
+        await proxy.cut();
+        await pollUntil(() => !ingress.connected, "the ingress sees its ack connection gone");
+        intake.calls[0].resolve(accepted(intake.calls[0]));
+        // The ack is queued in the same turn as the reading becomes final.
+        await pollUntil(() => acks.pending === 1, "the ack waiting for its connection");
+        assert.equal(ingress.inFlight, 1, "final, but its PUBACK waits for the ack");
+      });
+
+      await t.step(
+        "the ack connection is back: the device gets the ack, then the PUBACK goes",
+        async () => {
+          proxy.restore();
+          assert.deepEqual(
+            await inbox.nextJson(RECONNECT_TIMEOUT_MS),
+            accepted(intake.calls[0]),
+            "the ack held while the connection was cut",
+          );
+          await pollUntil(
+            () => ingress.inFlight === 0,
+            "the PUBACK released",
+            RECONNECT_TIMEOUT_MS,
+          );
+          assert.equal(acks.pending, 0);
+        },
+      );
+
+      await t.step("a new ingress with the same client id gets only what comes next", async () => {
+        await ingress.close();
+        const next = new ControlledIntake();
+        ingress = await open(next, ackPublisher(mosq.url, clientId, metrics));
+        const marker = reading(2);
+        await device.publishAsync(`meters/${meterId}/readings`, marker, { qos: 1 });
+        await next.waitFor(1);
+        assert.equal(next.payloads[0], marker, "the held reading was acknowledged in the end");
+        next.calls[0].resolve(accepted(next.calls[0]));
+        await pollUntil(() => ingress.inFlight === 0, "the marker's PUBACK released");
+      });
+    } finally {
+      await device.endAsync(true);
+      await ingress.close();
+    }
+  },
+);
+
 /** An intake that answers every reading itself: at once, or all pending ones together. */
 class AutoIntake {
   calls = 0;
@@ -593,13 +699,14 @@ for (const mode of ["instant", "batched"] as const) {
       await using mosq = await startMosquitto();
       const metrics = ingressMetrics();
       const clientId = uniqueId(`window-${mode}`);
-      const open = async (intake: unknown) => {
+      const open = async (intake: ControlledIntake | AutoIntake) => {
         const ingress = await ExternalIngress.start({
           url: mosq.url,
           clientId,
           sessionExpirySeconds: 600,
           inflightMax: 10,
-          intake: intake as MqttIntake,
+          intake,
+          acks: ackPublisher(mosq.url, clientId, metrics),
           logger: silentLogger,
           metrics,
         });
