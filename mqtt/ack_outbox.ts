@@ -2,12 +2,18 @@ import { UniqueMessageIdProvider } from "mqtt";
 import { Fifo } from "../core/fifo.ts";
 import type { PacketBuffer } from "./packet_buffer.ts";
 
+/**
+ * What became of an ack publish: the broker took it, refused it (a PUBACK reason code of 0x80 or
+ * more, e.g. not authorised), or it was dropped from a full backlog without being sent.
+ */
+export type AckResult = "accepted" | "refused" | "dropped";
+
 /** One ack message for a meter's acks topic. */
 export interface AckPublish {
   topic: string;
   payload: string;
-  /** Called once the broker acknowledged it, or when it was dropped from a full backlog. */
-  done?: () => void;
+  /** Called once with what became of it. */
+  done?: (result: AckResult) => void;
 }
 
 /** Options of {@linkcode AckOutbox}. */
@@ -20,6 +26,8 @@ export interface AckOutboxOptions {
   backlogMax: number;
   /** Called with each ack dropped because the backlog was full. */
   onDropped: () => void;
+  /** Called with the reason code of each ack the broker refused. */
+  onRefused?: (reasonCode: number) => void;
 }
 
 /**
@@ -76,13 +84,17 @@ export class AckOutbox {
     if (!this.#trySend(ack, false)) this.#keep(ack);
   }
 
-  /** The broker acknowledged packet `id`; whether it was one of ours (others are ignored). */
-  acked(id: number): boolean {
+  /**
+   * The broker acknowledged packet `id` with `reasonCode`; whether it was one of ours (others are
+   * ignored).
+   */
+  acked(id: number, reasonCode = 0): boolean {
     const ack = this.#unacked.get(id);
     if (ack === undefined) return false;
     this.#unacked.delete(id);
     this.ids.deallocate(id);
-    ack.done?.();
+    if (reasonCode >= 0x80) this.#o.onRefused?.(reasonCode);
+    ack.done?.(reasonCode >= 0x80 ? "refused" : "accepted");
     this.#drain();
     return true;
   }
@@ -143,7 +155,7 @@ export class AckOutbox {
   #keep(ack: AckPublish): void {
     if (this.#backlog.length >= this.#o.backlogMax) {
       // The device learns the outcome again when it resends.
-      this.#backlog.shift()!.done?.();
+      this.#backlog.shift()!.done?.("dropped");
       this.#o.onDropped();
     }
     this.#backlog.push(ack);

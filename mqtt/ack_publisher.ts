@@ -4,7 +4,7 @@ import type { Duplex } from "node:stream";
 import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
-import { AckOutbox } from "./ack_outbox.ts";
+import { AckOutbox, type AckResult } from "./ack_outbox.ts";
 import { PacketBuffer } from "./packet_buffer.ts";
 import { PublishTap } from "./publish_tap.ts";
 
@@ -29,6 +29,8 @@ const ACK_BACKLOG_MAX = 100_000;
 const CLOSE_TIMEOUT_MS = 2_000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
+/** Refused acks are logged at most this often (each one is counted). */
+const REFUSAL_LOG_MS = 10_000;
 
 /**
  * The connection that publishes the outcome of every reading on `meters/{id}/acks` (QoS 1) for
@@ -57,6 +59,10 @@ export class AckPublisher implements AsyncDisposable {
   #backoff = BACKOFF_MIN_MS;
   #connected: Promise<void>;
   #markConnected!: () => void;
+  #closing: Promise<void> | null = null;
+  /** Refusals since the last one logged, and when that was. */
+  #refused = 0;
+  #refusalLoggedAt = -Infinity;
 
   /** Connects in the background (retrying with backoff); publishes wait until it is up. */
   constructor(options: AckPublisherOptions) {
@@ -68,6 +74,7 @@ export class AckPublisher implements AsyncDisposable {
       backlogMax: ACK_BACKLOG_MAX,
       onDropped: () =>
         options.metrics.inc("mqtt_connection_errors_total", { reason: "ack_backlog_full" }),
+      onRefused: (reasonCode) => this.#onRefused(reasonCode),
     });
     this.#client = connect(options.url, {
       protocolVersion: 5,
@@ -78,6 +85,8 @@ export class AckPublisher implements AsyncDisposable {
       username: options.username,
       password: options.password,
       reconnectPeriod: BACKOFF_MIN_MS,
+      // A refused CONNECT (server busy, quota) is retried like a lost connection.
+      reconnectOnConnackError: true,
       connectTimeout: 10_000,
       manualConnect: true,
       log: () => {},
@@ -103,9 +112,24 @@ export class AckPublisher implements AsyncDisposable {
     return this.#outbox.unacked + this.#outbox.waiting;
   }
 
-  /** Publishes `payload` on `topic` at QoS 1; `done` runs once the broker has it. */
-  publish(topic: string, payload: string, done?: () => void): void {
+  /** Publishes `payload` on `topic` at QoS 1; `done` learns what became of it. */
+  publish(topic: string, payload: string, done?: (result: AckResult) => void): void {
     this.#outbox.publish({ topic, payload, done });
+  }
+
+  /** Counts a refused ack; logs now and then (a broker that refuses one refuses them all). */
+  #onRefused(reasonCode: number): void {
+    this.#o.metrics.inc("mqtt_connection_errors_total", { reason: "ack_refused" });
+    this.#refused++;
+    const now = performance.now();
+    if (now - this.#refusalLoggedAt < REFUSAL_LOG_MS) return;
+    this.#o.logger.error("the broker refuses ack publishes (check its ACL for meters/+/acks)", {
+      client_id: this.#o.clientId,
+      reason_code: `0x${reasonCode.toString(16)}`,
+      refused: this.#refused,
+    });
+    this.#refused = 0;
+    this.#refusalLoggedAt = now;
   }
 
   #install(): void {
@@ -117,7 +141,7 @@ export class AckPublisher implements AsyncDisposable {
       const tap: PublishTap = new PublishTap(build(c), {
         // Nothing is subscribed here; a publish would be a broker's mistake, and is ignored.
         publish: () => true,
-        puback: (id) => tap === this.#tap && this.#outbox.acked(id),
+        puback: (id, reasonCode) => tap === this.#tap && this.#outbox.acked(id, reasonCode),
       });
       this.#tap = tap;
       return tap;
@@ -159,8 +183,11 @@ export class AckPublisher implements AsyncDisposable {
   }
 
   /** Writes what is encoded, then disconnects (half-close first, as the ingress does). */
-  async close(): Promise<void> {
-    if (this.#closed) return;
+  close(): Promise<void> {
+    return this.#closing ??= this.#close();
+  }
+
+  async #close(): Promise<void> {
     this.#flush();
     this.#closed = true;
     if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);

@@ -23,6 +23,13 @@ export interface ExternalIngressOptions {
   sessionExpirySeconds: number;
   /** Readings received and not yet final, at most; beyond it intake pauses. */
   inflightMax: number;
+  /**
+   * How long close() lets the readings in flight finish, in ms (default 3,000): those that do
+   * are acknowledged, the rest are delivered again after a restart.
+   */
+  drainMs?: number;
+  /** Keepalive interval in seconds (default 60). */
+  keepalive?: number;
   intake: Pick<MqttIntake, "handle">;
   /** Where outcomes are published; the ingress owns it from now on and closes it. */
   acks: AckPublisher;
@@ -32,7 +39,7 @@ export interface ExternalIngressOptions {
 
 interface Entry {
   final: boolean;
-  /** Its ack publish is not yet acknowledged by the broker: the PUBACK waits for it. */
+  /** Its ack publish is not yet answered by the broker: the PUBACK waits for it. */
   ackHeld: boolean;
   /** Whether a PUBACK goes out once final: not for readings that may be tried again. */
   puback: boolean;
@@ -55,6 +62,7 @@ type Internals = { streamBuilder: StreamBuilder };
 const SLICE_MS = 4;
 /** How long close() waits for the broker to close its side. */
 const CLOSE_TIMEOUT_MS = 2_000;
+const DRAIN_MS = 3_000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
 
@@ -65,10 +73,11 @@ const BACKOFF_MAX_MS = 30_000;
  *
  * mqtt.js connects, subscribes, keeps the connection alive and reconnects; the per-reading
  * packets bypass it. Each connection's stream is wrapped in a {@linkcode PublishTap} (through
- * mqtt.js's private `streamBuilder`), which takes QoS 0/1 PUBLISH packets and the PUBACKs of
- * our ack publishes off the wire and passes everything else on. Reading from the socket stops
- * while the window of readings in flight is full. tests/mqtt_external_test.ts pins this
- * behaviour so an mqtt.js upgrade that breaks it fails CI.
+ * mqtt.js's private `streamBuilder`), which takes QoS 0/1 PUBLISH packets off the wire and
+ * passes everything else on. While the window of readings in flight is full, publishes wait in
+ * the tap (a broker that honours our Receive Maximum sends no more) and everything else, such as
+ * keepalive answers, still reaches mqtt.js. tests/mqtt_external_test.ts pins this behaviour so
+ * an mqtt.js upgrade that breaks it fails CI.
  *
  * PUBACKs are encoded here and written once per burst ({@linkcode PacketBuffer}). Outcomes go out
  * on a connection of their own ({@linkcode AckPublisher}), and a reading's PUBACK waits until the
@@ -92,6 +101,8 @@ export class ExternalIngress implements AsyncDisposable {
   #markSubscribed!: () => void;
   #maxInFlight = 0;
   #closed = false;
+  /** Set by close(): nothing new is taken; resolved once nothing is in flight. */
+  #drain: PromiseWithResolvers<void> | null = null;
   #out = new PacketBuffer();
   /** When the current slice of intake work began; -1 after a yield. */
   #sliceStart = -1;
@@ -112,7 +123,10 @@ export class ExternalIngress implements AsyncDisposable {
         receiveMaximum: Math.min(65_535, options.inflightMax),
       },
       reconnectPeriod: BACKOFF_MIN_MS,
+      // A refused CONNECT (server busy, quota) is retried like a lost connection.
+      reconnectOnConnackError: true,
       connectTimeout: 10_000,
+      keepalive: options.keepalive ?? 60,
       // We subscribe ourselves on every connect.
       resubscribe: false,
       // Hooks must be in place before the first packet: queued session messages arrive at once.
@@ -171,7 +185,7 @@ export class ExternalIngress implements AsyncDisposable {
     // Only what the tap passes on gets here: QoS 2 (which a QoS 1 subscription never receives)
     // and anything a broker sends before its CONNACK. Held in series, acknowledged when final.
     client.handleMessage = (packet, callback) => {
-      if (packet.cmd !== "publish" || this.#closed) return callback();
+      if (packet.cmd !== "publish" || this.#closed || this.#drain) return callback();
       const topic = packet.topic;
       const meterId = meterOfReadingsTopic(topic);
       this.#received(meterId, topic);
@@ -218,8 +232,9 @@ export class ExternalIngress implements AsyncDisposable {
 
   /** A QoS 0/1 publish from `tap`; returns whether the tap may go on reading now. */
   #onPublish(tap: PublishTap, packet: TappedPublish): boolean {
-    // Nothing is taken from a connection that is no longer the current one, or after close().
-    if (this.#closed || tap !== this.#tap) return false;
+    // Nothing is taken from a connection that is no longer the current one, or once close()
+    // began: the broker delivers it again.
+    if (this.#closed || this.#drain || tap !== this.#tap) return false;
     const { intake, logger } = this.#o;
     const { bytes, topicStart, topicEnd } = packet;
     const meterId = meterOfReadingsTopicBytes(bytes, topicStart, topicEnd);
@@ -306,21 +321,30 @@ export class ExternalIngress implements AsyncDisposable {
         this.#scheduleFlush();
       }
     }
+    if (this.#drain && this.#queue.length === 0) this.#drain.resolve();
     const paused = this.#paused;
-    if (paused && this.#queue.length < this.#o.inflightMax) {
+    if (paused && !this.#drain && this.#queue.length < this.#o.inflightMax) {
       this.#paused = null;
       if (paused === this.#tap && this.#goOn(paused)) paused.proceed();
     }
   }
 
-  /** Publishes an outcome; with `entry`, its PUBACK is held until the broker has the ack. */
+  /**
+   * Publishes an outcome. With the final outcome of `entry`, its PUBACK waits until the broker
+   * took the ack, or refused it (counted and logged by the publisher: the reading is final
+   * regardless, and redelivering it would be refused the same way). An ack dropped unsent (the
+   * backlog overflowed while the broker was away) leaves the reading unacknowledged, so the
+   * broker delivers it again and its outcome is sent again.
+   */
   #ack(meterId: string, ack: AckMessage, entry?: Entry): void {
-    if (entry === undefined) {
-      return this.#o.acks.publish(acksTopic(meterId), JSON.stringify(ack));
+    const topic = acksTopic(meterId);
+    if (entry === undefined || !isFinal(ack)) {
+      return this.#o.acks.publish(topic, JSON.stringify(ack));
     }
     entry.ackHeld = true;
-    this.#o.acks.publish(acksTopic(meterId), JSON.stringify(ack), () => {
+    this.#o.acks.publish(topic, JSON.stringify(ack), (result) => {
       entry.ackHeld = false;
+      if (result === "dropped") entry.puback = false;
       this.#release();
     });
   }
@@ -342,20 +366,35 @@ export class ExternalIngress implements AsyncDisposable {
   }
 
   /**
-   * Disconnects; readings not yet acknowledged are redelivered by the broker later. The PUBACKs
-   * and acks already released reach the broker first: the socket is half-closed after them and
-   * read to its end, since closing with unread input resets the connection, and a reset lets
-   * the broker drop what it had not read yet (measured: a reading acknowledged just before
-   * close() came back).
+   * Stops taking readings, lets those in flight finish for up to `drainMs` (their PUBACKs go
+   * out, so a restart does not bring them back as duplicates), then disconnects; readings not
+   * yet acknowledged are redelivered by the broker later. The PUBACKs already released reach the
+   * broker first: the socket is half-closed after them and read to its end, since closing with
+   * unread input resets the connection, and a reset lets the broker drop what it had not read
+   * yet (measured: a reading acknowledged just before close() came back).
    */
-  async close(): Promise<void> {
-    if (this.#closed) return;
+  close(): Promise<void> {
+    return this.#closing ??= this.#close();
+  }
+
+  #closing: Promise<void> | null = null;
+
+  async #close(): Promise<void> {
+    const drain = this.#drain = Promise.withResolvers<void>();
+    // Only a live connection can still carry PUBACKs.
+    if (this.#queue.length === 0 || !this.#tap?.live) drain.resolve();
+    const timer = setTimeout(() => drain.resolve(), this.#o.drainMs ?? DRAIN_MS);
+    await drain.promise;
+    clearTimeout(timer);
     this.#flush();
     this.#closed = true;
     this.#paused = null;
-    if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
-    await this.#client.endAsync(true);
-    await this.#o.acks.close();
+    try {
+      if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
+      await this.#client.endAsync(true);
+    } finally {
+      await this.#o.acks.close();
+    }
   }
 
   [Symbol.asyncDispose](): Promise<void> {

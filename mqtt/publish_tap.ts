@@ -6,7 +6,7 @@
 // chain of next-ticks, about a third of the gateway's allocations under load (measured with the
 // sampling heap profiler), and a QoS 1 PUBACK had to be captured inside a private method to be
 // held until the reading was committed. Here a PUBLISH is a slice of the socket's chunk, its
-// packet id is known at once, and reading simply stops while the ingress's window is full.
+// packet id is known at once, and publishes simply wait while the ingress's window is full.
 import { Buffer } from "node:buffer";
 import { Duplex } from "node:stream";
 
@@ -25,20 +25,41 @@ export interface TappedPublish {
 
 /** What the tap does with the packets it takes. */
 export interface TapHandlers {
-  /** A QoS 0/1 PUBLISH. Returning false stops reading until {@linkcode PublishTap.proceed}. */
+  /** A QoS 0/1 PUBLISH. Returning false holds later ones until {@linkcode PublishTap.proceed}. */
   publish(packet: TappedPublish): boolean;
-  /** A PUBACK; returns whether it acknowledged one of the owner's publishes (else mqtt.js gets it). */
-  puback(packetId: number): boolean;
+  /**
+   * A PUBACK with its reason code (0 when absent; 0x80 and above: refused); returns whether it
+   * acknowledged one of the owner's publishes (else mqtt.js gets it).
+   */
+  puback(packetId: number, reasonCode: number): boolean;
 }
 
 const CONNACK = 2;
 const PUBLISH = 3;
 const PUBACK = 4;
+/**
+ * Bytes of publishes held while stopped before reading from the socket stops too. A broker that
+ * honours the ingress's Receive Maximum sends no more QoS 1 publishes once its window is full,
+ * so only QoS 0 floods (or a broker that ignores the limit) get here.
+ */
+const HOLD_MAX_BYTES = 8 * 1024 * 1024;
+
+/** Where a packet lies in a received chunk. */
+interface Slice {
+  b: Buffer;
+  start: number;
+  body: number;
+  end: number;
+}
 
 /**
  * Splits the broker's byte stream into MQTT packets (MQTT 5: PUBLISH carries properties).
  * Until the CONNACK has gone by, every packet goes to mqtt.js. Writes pass straight through,
  * in order, so the owner's packets and mqtt.js's never interleave inside a packet.
+ *
+ * While stopped, publishes are held in order and everything else still goes on: a keepalive
+ * answer stuck behind held readings would make mqtt.js drop a healthy connection, and the broker
+ * would deliver every reading in flight again.
  */
 export class PublishTap extends Duplex {
   #inner: Duplex;
@@ -52,15 +73,22 @@ export class PublishTap extends Duplex {
   #parts: Buffer[] = [];
   #partsLength = 0;
   #stopped = false;
+  /** Publishes that arrived while stopped, in order. */
+  #held: Slice[] = [];
+  #heldHead = 0;
+  #heldBytes = 0;
+  #holdMax: number;
   #connacked = false;
   #discarding = false;
   /** The broker ended its side; the end is passed on once the packets before it are handled. */
   #ended = false;
 
-  constructor(inner: Duplex, handlers: TapHandlers) {
+  /** Wraps `inner`; `holdMaxBytes` bounds the publishes held while stopped (default 8 MiB). */
+  constructor(inner: Duplex, handlers: TapHandlers, options: { holdMaxBytes?: number } = {}) {
     super();
     this.#inner = inner;
     this.#handlers = handlers;
+    this.#holdMax = options.holdMaxBytes ?? HOLD_MAX_BYTES;
     inner.on("data", (chunk: Buffer) => this.#onData(chunk));
     inner.on("end", () => {
       this.#ended = true;
@@ -75,10 +103,20 @@ export class PublishTap extends Duplex {
     return this.#connacked && !this.destroyed && this.writable;
   }
 
-  /** Goes on reading after a handler returned false. */
+  /** Goes on handing over publishes after a handler returned false. */
   proceed(): void {
     if (!this.#stopped) return;
     this.#stopped = false;
+    while (!this.#stopped && this.#heldHead < this.#held.length && !this.#discarding) {
+      const { b, start, body, end } = this.#held[this.#heldHead];
+      this.#held[this.#heldHead++] = undefined as unknown as Slice;
+      this.#heldBytes -= end - start;
+      this.#packet(b, start, body, end);
+    }
+    if (this.#heldHead === this.#held.length) {
+      this.#held = [];
+      this.#heldHead = 0;
+    }
     this.#pump();
   }
 
@@ -96,6 +134,7 @@ export class PublishTap extends Duplex {
     this.#discarding = true;
     this.#buf = null;
     this.#parts = [];
+    this.#held = [];
     if (this.destroyed) return;
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
@@ -129,6 +168,7 @@ export class PublishTap extends Duplex {
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     this.#buf = null;
     this.#parts = [];
+    this.#held = [];
     this.#inner.destroy();
     callback(error);
   }
@@ -153,7 +193,7 @@ export class PublishTap extends Duplex {
   }
 
   #pump(): void {
-    while (!this.#stopped && !this.destroyed && !this.#discarding && this.#buf !== null) {
+    while (!this.#full() && !this.destroyed && !this.#discarding && this.#buf !== null) {
       const b = this.#buf;
       const start = this.#pos;
       // Fixed header: type and flags, then the remaining length (1–4 bytes, 7 bits each).
@@ -179,16 +219,34 @@ export class PublishTap extends Duplex {
       }
       this.#pos = end;
       if (end === b.length) this.#buf = null;
-      this.#packet(b, start, at, end);
+      if (this.#stopped && this.#isTapped(b[start])) {
+        this.#held.push({ b, start, body: at, end });
+        this.#heldBytes += end - start;
+      } else {
+        this.#packet(b, start, at, end);
+      }
     }
-    if (this.#stopped) return void this.#inner.pause();
+    if (this.#full()) return void this.#inner.pause();
     if (this.destroyed) return;
     this.#inner.resume();
     this.#endIfDrained();
   }
 
+  /** Whether reading from the socket waits: stopped with too much held already. */
+  #full(): boolean {
+    return this.#stopped && this.#heldBytes >= this.#holdMax;
+  }
+
+  /** Whether a packet with this first byte goes to the publish handler. */
+  #isTapped(first: number): boolean {
+    return this.#connacked && first >> 4 === PUBLISH && ((first >> 1) & 3) < 2;
+  }
+
   #endIfDrained(): void {
-    if (!this.#ended || this.#stopped || this.readableEnded || this.destroyed) return;
+    if (
+      !this.#ended || this.#stopped || this.#heldHead < this.#held.length ||
+      this.readableEnded || this.destroyed
+    ) return;
     this.#ended = false;
     this.push(null);
   }
@@ -196,7 +254,7 @@ export class PublishTap extends Duplex {
   #packet(b: Buffer, start: number, body: number, end: number): void {
     const type = b[start] >> 4;
     const qos = (b[start] >> 1) & 3;
-    if (this.#connacked && type === PUBLISH && qos < 2) {
+    if (this.#isTapped(b[start])) {
       if (end - body < 2) return this.#malformed("PUBLISH without a topic");
       const topicStart = body + 2;
       const topicEnd = topicStart + ((b[body] << 8) | b[body + 1]);
@@ -228,7 +286,8 @@ export class PublishTap extends Duplex {
       return;
     }
     if (this.#connacked && type === PUBACK && end - body >= 2) {
-      if (this.#handlers.puback((b[body] << 8) | b[body + 1])) return;
+      const reasonCode = end - body >= 3 ? b[body + 2] : 0;
+      if (this.#handlers.puback((b[body] << 8) | b[body + 1], reasonCode)) return;
     }
     if (type === CONNACK) this.#connacked = true;
     this.push(b.subarray(start, end));

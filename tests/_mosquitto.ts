@@ -68,11 +68,22 @@ export function freePort(): number {
   return port;
 }
 
-/** Starts Mosquitto with the production config on a free port in a fresh temp dir. */
-export async function startMosquitto(): Promise<Mosquitto> {
+/**
+ * Starts Mosquitto with the production config on a free port in a fresh temp dir; with `acl`,
+ * that ACL file's rules apply too.
+ */
+export async function startMosquitto(options: { acl?: string } = {}): Promise<Mosquitto> {
   const dir = await Deno.makeTempDir({ prefix: "gw-mosquitto-" });
   // Started as root, Mosquitto drops to its own user: it must be able to write its database.
   await Deno.chmod(dir, 0o777);
+  let config = CONFIG;
+  if (options.acl !== undefined) {
+    const acl = `${dir}/acl`;
+    await Deno.writeTextFile(acl, options.acl);
+    await Deno.chmod(acl, 0o644);
+    config = `${dir}/mosquitto.conf`;
+    await Deno.writeTextFile(config, `${await Deno.readTextFile(CONFIG)}\nacl_file ${acl}\n`);
+  }
   const port = freePort();
   let child: Deno.ChildProcess | null = null;
   let exited: Promise<Deno.CommandStatus> | null = null;
@@ -88,7 +99,7 @@ export async function startMosquitto(): Promise<Mosquitto> {
 
   const start = async () => {
     const proc = new Deno.Command("mosquitto", {
-      args: ["-c", CONFIG, "-p", String(port)],
+      args: ["-c", config, "-p", String(port)],
       cwd: dir,
       stdin: "null",
       stdout: "piped",

@@ -107,18 +107,26 @@ Deno.test("AckOutbox keeps QoS 1 acks within the broker's window and across reco
 
   await t.step("the backlog is bounded: the oldest ack goes, and it is counted", () => {
     const { box, ack, dropped } = outbox(3);
-    const done: number[] = [];
-    for (let n = 0; n < 5; n++) box.publish({ ...ack(n), done: () => done.push(n) });
+    const done: [number, string][] = [];
+    for (let n = 0; n < 5; n++) box.publish({ ...ack(n), done: (r) => done.push([n, r]) });
     assert.equal(box.waiting, 3);
     assert.equal(dropped(), 2);
-    assert.deepEqual(done, [0, 1], "a dropped ack is done: nothing waits for it forever");
+    assert.deepEqual(done, [[0, "dropped"], [1, "dropped"]], "nothing waits for them forever");
   });
 
   await t.step("done runs when the broker acknowledged that ack, once, and not before", () => {
     const { out, box, ack } = outbox();
     const done: number[] = [];
     box.connected(2);
-    for (let n = 0; n < 3; n++) box.publish({ ...ack(n), done: () => done.push(n) });
+    for (let n = 0; n < 3; n++) {
+      box.publish({
+        ...ack(n),
+        done: (r) => {
+          assert.equal(r, "accepted");
+          done.push(n);
+        },
+      });
+    }
     const first = sent(out);
     assert.deepEqual(done, [], "sent is not acknowledged");
     box.acked(first[1].id);
@@ -130,5 +138,29 @@ Deno.test("AckOutbox keeps QoS 1 acks within the broker's window and across reco
     for (const p of again) box.acked(p.id);
     box.acked(first[1].id); // a stray repeat
     assert.deepEqual(done.toSorted(), [0, 1, 2], "each once");
+  });
+
+  await t.step("a PUBACK with a reason code of 0x80 or more is a refusal, and is reported", () => {
+    const out = new PacketBuffer();
+    const refused: number[] = [];
+    const box = new AckOutbox({
+      out,
+      flushSoon: () => {},
+      backlogMax: 10,
+      onDropped: () => {},
+      onRefused: (code) => refused.push(code),
+    });
+    const results: string[] = [];
+    box.connected(10);
+    for (let n = 0; n < 3; n++) {
+      box.publish({ topic: `meters/m-${n}/acks`, payload: "{}", done: (r) => results.push(r) });
+    }
+    const [a, b, c] = sent(out);
+    box.acked(a.id, 0x10); // no matching subscribers: a success
+    box.acked(b.id, 0x87); // not authorised
+    box.acked(c.id); // MQTT 3.1.1 style, no reason code
+    assert.deepEqual(results, ["accepted", "refused", "accepted"]);
+    assert.deepEqual(refused, [0x87]);
+    assert.equal(box.unacked, 0, "a refused ack is not sent again");
   });
 });

@@ -210,6 +210,8 @@ mosquittoTest(
         clientId,
         sessionExpirySeconds: 600,
         inflightMax: 100,
+        // Steps close with readings never made final: close() waits this long for them.
+        drainMs: 200,
         intake,
         acks: ackPublisher(mosq.url, clientId, metrics),
         logger: silentLogger,
@@ -652,6 +654,172 @@ mosquittoTest(
         next.calls[0].resolve(accepted(next.calls[0]));
         await pollUntil(() => ingress.inFlight === 0, "the marker's PUBACK released");
       });
+    } finally {
+      await device.endAsync(true);
+      await ingress.close();
+    }
+  },
+);
+
+mosquittoTest(
+  "with the window full for several keepalive periods, the connection stays up and nothing is " +
+    "delivered twice (keepalive answers do not wait behind held readings)",
+  async () => {
+    await using mosq = await startMosquitto();
+    const metrics = ingressMetrics();
+    const clientId = uniqueId("keepalive-ingress");
+    const intake = new ControlledIntake();
+    const ingress = await ExternalIngress.start({
+      url: mosq.url,
+      clientId,
+      sessionExpirySeconds: 600,
+      inflightMax: 2,
+      keepalive: 1,
+      intake,
+      acks: ackPublisher(mosq.url, clientId, metrics),
+      logger: silentLogger,
+      metrics,
+    });
+    const device = await connectClient(mosq);
+    try {
+      await within(ingress.ready(), "ingress subscription");
+      const payloads = [1, 2, 3, 4].map((slot) =>
+        JSON.stringify({
+          kwh_amount: "1",
+          reading_timestamp: isoAgo(slot * INTERVAL),
+          device_signature: "x",
+        })
+      );
+      for (const p of payloads) {
+        await device.publishAsync("meters/keepalive-meter/readings", p, { qos: 1 });
+      }
+      await intake.waitFor(2);
+      // The property is about time passing: 3.5 keepalive periods with the window full. mqtt.js
+      // drops a connection whose PINGRESP is missing after one period; a drop would bring the
+      // two readings in flight back as new intake calls.
+      await new Promise((resolve) => setTimeout(resolve, 3_500));
+      assert.equal(ingress.connected, true, "still connected");
+      assert.deepEqual(intake.payloads, payloads.slice(0, 2), "nothing delivered again");
+      for (const call of intake.calls.slice(0, 2)) call.resolve(accepted(call));
+      await intake.waitFor(4);
+      assert.deepEqual(intake.payloads, payloads, "the held ones follow, in order, once each");
+      for (const call of intake.calls.slice(2)) call.resolve(accepted(call));
+      await pollUntil(() => ingress.inFlight === 0, "all four PUBACKs released");
+    } finally {
+      await device.endAsync(true);
+      await ingress.close();
+    }
+  },
+);
+
+mosquittoTest(
+  "an ack the broker refuses is counted, and the stored reading is acknowledged all the same",
+  async () => {
+    // Anonymous clients may publish readings and read acks, but not publish acks.
+    await using mosq = await startMosquitto({
+      acl: "topic readwrite meters/+/readings\ntopic read meters/+/acks\n",
+    });
+    const metrics = ingressMetrics();
+    const clientId = uniqueId("refused-ingress");
+    const open = async (intake: ControlledIntake) => {
+      const ingress = await ExternalIngress.start({
+        url: mosq.url,
+        clientId,
+        sessionExpirySeconds: 600,
+        inflightMax: 100,
+        intake,
+        acks: ackPublisher(mosq.url, clientId, metrics),
+        logger: silentLogger,
+        metrics,
+      });
+      await within(ingress.ready(), "ingress subscription");
+      return ingress;
+    };
+    const reading = (slot: number) =>
+      JSON.stringify({
+        kwh_amount: "1",
+        reading_timestamp: isoAgo(slot * INTERVAL),
+        device_signature: "x",
+      });
+    const intake = new ControlledIntake();
+    let ingress = await open(intake);
+    const device = await connectClient(mosq);
+    try {
+      await device.publishAsync("meters/refused-meter/readings", reading(1), { qos: 1 });
+      await intake.waitFor(1);
+      intake.calls[0].resolve(accepted(intake.calls[0]));
+      await pollUntil(() => ingress.inFlight === 0, "the reading released after the refusal");
+      assert.match(
+        metrics.render(),
+        /mqtt_connection_errors_total\{reason="ack_refused"\} 1\b/,
+        "the refusal is counted",
+      );
+      await ingress.close();
+
+      const next = new ControlledIntake();
+      ingress = await open(next);
+      const marker = reading(2);
+      await device.publishAsync("meters/refused-meter/readings", marker, { qos: 1 });
+      await next.waitFor(1);
+      assert.equal(next.payloads[0], marker, "the first reading was acknowledged: not again");
+      next.calls[0].resolve(accepted(next.calls[0]));
+      await pollUntil(() => ingress.inFlight === 0, "the marker's PUBACK released");
+    } finally {
+      await device.endAsync(true);
+      await ingress.close();
+    }
+  },
+);
+
+mosquittoTest(
+  "close() lets the readings in flight finish and acknowledges them, so a restart does not " +
+    "bring them back",
+  async () => {
+    await using mosq = await startMosquitto();
+    const metrics = ingressMetrics();
+    const clientId = uniqueId("drain-ingress");
+    const open = async (intake: ControlledIntake) => {
+      const ingress = await ExternalIngress.start({
+        url: mosq.url,
+        clientId,
+        sessionExpirySeconds: 600,
+        inflightMax: 100,
+        intake,
+        acks: ackPublisher(mosq.url, clientId, metrics),
+        logger: silentLogger,
+        metrics,
+      });
+      await within(ingress.ready(), "ingress subscription");
+      return ingress;
+    };
+    const reading = (slot: number) =>
+      JSON.stringify({
+        kwh_amount: "1",
+        reading_timestamp: isoAgo(slot * INTERVAL),
+        device_signature: "x",
+      });
+    const intake = new ControlledIntake();
+    let ingress = await open(intake);
+    const device = await connectClient(mosq);
+    try {
+      for (const slot of [1, 2, 3]) {
+        await device.publishAsync("meters/drain-meter/readings", reading(slot), { qos: 1 });
+      }
+      await intake.waitFor(3);
+      const closing = ingress.close();
+      // Final while close() drains, as when the writer commits them during a shutdown.
+      for (const call of intake.calls) call.resolve(accepted(call));
+      await closing;
+      assert.equal(ingress.inFlight, 0, "all three were released before the disconnect");
+
+      const next = new ControlledIntake();
+      ingress = await open(next);
+      const marker = reading(4);
+      await device.publishAsync("meters/drain-meter/readings", marker, { qos: 1 });
+      await next.waitFor(1);
+      assert.equal(next.payloads[0], marker, "none of the three came back");
+      next.calls[0].resolve(accepted(next.calls[0]));
+      await pollUntil(() => ingress.inFlight === 0, "the marker's PUBACK released");
     } finally {
       await device.endAsync(true);
       await ingress.close();

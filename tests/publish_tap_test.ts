@@ -108,6 +108,7 @@ function harness(
   const socket = new Socket();
   const publishes: Seen[] = [];
   const pubacks: number[] = [];
+  const reasons: number[] = [];
   const tap = new PublishTap(socket, {
     publish(packet) {
       const { bytes, topicStart, topicEnd, payload } = packet;
@@ -123,8 +124,9 @@ function harness(
       });
       return options.publish?.(packet) ?? true;
     },
-    puback(id) {
+    puback(id, reasonCode) {
       pubacks.push(id);
+      reasons.push(reasonCode);
       return options.ours?.includes(id) ?? false;
     },
   });
@@ -141,6 +143,7 @@ function harness(
     tap,
     publishes,
     pubacks,
+    reasons,
     errors,
     closed,
     ended: () => ended,
@@ -311,9 +314,11 @@ Deno.test("PublishTap passes on what is not for its handlers", SANITIZE, async (
         properties: { reasonString: "no matching subscribers" },
       });
       const mineWithReason = encode({ cmd: "puback", messageId: 300, reasonCode: 0x10 });
-      const h = harness({ ours: [7, 300] });
-      await h.feed(CONNACK, mine, theirs, theirsWithReason, mineWithReason);
-      assert.deepEqual(h.pubacks, [7, 8, 9, 300]);
+      const mineRefused = encode({ cmd: "puback", messageId: 301, reasonCode: 0x87 });
+      const h = harness({ ours: [7, 300, 301] });
+      await h.feed(CONNACK, mine, theirs, theirsWithReason, mineWithReason, mineRefused);
+      assert.deepEqual(h.pubacks, [7, 8, 9, 300, 301]);
+      assert.deepEqual(h.reasons, [0, 0, 0x10, 0x10, 0x87], "reason codes, 0 when absent");
       assert.deepEqual(h.passed(), Buffer.concat([CONNACK, theirs, theirsWithReason]));
       assert.deepEqual(h.publishes, []);
       await h.dispose();
@@ -358,27 +363,65 @@ Deno.test(
     const p = (id: number) => publish("meters/m-1/readings", `reading ${id}`, 1, id);
     const SUBACK = encode({ cmd: "suback", messageId: 99, granted: [1] });
 
-    await t.step("the rest of the chunk waits, and so does the socket", async () => {
-      const h = harness({ publish: (packet) => packet.packetId !== 2 });
-      await h.feed(Buffer.concat([CONNACK, p(1), p(2), PINGRESP, p(3)]));
-      assert.deepEqual(h.publishes.map((s) => s.packetId), [1, 2]);
-      // The PINGRESP came after the stop: passing it on now would reorder the stream.
-      assert.deepEqual(h.passed(), CONNACK);
+    await t.step(
+      "later publishes wait, in order; packets for mqtt.js still go on (a keepalive answer " +
+        "never waits behind held readings)",
+      async () => {
+        const h = harness({ publish: (packet) => packet.packetId !== 2 });
+        await h.feed(Buffer.concat([CONNACK, p(1), p(2), PINGRESP, p(3)]));
+        assert.deepEqual(h.publishes.map((s) => s.packetId), [1, 2]);
+        assert.deepEqual(h.passed(), Buffer.concat([CONNACK, PINGRESP]));
 
-      const later = Buffer.concat([p(4), SUBACK]);
-      await h.feed(later);
-      assert.deepEqual(h.publishes.map((s) => s.packetId), [1, 2], "nothing handed over");
-      assert.ok(h.socket.isPaused(), "reading from the socket stopped");
-      assert.equal(h.socket.readableLength, later.length, "the new bytes wait in the socket");
+        await h.feed(Buffer.concat([p(4), SUBACK]));
+        assert.deepEqual(h.publishes.map((s) => s.packetId), [1, 2], "nothing handed over");
+        assert.deepEqual(h.passed(), Buffer.concat([CONNACK, PINGRESP, SUBACK]));
+        assert.equal(h.socket.isPaused(), false, "a few held publishes do not stop the socket");
 
-      h.tap.proceed();
-      h.tap.proceed(); // a second call while going on changes nothing
-      await turn();
-      assert.deepEqual(h.publishes.map((s) => s.packetId), [1, 2, 3, 4]);
-      assert.deepEqual(h.passed(), Buffer.concat([CONNACK, PINGRESP, SUBACK]));
-      assert.equal(h.socket.isPaused(), false);
-      await h.dispose();
-    });
+        h.tap.proceed();
+        h.tap.proceed(); // a second call while going on changes nothing
+        await turn();
+        assert.deepEqual(h.publishes.map((s) => s.packetId), [1, 2, 3, 4]);
+        assert.deepEqual(
+          h.publishes.map((s) => s.payload.toString()),
+          [1, 2, 3, 4].map((id) => `reading ${id}`),
+          "held publishes keep their payloads",
+        );
+        await h.dispose();
+      },
+    );
+
+    await t.step(
+      "beyond holdMaxBytes of held publishes, reading from the socket stops",
+      async () => {
+        const socket = new Socket();
+        const ids: number[] = [];
+        const tap = new PublishTap(socket, {
+          publish: (packet) => {
+            ids.push(packet.packetId);
+            return packet.packetId !== 1;
+          },
+          puback: () => false,
+        }, { holdMaxBytes: 2 * p(2).length });
+        const passed: Buffer[] = [];
+        tap.on("data", (chunk: Buffer) => passed.push(chunk));
+        const closed = new Promise<void>((resolve) => tap.once("close", () => resolve()));
+        socket.push(Buffer.concat([CONNACK, p(1), p(2), p(3)]));
+        await turn();
+        assert.ok(socket.isPaused(), "two publishes held: the socket waits");
+        const later = Buffer.concat([PINGRESP, p(4)]);
+        socket.push(later);
+        await turn();
+        assert.equal(socket.readableLength, later.length, "the new bytes wait in the socket");
+        assert.deepEqual(Buffer.concat(passed), CONNACK);
+        tap.proceed();
+        await turn();
+        assert.deepEqual(ids, [1, 2, 3, 4]);
+        assert.deepEqual(Buffer.concat(passed), Buffer.concat([CONNACK, PINGRESP]));
+        assert.equal(socket.isPaused(), false);
+        tap.destroy();
+        await closed;
+      },
+    );
 
     await t.step("one publish per proceed() when every call says stop", async () => {
       const h = harness({ publish: () => false });
@@ -555,8 +598,8 @@ Deno.test("PublishTap.shutdown()", SANITIZE, async (t) => {
 
   await t.step("resolves once the broker closes its side, reading to its FIN", async () => {
     const h = harness({ publish: (packet) => packet.packetId !== 1 });
-    await h.feed(Buffer.concat([CONNACK, p(1), p(2)]), p(3)); // stopped, p(3) in the socket
-    assert.ok(h.socket.isPaused());
+    await h.feed(Buffer.concat([CONNACK, p(1), p(2)]), p(3)); // stopped: p(2), p(3) held
+    assert.deepEqual(h.publishes.map((s) => s.packetId), [1]);
     h.tap.write(Buffer.of(0x40, 2, 0, 1));
     // The broker closes after it read our FIN.
     h.socket.once("finish", () => {
