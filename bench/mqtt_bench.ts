@@ -737,7 +737,7 @@ async function main(): Promise<void> {
 Starts its own Mosquitto (deploy/mosquitto.conf, free port, temp dir), measures (a) a null
 subscriber and (b) the real gateway (main.ts, MQTT_URL) under the same signed QoS 1 load, and
 prints both rates, the ratio b/a and publish→ack latency at a fixed offered rate.
-WRITER_* and MQTT_INFLIGHT_MAX in the environment reach the gateway.
+WRITER_*, MQTT_INFLIGHT_MAX and MQTT_ACK_CONNECTIONS in the environment reach the gateway.
 
 Options:
   --readings N      Readings of the closed-loop phases (default 200000)

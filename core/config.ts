@@ -77,6 +77,7 @@ const envSchema = z.object({
   MQTT_SHARED_GROUP: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
   MQTT_SESSION_EXPIRY: duration("1d"),
   MQTT_INFLIGHT_MAX: int(5000, 1, 65535),
+  MQTT_ACK_CONNECTIONS: int(4, 1, 64),
   MQTT_MAX_PAYLOAD: int(4096, 64, 1024 * 1024),
 });
 
@@ -124,6 +125,8 @@ export interface Config {
     sharedGroup?: string;
     sessionExpirySeconds: number;
     inflightMax: number;
+    /** Connections that publish acks (external broker). */
+    ackConnections: number;
     maxPayload: number;
   };
   httpBodyLimit: number;
@@ -232,6 +235,7 @@ export function loadConfig(
       sharedGroup: e.MQTT_SHARED_GROUP,
       sessionExpirySeconds: Math.floor(e.MQTT_SESSION_EXPIRY / 1000),
       inflightMax: e.MQTT_INFLIGHT_MAX,
+      ackConnections: e.MQTT_ACK_CONNECTIONS,
       maxPayload: e.MQTT_MAX_PAYLOAD,
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,

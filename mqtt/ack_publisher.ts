@@ -13,11 +13,19 @@ export interface AckPublisherOptions {
   url: string;
   username?: string;
   password?: string;
-  /** Its own client id (the ingress's id with `-acks`): a broker allows one connection per id. */
+  /**
+   * Base of the connections' client ids (the ingress's id with `-acks`; connection i is
+   * `<clientId>-<i>`): a broker allows one connection per id.
+   */
   clientId: string;
+  /** Connections to publish on (default 1); a meter's acks always take the same one. */
+  connections?: number;
   logger: Logger;
   metrics: Metrics;
 }
+
+/** One connection's options. */
+type ConnectionOptions = Omit<AckPublisherOptions, "connections">;
 
 type StreamBuilder = (client: MqttClient) => Duplex;
 /** The one private member we rely on, as in the ingress (pinned by its tests). */
@@ -33,23 +41,87 @@ const BACKOFF_MAX_MS = 30_000;
 const REFUSAL_LOG_MS = 10_000;
 
 /**
- * The connection that publishes the outcome of every reading on `meters/{id}/acks` (QoS 1) for
- * the external-broker ingress, apart from the connection that consumes the readings.
+ * Publishes the outcome of every reading on `meters/{id}/acks` (QoS 1) for the external-broker
+ * ingress, on connections apart from the one that consumes the readings.
  *
- * Why a second connection: Mosquitto reads one packet per connection per turn of its event loop.
- * On one connection the gateway sends two packets per reading (the reading's PUBACK and its ack
- * publish) while each device connection sends a small share of the readings, so when the
+ * Why connections of their own: Mosquitto reads one packet per connection per turn of its event
+ * loop. On one connection the gateway sent two packets per reading (the reading's PUBACK and its
+ * ack publish) while each device connection sends a small share of the readings, so when the
  * machine is busy the gateway's connection is read last: measured at 11,111 readings/s on two
  * cores, readings were stored on time while 65,000 ack publishes waited for the broker's window
- * and reached devices 5–7 s late. On a connection of their own they are read at their own turn.
+ * and reached devices 5–7 s late. With the acks on one connection of their own they still got
+ * one turn in about twenty-two against twenty busy publishers; four connections (the default)
+ * cut publish→ack p95 at 11,111/s from 3.0–3.6 s to 1.7–2.6 s on that machine (docs/BENCHMARKS.md).
  *
- * Ack publishes are encoded here ({@linkcode PacketBuffer}), written once per burst, kept within
- * the broker's receive maximum by an {@linkcode AckOutbox}, and sent again after a reconnect; the
- * broker's PUBACKs are taken off the wire by a {@linkcode PublishTap}. Each publish may carry a
- * callback for when the broker has it: the ingress holds a reading's PUBACK until then.
+ * A meter's acks always go out on the same connection (chosen by a hash of the topic), so they
+ * reach the broker in order.
  */
 export class AckPublisher implements AsyncDisposable {
-  #o: AckPublisherOptions;
+  #connections: AckConnection[];
+  #closing: Promise<void> | null = null;
+
+  /** Connects in the background (retrying with backoff); publishes wait until it is up. */
+  constructor(options: AckPublisherOptions) {
+    const n = Math.max(1, options.connections ?? 1);
+    this.#connections = Array.from(
+      { length: n },
+      (_, i) => new AckConnection({ ...options, clientId: `${options.clientId}-${i}` }),
+    );
+  }
+
+  /** Resolves once every connection has been up once. */
+  async ready(): Promise<void> {
+    await Promise.all(this.#connections.map((c) => c.ready()));
+  }
+
+  /** Whether every connection is up. */
+  get connected(): boolean {
+    return this.#connections.every((c) => c.connected);
+  }
+
+  /** Acks sent and not yet acknowledged, and acks waiting to be sent. */
+  get pending(): number {
+    let n = 0;
+    for (const c of this.#connections) n += c.pending;
+    return n;
+  }
+
+  /** Publishes `payload` on `topic` at QoS 1; `done` learns what became of it. */
+  publish(topic: string, payload: string, done?: (result: AckResult) => void): void {
+    const connections = this.#connections;
+    const i = connections.length === 1 ? 0 : hash(topic) % connections.length;
+    connections[i].publish(topic, payload, done);
+  }
+
+  /** Writes what is encoded, then disconnects every connection. */
+  close(): Promise<void> {
+    return this.#closing ??= Promise.all(this.#connections.map((c) => c.close())).then(() => {});
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
+
+/** FNV-1a over the UTF-16 code units: cheap and well spread for topic names. */
+function hash(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return h >>> 0;
+}
+
+/**
+ * One ack connection. Ack publishes are encoded here ({@linkcode PacketBuffer}), written once per
+ * burst, kept within the broker's receive maximum by an {@linkcode AckOutbox}, and sent again
+ * after a reconnect; the broker's PUBACKs are taken off the wire by a {@linkcode PublishTap}.
+ * Each publish may carry a callback for when the broker answered it: the ingress holds a
+ * reading's PUBACK until then.
+ */
+class AckConnection {
+  #o: ConnectionOptions;
   #client: MqttClient;
   #tap: PublishTap | null = null;
   #out = new PacketBuffer();
@@ -64,8 +136,7 @@ export class AckPublisher implements AsyncDisposable {
   #refused = 0;
   #refusalLoggedAt = -Infinity;
 
-  /** Connects in the background (retrying with backoff); publishes wait until it is up. */
-  constructor(options: AckPublisherOptions) {
+  constructor(options: ConnectionOptions) {
     this.#o = options;
     this.#connected = new Promise((resolve) => this.#markConnected = resolve);
     this.#outbox = new AckOutbox({
@@ -192,9 +263,5 @@ export class AckPublisher implements AsyncDisposable {
     this.#closed = true;
     if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
     await this.#client.endAsync(true);
-  }
-
-  [Symbol.asyncDispose](): Promise<void> {
-    return this.close();
   }
 }

@@ -190,7 +190,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   cleanups.push(() => intake.close());
   try {
     if (config.mqtt.enabled && config.mqtt.url) {
-      const { url, username, password, clientId } = config.mqtt;
+      const { url, username, password, clientId, ackConnections } = config.mqtt;
       external = await ExternalIngress.start({
         ...config.mqtt,
         url,
@@ -200,6 +200,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
           username,
           password,
           clientId: `${clientId}-acks`,
+          connections: ackConnections,
           logger,
           metrics,
         }),

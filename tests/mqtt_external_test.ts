@@ -827,6 +827,75 @@ mosquittoTest(
   },
 );
 
+mosquittoTest(
+  "with several ack connections, each meter's acks arrive in the order they were made",
+  async () => {
+    await using mosq = await startMosquitto();
+    const metrics = ingressMetrics();
+    const clientId = uniqueId("ackpool-ingress");
+    const intake = new ControlledIntake();
+    const ingress = await ExternalIngress.start({
+      url: mosq.url,
+      clientId,
+      sessionExpirySeconds: 600,
+      inflightMax: 100,
+      intake,
+      acks: new AckPublisher({
+        url: mosq.url,
+        clientId: `${clientId}-acks`,
+        connections: 3,
+        logger: silentLogger,
+        metrics,
+      }),
+      logger: silentLogger,
+      metrics,
+    });
+    const device = await connectClient(mosq);
+    try {
+      await within(ingress.ready(), "ingress subscription and three ack connections");
+      for (let i = 0; i < 3; i++) {
+        assert.match(mosq.log(), new RegExp(`as ${clientId}-acks-${i}\\b`), `ack connection ${i}`);
+      }
+      const inbox = new Inbox(device);
+      await device.subscribeAsync("meters/+/acks", { qos: 1 });
+      const meters = ["pool-a", "pool-b", "pool-c", "pool-d", "pool-e", "pool-f"];
+      const perMeter = 5;
+      for (let k = 1; k <= perMeter; k++) {
+        for (const m of meters) {
+          await device.publishAsync(
+            `meters/${m}/readings`,
+            JSON.stringify({
+              kwh_amount: "1",
+              reading_timestamp: isoAgo(k * INTERVAL),
+              device_signature: "x",
+            }),
+            { qos: 1 },
+          );
+        }
+      }
+      const n = meters.length * perMeter;
+      await intake.waitFor(n);
+      for (const call of intake.calls) call.resolve(accepted(call));
+      const got = new Map<string, string[]>();
+      for (let i = 0; i < n; i++) {
+        const msg = await inbox.next();
+        const ack = JSON.parse(msg.text) as AckMessage;
+        const meter = msg.topic.split("/")[1];
+        got.set(meter, [...(got.get(meter) ?? []), ack.reading_timestamp!]);
+      }
+      for (const m of meters) {
+        const made = intake.calls.filter((c) => c.meterId === m)
+          .map((c) => JSON.parse(c.payload).reading_timestamp as string);
+        assert.deepEqual(got.get(m), made, `${m}: acks in the order they were made`);
+      }
+      await pollUntil(() => ingress.inFlight === 0, "every PUBACK released");
+    } finally {
+      await device.endAsync(true);
+      await ingress.close();
+    }
+  },
+);
+
 /** An intake that answers every reading itself: at once, or all pending ones together. */
 class AutoIntake {
   calls = 0;
