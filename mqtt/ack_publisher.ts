@@ -50,8 +50,13 @@ const REFUSAL_LOG_MS = 10_000;
  * machine is busy the gateway's connection is read last: measured at 11,111 readings/s on two
  * cores, readings were stored on time while 65,000 ack publishes waited for the broker's window
  * and reached devices 5–7 s late. With the acks on one connection of their own they still got
- * one turn in about twenty-two against twenty busy publishers; four connections (the default)
- * cut publish→ack p95 at 11,111/s from 3.0–3.6 s to 1.7–2.6 s on that machine (docs/BENCHMARKS.md).
+ * one turn in about twenty-two against twenty busy publishers; four connections (the gateway's
+ * default, `MQTT_ACK_CONNECTIONS`) cut the median publish→ack p95 at 11,111/s from 3.2 s to
+ * 2.1 s on that machine (docs/BENCHMARKS.md).
+ *
+ * Every connection must be up: PUBACKs go back in receive order, so acks stuck on one connection
+ * hold up intake for all meters (readiness reports MQTT down, and the connection logs its errors
+ * with its client id).
  *
  * A meter's acks always go out on the same connection (chosen by a hash of the topic), so they
  * reach the broker in order.

@@ -147,12 +147,12 @@ export class ExternalIngress implements AsyncDisposable {
     return Promise.resolve(new ExternalIngress(options));
   }
 
-  /** Resolves once the readings subscription and the ack connection are in place. */
+  /** Resolves once the readings subscription and every ack connection are in place. */
   async ready(): Promise<void> {
     await Promise.all([this.#subscribed, this.#o.acks.ready()]);
   }
 
-  /** Whether both broker connections (readings, acks) are up. */
+  /** Whether the readings connection and every ack connection are up. */
   get connected(): boolean {
     return this.#client.connected && this.#o.acks.connected;
   }
@@ -185,7 +185,9 @@ export class ExternalIngress implements AsyncDisposable {
     // Only what the tap passes on gets here: QoS 2 (which a QoS 1 subscription never receives)
     // and anything a broker sends before its CONNACK. Held in series, acknowledged when final.
     client.handleMessage = (packet, callback) => {
-      if (packet.cmd !== "publish" || this.#closed || this.#drain) return callback();
+      if (packet.cmd !== "publish") return callback();
+      // Closing: not taken, and not acknowledged either; the broker delivers it again.
+      if (this.#closed || this.#drain) return;
       const topic = packet.topic;
       const meterId = meterOfReadingsTopic(topic);
       this.#received(meterId, topic);

@@ -9,6 +9,7 @@
 // packet id is known at once, and publishes simply wait while the ingress's window is full.
 import { Buffer } from "node:buffer";
 import { Duplex } from "node:stream";
+import { Fifo } from "../core/fifo.ts";
 
 /** A QoS 0 or 1 PUBLISH taken off the wire. */
 export interface TappedPublish {
@@ -39,8 +40,9 @@ const PUBLISH = 3;
 const PUBACK = 4;
 /**
  * Bytes of publishes held while stopped before reading from the socket stops too. A broker that
- * honours the ingress's Receive Maximum sends no more QoS 1 publishes once its window is full,
- * so only QoS 0 floods (or a broker that ignores the limit) get here.
+ * honours the ingress's Receive Maximum sends no more QoS 1 publishes once its window is full, so
+ * this is reached by QoS 0 floods, a broker that ignores the limit, or a full window of very large
+ * publishes while the ingress yields to the event loop for a moment.
  */
 const HOLD_MAX_BYTES = 8 * 1024 * 1024;
 
@@ -74,8 +76,7 @@ export class PublishTap extends Duplex {
   #partsLength = 0;
   #stopped = false;
   /** Publishes that arrived while stopped, in order. */
-  #held: Slice[] = [];
-  #heldHead = 0;
+  #held = new Fifo<Slice>();
   #heldBytes = 0;
   #holdMax: number;
   #connacked = false;
@@ -107,15 +108,10 @@ export class PublishTap extends Duplex {
   proceed(): void {
     if (!this.#stopped) return;
     this.#stopped = false;
-    while (!this.#stopped && this.#heldHead < this.#held.length && !this.#discarding) {
-      const { b, start, body, end } = this.#held[this.#heldHead];
-      this.#held[this.#heldHead++] = undefined as unknown as Slice;
+    while (!this.#stopped && this.#held.length > 0 && !this.#discarding) {
+      const { b, start, body, end } = this.#held.shift()!;
       this.#heldBytes -= end - start;
       this.#packet(b, start, body, end);
-    }
-    if (this.#heldHead === this.#held.length) {
-      this.#held = [];
-      this.#heldHead = 0;
     }
     this.#pump();
   }
@@ -134,7 +130,7 @@ export class PublishTap extends Duplex {
     this.#discarding = true;
     this.#buf = null;
     this.#parts = [];
-    this.#held = [];
+    this.#forgetHeld();
     if (this.destroyed) return;
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
@@ -168,7 +164,7 @@ export class PublishTap extends Duplex {
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     this.#buf = null;
     this.#parts = [];
-    this.#held = [];
+    this.#forgetHeld();
     this.#inner.destroy();
     callback(error);
   }
@@ -232,6 +228,11 @@ export class PublishTap extends Duplex {
     this.#endIfDrained();
   }
 
+  #forgetHeld(): void {
+    this.#held = new Fifo<Slice>();
+    this.#heldBytes = 0;
+  }
+
   /** Whether reading from the socket waits: stopped with too much held already. */
   #full(): boolean {
     return this.#stopped && this.#heldBytes >= this.#holdMax;
@@ -244,7 +245,7 @@ export class PublishTap extends Duplex {
 
   #endIfDrained(): void {
     if (
-      !this.#ended || this.#stopped || this.#heldHead < this.#held.length ||
+      !this.#ended || this.#stopped || this.#held.length > 0 ||
       this.readableEnded || this.destroyed
     ) return;
     this.#ended = false;
