@@ -2,6 +2,9 @@
 // one run:
 //   (a) a null subscriber (MQTT 5 persistent session on meters/+/readings that only PUBACKs)
 //       under the publisher load: the rate this broker and this machine can move at all;
+//   (e) the echo floor: the gateway's own MQTT path (ExternalIngress, its ack connections) with
+//       an intake that answers every reading at once: what the issue's acks cost before the
+//       gateway verifies or stores anything;
 //   (b) the real gateway (main.ts as a child process, MQTT_URL → this Mosquitto) ingesting the
 //       same load, signed with the secrets its bulk import issued, PUBACKs after commit.
 // Each side gets a closed-loop phase (N readings as fast as the publishers' windows allow) and
@@ -12,6 +15,11 @@ import { Buffer } from "node:buffer";
 import { fileURLToPath } from "node:url";
 import { connectAsync, type MqttClient } from "mqtt";
 import { readingPayload } from "../mqtt/device_credentials.ts";
+import { AckPublisher } from "../mqtt/ack_publisher.ts";
+import { ExternalIngress } from "../mqtt/external_ingress.ts";
+import type { AckMessage } from "../mqtt/intake.ts";
+import { silentLogger } from "../core/logger.ts";
+import { Metrics } from "../core/metrics.ts";
 import { fatal, parseFlags } from "../cli/_args.ts";
 import { api, freePort, type GatewayProcess, spawnGateway } from "./_spawn.ts";
 import { createTestSchema } from "../tests/_services.ts";
@@ -22,6 +30,7 @@ const MAX_SLOTS = 640;
 const ADMIN = { email: "bench@gridtokenx.local", password: "bench-password-1" };
 const GATEWAY_CLIENT_ID = "bench-gateway-1";
 const NULL_CLIENT_ID = "bench-null-subscriber";
+const ECHO_CLIENT_ID = "bench-echo";
 /** Guards against hangs only: every wait below ends on an event or a counter. */
 const PHASE_TIMEOUT_MS = 300_000;
 /** How long a phase waits for the sampled acks after its readings are stored. */
@@ -735,8 +744,9 @@ async function main(): Promise<void> {
     usage: `Usage: deno task bench:mqtt [options]
 
 Starts its own Mosquitto (deploy/mosquitto.conf, free port, temp dir), measures (a) a null
-subscriber and (b) the real gateway (main.ts, MQTT_URL) under the same signed QoS 1 load, and
-prints both rates, the ratio b/a and publish→ack latency at a fixed offered rate.
+subscriber, (e) the echo floor (the gateway's MQTT path answering every reading at once) and (b)
+the real gateway (main.ts, MQTT_URL) under the same signed QoS 1 load, and prints the rates, the
+ratios b/a and b/e and publish→ack latency at a fixed offered rate.
 WRITER_*, MQTT_INFLIGHT_MAX and MQTT_ACK_CONNECTIONS in the environment reach the gateway.
 
 Options:
@@ -909,6 +919,88 @@ Options:
     await sub.endAsync(false, { properties: { sessionExpiryInterval: 0 } });
   }
 
+  // ---- (e) echo floor --------------------------------------------------------------------
+  // Every reading taken off the broker, an accepted ack published for it at QoS 1 and its PUBACK
+  // sent once the broker has the ack: the minimum the issue asks of any gateway, through the
+  // gateway's own MQTT code, with no verification and no store.
+  {
+    const metrics = new Metrics();
+    metrics.counter("mqtt_messages_received_total", "-");
+    metrics.counter("mqtt_connection_errors_total", "-");
+    let handled = 0;
+    const intake = {
+      handle(_meterId: string, payload: Uint8Array): Promise<AckMessage> {
+        handled++;
+        const { reading_timestamp } = JSON.parse(new TextDecoder().decode(payload));
+        return Promise.resolve({ reading_timestamp, status: "accepted", id: "echo" });
+      },
+    };
+    const echo = await ExternalIngress.start({
+      url: mosquitto.url,
+      clientId: ECHO_CLIENT_ID,
+      // No session left behind to queue phase (b)'s readings.
+      sessionExpirySeconds: 0,
+      inflightMax: 5000,
+      intake,
+      acks: new AckPublisher({
+        url: mosquitto.url,
+        clientId: `${ECHO_CLIENT_ID}-acks`,
+        connections: Number(Deno.env.get("MQTT_ACK_CONNECTIONS") ?? 4),
+        logger: silentLogger,
+        metrics,
+      }),
+      logger: silentLogger,
+      metrics,
+    });
+    await using _echo = tracked({ [Symbol.asyncDispose]: () => echo.close() });
+    await withTimeout(echo.ready(), PHASE_TIMEOUT_MS, "for the echo's subscription");
+    await using pubs = tracked(new Publishers());
+    await pubs.init({
+      url: mosquitto.url,
+      meters,
+      secrets: meters.map(() =>
+        Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("hex")
+      ),
+      connections: K,
+      window: W,
+      sampleEvery: SAMPLE,
+      baseTs,
+    });
+    const cpu = new CpuMeter({ mosquitto: mosquitto.pid, bench: Deno.pid });
+    cpu.begin();
+    const e1 = pubs.run(0, N, null);
+    const t0 = await e1.started;
+    await e1.published;
+    const e1Acks = await pubs.collect(PHASE_TIMEOUT_MS);
+    const eCpu = cpu.end();
+    const echoRate = N / ((e1Acks.lastAt - t0) / 1000);
+    log(
+      `(e) echo floor (the gateway's MQTT path, acks after the broker has them, nothing else): ` +
+        `${fmt(N)} readings answered in ${((e1Acks.lastAt - t0) / 1000).toFixed(2)} s → ${
+          fmt(echoRate)
+        } readings/s`,
+    );
+    log(`    ${eCpu.text}`);
+    checkAcks("echo, closed loop", e1Acks);
+    cpu.begin();
+    const e2 = pubs.run(0, FIXED, RATE);
+    await e2.started;
+    await e2.published;
+    const e2Acks = await pubs.collect(PHASE_TIMEOUT_MS);
+    const e2Cpu = cpu.end();
+    const e2Lat = latency(e2Acks.latencies);
+    log(
+      `    fixed ${fmt(RATE)}/s for ${SECONDS} s: publish→ack ${fmtLatency(e2Lat)}; ${e2Cpu.text}`,
+    );
+    checkAcks("echo, fixed rate", e2Acks);
+    if (handled < N + FIXED) log(`    warning: the echo handled ${handled} of ${N + FIXED}`);
+    result.echo = {
+      rate: Math.round(echoRate),
+      cpu: eCpu.cores,
+      fixed_rate: { latency_ms: e2Lat, cpu: e2Cpu.cores },
+    };
+  }
+
   // ---- (b) the gateway ------------------------------------------------------------------
   // The store is the bench's choice, never an inherited DATABASE_URL.
   const store: Record<string, string> = { DATABASE_URL: "" };
@@ -1079,10 +1171,14 @@ Options:
   };
 
   const ratio = gwRate / nullRate;
+  const echoRate = (result.echo as { rate: number }).rate;
   result.ratio = round2(ratio);
+  result.ratio_to_echo = round2(gwRate / echoRate);
   log(
-    `summary: null subscriber ${fmt(nullRate)}/s, gateway ${fmt(gwRate)}/s, ratio b/a ${
-      ratio.toFixed(2)
+    `summary: null subscriber ${fmt(nullRate)}/s, echo floor ${fmt(echoRate)}/s (e/a ${
+      (echoRate / nullRate).toFixed(2)
+    }), gateway ${fmt(gwRate)}/s, ratio b/a ${ratio.toFixed(2)}, b/e ${
+      (gwRate / echoRate).toFixed(2)
     }; publish→ack at ${fmt(RATE)}/s p50 ${b2Lat.p50.toFixed(1)} / p95 ${
       b2Lat.p95.toFixed(1)
     } / p99 ${b2Lat.p99.toFixed(1)} ms`,
