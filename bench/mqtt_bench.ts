@@ -121,6 +121,11 @@ function epochNow(): number {
   return performance.timeOrigin + performance.now();
 }
 
+/** 32 random bytes in hex: a device secret, or a key the gateway needs. */
+function randomHex(): string {
+  return Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("hex");
+}
+
 function isoSeconds(ms: number): string {
   return new Date(ms).toISOString().replace(".000Z", "Z");
 }
@@ -800,6 +805,17 @@ Options:
   const meters = Array.from({ length: M }, (_, m) => `bench-${m}`);
 
   await using mosquitto = tracked(await startMosquitto());
+  /** Connects the publishers to this broker; every `sampleEvery`-th meter subscribes to its acks. */
+  const initPublishers = (pubs: Publishers, secrets: string[], sampleEvery: number) =>
+    pubs.init({
+      url: mosquitto.url,
+      meters,
+      secrets,
+      connections: K,
+      window: W,
+      sampleEvery,
+      baseTs,
+    });
   log(
     `bench:mqtt — Mosquitto ${mosquitto.version} (deploy/mosquitto.conf) at ${mosquitto.url}; ` +
       `${fmt(M)} meters over ${K} publisher connections × ${fmt(W)} in flight; ` +
@@ -855,17 +871,7 @@ Options:
     await using _sub = tracked({ [Symbol.asyncDispose]: () => sub.endAsync(true) });
     await sub.subscribeAsync("meters/+/readings", { qos: 1 });
     await using pubs = tracked(new Publishers());
-    await pubs.init({
-      url: mosquitto.url,
-      meters,
-      secrets: meters.map(() =>
-        Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("hex")
-      ),
-      connections: K,
-      window: W,
-      sampleEvery: 0,
-      baseTs,
-    });
+    await initPublishers(pubs, meters.map(randomHex), 0);
     const cpu = new CpuMeter({ mosquitto: mosquitto.pid, bench: Deno.pid });
 
     // a1: closed loop
@@ -955,17 +961,7 @@ Options:
     await using _echo = tracked({ [Symbol.asyncDispose]: () => echo.close() });
     await withTimeout(echo.ready(), PHASE_TIMEOUT_MS, "for the echo's subscription");
     await using pubs = tracked(new Publishers());
-    await pubs.init({
-      url: mosquitto.url,
-      meters,
-      secrets: meters.map(() =>
-        Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("hex")
-      ),
-      connections: K,
-      window: W,
-      sampleEvery: SAMPLE,
-      baseTs,
-    });
+    await initPublishers(pubs, meters.map(randomHex), SAMPLE);
     const cpu = new CpuMeter({ mosquitto: mosquitto.pid, bench: Deno.pid });
     cpu.begin();
     const e1 = pubs.run(0, N, null);
@@ -1010,11 +1006,10 @@ Options:
     [Symbol.asyncDispose]: () => schema?.drop() ?? Promise.resolve(),
   });
   if (schema) {
-    const hex = () => Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("hex");
     Object.assign(store, {
       DATABASE_URL: schema.url,
-      JWT_SECRET: hex(),
-      DEVICE_KEY_ENCRYPTION_KEY: hex(),
+      JWT_SECRET: randomHex(),
+      DEVICE_KEY_ENCRYPTION_KEY: randomHex(),
     });
     storeName = `PostgreSQL (schema ${schema.name}, dropped at the end)`;
   }
@@ -1061,15 +1056,7 @@ Options:
   );
 
   await using pubs = tracked(new Publishers());
-  await pubs.init({
-    url: mosquitto.url,
-    meters,
-    secrets: meters.map((id) => secrets.get(id)!),
-    connections: K,
-    window: W,
-    sampleEvery: SAMPLE,
-    baseTs,
-  });
+  await initPublishers(pubs, meters.map((id) => secrets.get(id)!), SAMPLE);
   const cpu = new CpuMeter({
     gateway: gw.child.pid,
     mosquitto: mosquitto.pid,

@@ -1,12 +1,8 @@
-import { connect, type MqttClient } from "mqtt";
-import { Buffer } from "node:buffer";
-import type { Duplex } from "node:stream";
-import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
 import { AckOutbox, type AckResult } from "./ack_outbox.ts";
+import { BrokerConnection } from "./broker_connection.ts";
 import { PacketBuffer } from "./packet_buffer.ts";
-import { PublishTap } from "./publish_tap.ts";
 
 /** Options of {@linkcode AckPublisher}. */
 export interface AckPublisherOptions {
@@ -27,16 +23,8 @@ export interface AckPublisherOptions {
 /** One connection's options. */
 type ConnectionOptions = Omit<AckPublisherOptions, "connections">;
 
-type StreamBuilder = (client: MqttClient) => Duplex;
-/** The one private member we rely on, as in the ingress (pinned by its tests). */
-type Internals = { streamBuilder: StreamBuilder };
-
 /** Ack publishes kept while the broker is away or its receive window is full, at most. */
 const ACK_BACKLOG_MAX = 100_000;
-/** How long close() waits for the broker to close its side. */
-const CLOSE_TIMEOUT_MS = 2_000;
-const BACKOFF_MIN_MS = 500;
-const BACKOFF_MAX_MS = 30_000;
 /** Refused acks are logged at most this often (each one is counted). */
 const REFUSAL_LOG_MS = 10_000;
 
@@ -119,21 +107,16 @@ function hash(text: string): number {
 }
 
 /**
- * One ack connection. Ack publishes are encoded here ({@linkcode PacketBuffer}), written once per
- * burst, kept within the broker's receive maximum by an {@linkcode AckOutbox}, and sent again
- * after a reconnect; the broker's PUBACKs are taken off the wire by a {@linkcode PublishTap}.
+ * One ack connection ({@linkcode BrokerConnection}). Ack publishes are encoded into its buffer,
+ * written once per burst, kept within the broker's receive maximum by an {@linkcode AckOutbox},
+ * and sent again after a reconnect; the broker's PUBACKs are taken off the wire by its tap.
  * Each publish may carry a callback for when the broker answered it: the ingress holds a
  * reading's PUBACK until then.
  */
 class AckConnection {
   #o: ConnectionOptions;
-  #client: MqttClient;
-  #tap: PublishTap | null = null;
-  #out = new PacketBuffer();
+  #conn: BrokerConnection;
   #outbox: AckOutbox;
-  #flushScheduled = false;
-  #closed = false;
-  #backoff = BACKOFF_MIN_MS;
   #connected: Promise<void>;
   #markConnected!: () => void;
   #closing: Promise<void> | null = null;
@@ -144,33 +127,37 @@ class AckConnection {
   constructor(options: ConnectionOptions) {
     this.#o = options;
     this.#connected = new Promise((resolve) => this.#markConnected = resolve);
-    this.#outbox = new AckOutbox({
-      out: this.#out,
-      flushSoon: () => this.#scheduleFlush(),
+    // The outbox's packet ids are mqtt.js's too, so it exists before the client.
+    const out = new PacketBuffer();
+    const outbox = this.#outbox = new AckOutbox({
+      out,
+      flushSoon: () => this.#conn.scheduleFlush(),
       backlogMax: ACK_BACKLOG_MAX,
       onDropped: () =>
         options.metrics.inc("mqtt_connection_errors_total", { reason: "ack_backlog_full" }),
       onRefused: (reasonCode) => this.#onRefused(reasonCode),
     });
-    this.#client = connect(options.url, {
-      protocolVersion: 5,
-      // Nothing is subscribed on this connection, so a session would hold nothing: what is
-      // unacknowledged is kept (and sent again) by the outbox.
-      clean: true,
-      clientId: options.clientId,
-      username: options.username,
-      password: options.password,
-      reconnectPeriod: BACKOFF_MIN_MS,
-      // A refused CONNECT (server busy, quota) is retried like a lost connection.
-      reconnectOnConnackError: true,
-      connectTimeout: 10_000,
-      manualConnect: true,
-      log: () => {},
-      reschedulePings: false,
-      messageIdProvider: this.#outbox.ids,
+    this.#conn = new BrokerConnection({
+      url: options.url,
+      out,
+      client: {
+        protocolVersion: 5,
+        // Nothing is subscribed on this connection, so a session would hold nothing: what is
+        // unacknowledged is kept (and sent again) by the outbox.
+        clean: true,
+        clientId: options.clientId,
+        username: options.username,
+        password: options.password,
+        messageIdProvider: outbox.ids,
+      },
+      handlers: {
+        // Nothing is subscribed here; a publish would be a broker's mistake, and is ignored.
+        publish: () => true,
+        puback: (tap, id, reasonCode) => tap === this.#conn.tap && outbox.acked(id, reasonCode),
+      },
     });
     this.#install();
-    this.#client.connect();
+    this.#conn.start();
   }
 
   /** Resolves once the first connection is up. */
@@ -180,7 +167,7 @@ class AckConnection {
 
   /** Whether the broker connection is up. */
   get connected(): boolean {
-    return this.#client.connected;
+    return this.#conn.connected;
   }
 
   /** Acks sent and not yet acknowledged, and acks waiting to be sent. */
@@ -209,64 +196,24 @@ class AckConnection {
   }
 
   #install(): void {
-    const client = this.#client;
+    const client = this.#conn.client;
     const { logger, metrics } = this.#o;
-    const internals = client as unknown as Internals;
-    const build = internals.streamBuilder;
-    internals.streamBuilder = (c) => {
-      const tap: PublishTap = new PublishTap(build(c), {
-        // Nothing is subscribed here; a publish would be a broker's mistake, and is ignored.
-        publish: () => true,
-        puback: (id, reasonCode) => tap === this.#tap && this.#outbox.acked(id, reasonCode),
-      });
-      this.#tap = tap;
-      return tap;
-    };
     client.on("connect", (connack) => {
-      this.#tap?.setNoDelay(true);
-      this.#backoff = BACKOFF_MIN_MS;
-      client.options.reconnectPeriod = BACKOFF_MIN_MS;
       this.#outbox.connected(connack.properties?.receiveMaximum ?? 65_535);
-      this.#flush();
+      this.#conn.flush();
       this.#markConnected();
       logger.info("mqtt ack connection up", { client_id: this.#o.clientId });
     });
-    client.on("close", () => {
-      // Not yet written: stays unacknowledged in the outbox and goes again after a reconnect.
-      this.#out.clear();
-      this.#outbox.disconnected();
-      this.#backoff = Math.min(BACKOFF_MAX_MS, this.#backoff * 2);
-      client.options.reconnectPeriod = this.#backoff;
-    });
+    // Not yet written: stays unacknowledged in the outbox and goes again after a reconnect.
+    client.on("close", () => this.#outbox.disconnected());
     client.on("error", (error) => {
       metrics.inc("mqtt_connection_errors_total", { reason: "external_broker" });
       logger.warn("mqtt ack connection error", { error, client_id: this.#o.clientId });
     });
   }
 
-  #scheduleFlush(): void {
-    if (this.#flushScheduled || this.#closed) return;
-    this.#flushScheduled = true;
-    setImmediate(() => this.#flush());
-  }
-
-  #flush(): void {
-    this.#flushScheduled = false;
-    if (this.#out.length === 0) return;
-    const tap = this.#tap;
-    if (!tap?.live) return this.#out.clear();
-    tap.write(Buffer.from(this.#out.take().buffer));
-  }
-
   /** Writes what is encoded, then disconnects (half-close first, as the ingress does). */
   close(): Promise<void> {
-    return this.#closing ??= this.#close();
-  }
-
-  async #close(): Promise<void> {
-    this.#flush();
-    this.#closed = true;
-    if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
-    await this.#client.endAsync(true);
+    return this.#closing ??= this.#conn.close();
   }
 }

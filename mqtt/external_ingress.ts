@@ -1,14 +1,11 @@
-import { connect, type IClientOptions, type MqttClient } from "mqtt";
-import { Buffer } from "node:buffer";
-import type { Duplex } from "node:stream";
 import { setImmediate } from "node:timers";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
 import { Fifo } from "../core/fifo.ts";
 import type { AckPublisher } from "./ack_publisher.ts";
+import { BrokerConnection } from "./broker_connection.ts";
 import { type AckMessage, isFinal, type MqttIntake } from "./intake.ts";
-import { PacketBuffer } from "./packet_buffer.ts";
-import { PublishTap, type TappedPublish } from "./publish_tap.ts";
+import type { PublishTap, TappedPublish } from "./publish_tap.ts";
 import { acksTopic, meterOfReadingsTopic, meterOfReadingsTopicBytes } from "./topics.ts";
 
 /** Options of {@linkcode ExternalIngress}. */
@@ -49,10 +46,6 @@ interface Entry {
   packetId: number;
 }
 
-type StreamBuilder = (client: MqttClient) => Duplex;
-/** The one private member we rely on (see the class comment). */
-type Internals = { streamBuilder: StreamBuilder };
-
 /**
  * Longest stretch, in ms, spent handing buffered publishes to the intake before yielding.
  * mqtt.js handles a socket read's packets in one chain of next-ticks: under load a single chain
@@ -60,11 +53,7 @@ type Internals = { streamBuilder: StreamBuilder };
  * commits and their PUBACKs waited behind intake.
  */
 const SLICE_MS = 4;
-/** How long close() waits for the broker to close its side. */
-const CLOSE_TIMEOUT_MS = 2_000;
 const DRAIN_MS = 3_000;
-const BACKOFF_MIN_MS = 500;
-const BACKOFF_MAX_MS = 30_000;
 
 /**
  * Consumes readings from an external broker (Mosquitto, EMQX) over an MQTT 5 persistent
@@ -72,14 +61,14 @@ const BACKOFF_MAX_MS = 30_000;
  * until its reading is final, then released in receive order.
  *
  * mqtt.js connects, subscribes, keeps the connection alive and reconnects; the per-reading
- * packets bypass it. Each connection's stream is wrapped in a {@linkcode PublishTap} (through
- * mqtt.js's private `streamBuilder`), which takes QoS 0/1 PUBLISH packets off the wire and
- * passes everything else on. While the window of readings in flight is full, publishes wait in
+ * packets bypass it. Each connection's stream is wrapped in a {@linkcode PublishTap} (see
+ * {@linkcode BrokerConnection}), which takes QoS 0/1 PUBLISH packets off the wire and passes
+ * everything else on. While the window of readings in flight is full, publishes wait in
  * the tap (a broker that honours our Receive Maximum sends no more) and everything else, such as
  * keepalive answers, still reaches mqtt.js. tests/mqtt_external_test.ts pins this behaviour so
  * an mqtt.js upgrade that breaks it fails CI.
  *
- * PUBACKs are encoded here and written once per burst ({@linkcode PacketBuffer}). Outcomes go out
+ * PUBACKs are encoded here and written once per burst. Outcomes go out
  * on a connection of their own ({@linkcode AckPublisher}), and a reading's PUBACK waits until the
  * broker has its ack publish: a reading that the broker will not deliver again always has its
  * outcome on the way to the device, and a slow ack path slows intake instead of piling up acks.
@@ -90,56 +79,50 @@ const BACKOFF_MAX_MS = 30_000;
  */
 export class ExternalIngress implements AsyncDisposable {
   #o: ExternalIngressOptions;
-  #client: MqttClient;
+  #conn: BrokerConnection;
   #queue = new Fifo<Entry>();
-  /** The current connection's tap. */
-  #tap: PublishTap | null = null;
   /** A tap stopped because the window is full. */
   #paused: PublishTap | null = null;
-  #backoff = BACKOFF_MIN_MS;
   #subscribed: Promise<void>;
   #markSubscribed!: () => void;
   #maxInFlight = 0;
   #closed = false;
   /** Set by close(): nothing new is taken; resolved once nothing is in flight. */
   #drain: PromiseWithResolvers<void> | null = null;
-  #out = new PacketBuffer();
+  #closing: Promise<void> | null = null;
   /** When the current slice of intake work began; -1 after a yield. */
   #sliceStart = -1;
-  #flushScheduled = false;
 
   private constructor(options: ExternalIngressOptions) {
     this.#o = options;
     this.#subscribed = new Promise((resolve) => this.#markSubscribed = resolve);
-    const clientOptions: IClientOptions = {
-      protocolVersion: 5,
-      clean: false,
-      clientId: options.clientId,
-      username: options.username,
-      password: options.password,
-      // Without an expiry the broker drops the session (and its queue) on disconnect.
-      properties: {
-        sessionExpiryInterval: options.sessionExpirySeconds,
-        receiveMaximum: Math.min(65_535, options.inflightMax),
+    this.#conn = new BrokerConnection({
+      url: options.url,
+      client: {
+        protocolVersion: 5,
+        clean: false,
+        clientId: options.clientId,
+        username: options.username,
+        password: options.password,
+        // Without an expiry the broker drops the session (and its queue) on disconnect.
+        properties: {
+          sessionExpiryInterval: options.sessionExpirySeconds,
+          receiveMaximum: Math.min(65_535, options.inflightMax),
+        },
+        keepalive: options.keepalive ?? 60,
+        // We subscribe ourselves on every connect.
+        resubscribe: false,
       },
-      reconnectPeriod: BACKOFF_MIN_MS,
-      // A refused CONNECT (server busy, quota) is retried like a lost connection.
-      reconnectOnConnackError: true,
-      connectTimeout: 10_000,
-      keepalive: options.keepalive ?? 60,
-      // We subscribe ourselves on every connect.
-      resubscribe: false,
-      // Hooks must be in place before the first packet: queued session messages arrive at once.
-      manualConnect: true,
-      // mqtt.js logs every packet through `debug`; even disabled, that cost shows under load.
-      log: () => {},
-      // Rescheduling the keepalive timer on every packet sent costs a timer per ack; a ping
-      // every keepalive period regardless is just as good at finding a dead connection.
-      reschedulePings: false,
-    };
-    this.#client = connect(options.url, clientOptions);
+      handlers: {
+        publish: (tap, packet) => this.#onPublish(tap, packet),
+        // Only the ack connections publish: any PUBACK here is mqtt.js's own business.
+        puback: () => false,
+      },
+      onFlush: () => this.#sliceStart = -1,
+    });
+    // Hooks must be in place before the first packet: queued session messages arrive at once.
     this.#install();
-    this.#client.connect();
+    this.#conn.start();
   }
 
   /** Connects (retrying in the background) and starts consuming. */
@@ -154,7 +137,7 @@ export class ExternalIngress implements AsyncDisposable {
 
   /** Whether the readings connection and every ack connection are up. */
   get connected(): boolean {
-    return this.#client.connected && this.#o.acks.connected;
+    return this.#conn.connected && this.#o.acks.connected;
   }
 
   /** Readings received and not yet final. */
@@ -168,19 +151,8 @@ export class ExternalIngress implements AsyncDisposable {
   }
 
   #install(): void {
-    const client = this.#client;
+    const client = this.#conn.client;
     const { logger, metrics } = this.#o;
-    const internals = client as unknown as Internals;
-    const build = internals.streamBuilder;
-    internals.streamBuilder = (c) => {
-      const tap: PublishTap = new PublishTap(build(c), {
-        publish: (packet) => this.#onPublish(tap, packet),
-        // Only the ack connection publishes: any PUBACK here is mqtt.js's own business.
-        puback: () => false,
-      });
-      this.#tap = tap;
-      return tap;
-    };
 
     // Only what the tap passes on gets here: QoS 2 (which a QoS 1 subscription never receives)
     // and anything a broker sends before its CONNACK. Held in series, acknowledged when final.
@@ -200,11 +172,7 @@ export class ExternalIngress implements AsyncDisposable {
     };
 
     client.on("connect", (connack) => {
-      // Held PUBACKs are small and released in bursts: do not let Nagle delay them.
-      this.#tap?.setNoDelay(true);
-      this.#backoff = BACKOFF_MIN_MS;
-      client.options.reconnectPeriod = BACKOFF_MIN_MS;
-      this.#flush(); // PUBACKs released before mqtt.js saw the CONNACK
+      this.#conn.flush(); // PUBACKs released before mqtt.js saw the CONNACK
       logger.info("mqtt connected to external broker", {
         url: redact(this.#o.url),
         session_present: connack.sessionPresent,
@@ -221,10 +189,7 @@ export class ExternalIngress implements AsyncDisposable {
     client.on("close", () => {
       // PUBACKs of this connection can no longer be sent; the broker redelivers those readings.
       this.#paused = null;
-      this.#out.clear();
       this.#release(); // final entries of the old connection leave without a PUBACK
-      this.#backoff = Math.min(BACKOFF_MAX_MS, this.#backoff * 2);
-      client.options.reconnectPeriod = this.#backoff;
     });
     client.on("error", (error) => {
       metrics.inc("mqtt_connection_errors_total", { reason: "external_broker" });
@@ -236,7 +201,7 @@ export class ExternalIngress implements AsyncDisposable {
   #onPublish(tap: PublishTap, packet: TappedPublish): boolean {
     // Nothing is taken from a connection that is no longer the current one, or once close()
     // began: the broker delivers it again.
-    if (this.#closed || this.#drain || tap !== this.#tap) return false;
+    if (this.#closed || this.#drain || tap !== this.#conn.tap) return false;
     const { intake, logger } = this.#o;
     const { bytes, topicStart, topicEnd } = packet;
     const meterId = meterOfReadingsTopicBytes(bytes, topicStart, topicEnd);
@@ -314,20 +279,20 @@ export class ExternalIngress implements AsyncDisposable {
       const head = this.#queue.peek()!;
       if (!head.final) break;
       // A closed connection's tap is no longer live; after close() nothing is flushed.
-      const current = head.tap === this.#tap && head.tap.live && !this.#closed;
+      const current = head.tap === this.#conn.tap && head.tap.live && !this.#closed;
       // Its PUBACK waits for the broker to have the ack; one that cannot be sent does not.
       if (head.ackHeld && current) break;
       this.#queue.shift();
       if (head.puback && current) {
-        this.#out.puback(head.packetId);
-        this.#scheduleFlush();
+        this.#conn.out.puback(head.packetId);
+        this.#conn.scheduleFlush();
       }
     }
     if (this.#drain && this.#queue.length === 0) this.#drain.resolve();
     const paused = this.#paused;
     if (paused && !this.#drain && this.#queue.length < this.#o.inflightMax) {
       this.#paused = null;
-      if (paused === this.#tap && this.#goOn(paused)) paused.proceed();
+      if (paused === this.#conn.tap && this.#goOn(paused)) paused.proceed();
     }
   }
 
@@ -351,49 +316,26 @@ export class ExternalIngress implements AsyncDisposable {
     });
   }
 
-  #scheduleFlush(): void {
-    // One write per burst: a writer batch releases hundreds of readings in one turn.
-    if (this.#flushScheduled || this.#closed) return;
-    this.#flushScheduled = true;
-    setImmediate(() => this.#flush());
-  }
-
-  #flush(): void {
-    this.#flushScheduled = false;
-    this.#sliceStart = -1; // the event loop had a turn
-    if (this.#out.length === 0) return;
-    const tap = this.#tap;
-    if (!tap?.live) return this.#out.clear();
-    tap.write(Buffer.from(this.#out.take().buffer));
-  }
-
   /**
    * Stops taking readings, lets those in flight finish for up to `drainMs` (their PUBACKs go
-   * out, so a restart does not bring them back as duplicates), then disconnects; readings not
-   * yet acknowledged are redelivered by the broker later. The PUBACKs already released reach the
-   * broker first: the socket is half-closed after them and read to its end, since closing with
-   * unread input resets the connection, and a reset lets the broker drop what it had not read
-   * yet (measured: a reading acknowledged just before close() came back).
+   * out, so a restart does not bring them back as duplicates), then disconnects after the
+   * PUBACKs already released; readings not yet acknowledged are redelivered by the broker later.
    */
   close(): Promise<void> {
     return this.#closing ??= this.#close();
   }
 
-  #closing: Promise<void> | null = null;
-
   async #close(): Promise<void> {
     const drain = this.#drain = Promise.withResolvers<void>();
     // Only a live connection can still carry PUBACKs.
-    if (this.#queue.length === 0 || !this.#tap?.live) drain.resolve();
+    if (this.#queue.length === 0 || !this.#conn.tap?.live) drain.resolve();
     const timer = setTimeout(() => drain.resolve(), this.#o.drainMs ?? DRAIN_MS);
     await drain.promise;
     clearTimeout(timer);
-    this.#flush();
     this.#closed = true;
     this.#paused = null;
     try {
-      if (this.#tap?.live) await this.#tap.shutdown(CLOSE_TIMEOUT_MS);
-      await this.#client.endAsync(true);
+      await this.#conn.close();
     } finally {
       await this.#o.acks.close();
     }

@@ -9,7 +9,7 @@ import { Metrics } from "../core/metrics.ts";
 import type { Reading } from "../core/reading.ts";
 import { readingPayload } from "../mqtt/device_credentials.ts";
 import { AckPublisher } from "../mqtt/ack_publisher.ts";
-import { ExternalIngress } from "../mqtt/external_ingress.ts";
+import { ExternalIngress, type ExternalIngressOptions } from "../mqtt/external_ingress.ts";
 import type { AckMessage } from "../mqtt/intake.ts";
 import { isoAgo, startTestGateway, type TestGateway } from "./_gateway.ts";
 import {
@@ -192,6 +192,46 @@ function ackPublisher(url: string, clientId: string, metrics: Metrics): AckPubli
   return new AckPublisher({ url, clientId: `${clientId}-acks`, logger: silentLogger, metrics });
 }
 
+/**
+ * An ingress on `mosq` with the tests' defaults (a 100-reading window, one ack connection) and
+ * `extra` on top; resolves once it is subscribed and its ack connections are up.
+ */
+async function startIngress(
+  mosq: Mosquitto,
+  clientId: string,
+  intake: ControlledIntake | AutoIntake,
+  metrics: Metrics,
+  extra: Partial<ExternalIngressOptions> = {},
+): Promise<ExternalIngress> {
+  const ingress = await ExternalIngress.start({
+    url: mosq.url,
+    clientId,
+    sessionExpirySeconds: 600,
+    inflightMax: 100,
+    intake,
+    logger: silentLogger,
+    metrics,
+    ...extra,
+    acks: extra.acks ?? ackPublisher(mosq.url, clientId, metrics),
+  });
+  try {
+    await within(ingress.ready(), "ingress subscription and ack connections");
+  } catch (error) {
+    await ingress.close();
+    throw error;
+  }
+  return ingress;
+}
+
+/** A reading payload `slot` metering intervals ago (the stand-in intakes never verify it). */
+function readingAt(slot: number): string {
+  return JSON.stringify({
+    kwh_amount: "1",
+    reading_timestamp: isoAgo(slot * INTERVAL),
+    device_signature: "x",
+  });
+}
+
 function accepted(call: Call): AckMessage {
   const ts = JSON.parse(call.payload).reading_timestamp as string;
   return { reading_timestamp: ts, status: "accepted", id: `id-${ts}` };
@@ -204,33 +244,12 @@ mosquittoTest(
     await using mosq = await startMosquitto();
     const clientId = uniqueId("pin-ingress");
     const metrics = ingressMetrics();
-    const start = async (intake: ControlledIntake) => {
-      const ingress = await ExternalIngress.start({
-        url: mosq.url,
-        clientId,
-        sessionExpirySeconds: 600,
-        inflightMax: 100,
-        // Steps close with readings never made final: close() waits this long for them.
-        drainMs: 200,
-        intake,
-        acks: ackPublisher(mosq.url, clientId, metrics),
-        logger: silentLogger,
-        metrics,
-      });
-      try {
-        await within(ingress.ready(), "ingress subscription");
-      } catch (error) {
-        await ingress.close();
-        throw error;
-      }
-      return ingress;
-    };
+    // Steps close with readings never made final: close() waits this long for them.
+    const start = (intake: ControlledIntake) =>
+      startIngress(mosq, clientId, intake, metrics, { drainMs: 200 });
     const meterId = "pin-meter";
     let slot = 1;
-    const reading = () => {
-      const ts = isoAgo(slot++ * INTERVAL);
-      return JSON.stringify({ kwh_amount: "1", reading_timestamp: ts, device_signature: "x" });
-    };
+    const reading = () => readingAt(slot++);
     const publisher = await connectClient(mosq, { clientId: uniqueId("pin-publisher") });
     const acks = new Inbox(publisher);
     await publisher.subscribeAsync(`meters/${meterId}/acks`, { qos: 1 });
@@ -514,17 +533,7 @@ mosquittoTest(
     await using mosq = await startMosquitto();
     const metrics = ingressMetrics();
     const intake = new ControlledIntake();
-    const clientId = uniqueId("away-ingress");
-    const ingress = await ExternalIngress.start({
-      url: mosq.url,
-      clientId,
-      sessionExpirySeconds: 600,
-      inflightMax: 100,
-      intake,
-      acks: ackPublisher(mosq.url, clientId, metrics),
-      logger: silentLogger,
-      metrics,
-    });
+    const ingress = await startIngress(mosq, uniqueId("away-ingress"), intake, metrics);
     // A persistent device session: its acks subscription outlives the broker restart.
     const device = connect(mosq.url, {
       clientId: uniqueId("away-device"),
@@ -535,15 +544,10 @@ mosquittoTest(
     device.on("error", () => {});
     try {
       await within(new Promise((resolve) => device.once("connect", resolve)), "device CONNACK");
-      await within(ingress.ready(), "ingress subscription");
       const meterId = "away-meter";
       const acks = new Inbox(device);
       await device.subscribeAsync(`meters/${meterId}/acks`, { qos: 1 });
-      const payload = JSON.stringify({
-        kwh_amount: "1",
-        reading_timestamp: isoAgo(INTERVAL),
-        device_signature: "x",
-      });
+      const payload = readingAt(1);
       await device.publishAsync(`meters/${meterId}/readings`, payload, { qos: 1 });
       await intake.waitFor(1);
 
@@ -580,20 +584,8 @@ mosquittoTest(
     await using proxy = startTcpProxy({ hostname: "127.0.0.1", port: mosq.port });
     const metrics = ingressMetrics();
     const clientId = uniqueId("held-ingress");
-    const open = async (intake: ControlledIntake, acks: AckPublisher) => {
-      const ingress = await ExternalIngress.start({
-        url: mosq.url,
-        clientId,
-        sessionExpirySeconds: 600,
-        inflightMax: 100,
-        intake,
-        acks,
-        logger: silentLogger,
-        metrics,
-      });
-      await within(ingress.ready(), "ingress subscription and ack connection");
-      return ingress;
-    };
+    const open = (intake: ControlledIntake, acks: AckPublisher) =>
+      startIngress(mosq, clientId, intake, metrics, { acks });
     const acks = new AckPublisher({
       url: `mqtt://127.0.0.1:${proxy.port}`,
       clientId: `${clientId}-acks`,
@@ -604,12 +596,6 @@ mosquittoTest(
     let ingress = await open(intake, acks);
     const device = await connectClient(mosq);
     const meterId = "held-meter";
-    const reading = (slot: number) =>
-      JSON.stringify({
-        kwh_amount: "1",
-        reading_timestamp: isoAgo(slot * INTERVAL),
-        device_signature: "x",
-      });
     try {
       assert.match(
         mosq.log(),
@@ -618,7 +604,7 @@ mosquittoTest(
       );
       const inbox = new Inbox(device);
       await device.subscribeAsync(`meters/${meterId}/acks`, { qos: 1 });
-      await device.publishAsync(`meters/${meterId}/readings`, reading(1), { qos: 1 });
+      await device.publishAsync(`meters/${meterId}/readings`, readingAt(1), { qos: 1 });
       await intake.waitFor(1);
 
       await t.step("final while the ack connection is cut: held, not acknowledged", async () => {
@@ -652,7 +638,7 @@ mosquittoTest(
         await ingress.close();
         const next = new ControlledIntake();
         ingress = await open(next, ackPublisher(mosq.url, clientId, metrics));
-        const marker = reading(2);
+        const marker = readingAt(2);
         await device.publishAsync(`meters/${meterId}/readings`, marker, { qos: 1 });
         await next.waitFor(1);
         assert.equal(next.payloads[0], marker, "the held reading was acknowledged in the end");
@@ -672,29 +658,14 @@ mosquittoTest(
   async () => {
     await using mosq = await startMosquitto();
     const metrics = ingressMetrics();
-    const clientId = uniqueId("keepalive-ingress");
     const intake = new ControlledIntake();
-    const ingress = await ExternalIngress.start({
-      url: mosq.url,
-      clientId,
-      sessionExpirySeconds: 600,
+    const ingress = await startIngress(mosq, uniqueId("keepalive-ingress"), intake, metrics, {
       inflightMax: 2,
       keepalive: 1,
-      intake,
-      acks: ackPublisher(mosq.url, clientId, metrics),
-      logger: silentLogger,
-      metrics,
     });
     const device = await connectClient(mosq);
     try {
-      await within(ingress.ready(), "ingress subscription");
-      const payloads = [1, 2, 3, 4].map((slot) =>
-        JSON.stringify({
-          kwh_amount: "1",
-          reading_timestamp: isoAgo(slot * INTERVAL),
-          device_signature: "x",
-        })
-      );
+      const payloads = [1, 2, 3, 4].map(readingAt);
       for (const p of payloads) {
         await device.publishAsync("meters/keepalive-meter/readings", p, { qos: 1 });
       }
@@ -726,31 +697,12 @@ mosquittoTest(
     });
     const metrics = ingressMetrics();
     const clientId = uniqueId("refused-ingress");
-    const open = async (intake: ControlledIntake) => {
-      const ingress = await ExternalIngress.start({
-        url: mosq.url,
-        clientId,
-        sessionExpirySeconds: 600,
-        inflightMax: 100,
-        intake,
-        acks: ackPublisher(mosq.url, clientId, metrics),
-        logger: silentLogger,
-        metrics,
-      });
-      await within(ingress.ready(), "ingress subscription");
-      return ingress;
-    };
-    const reading = (slot: number) =>
-      JSON.stringify({
-        kwh_amount: "1",
-        reading_timestamp: isoAgo(slot * INTERVAL),
-        device_signature: "x",
-      });
+    const open = (intake: ControlledIntake) => startIngress(mosq, clientId, intake, metrics);
     const intake = new ControlledIntake();
     let ingress = await open(intake);
     const device = await connectClient(mosq);
     try {
-      await device.publishAsync("meters/refused-meter/readings", reading(1), { qos: 1 });
+      await device.publishAsync("meters/refused-meter/readings", readingAt(1), { qos: 1 });
       await intake.waitFor(1);
       intake.calls[0].resolve(accepted(intake.calls[0]));
       await pollUntil(() => ingress.inFlight === 0, "the reading released after the refusal");
@@ -763,7 +715,7 @@ mosquittoTest(
 
       const next = new ControlledIntake();
       ingress = await open(next);
-      const marker = reading(2);
+      const marker = readingAt(2);
       await device.publishAsync("meters/refused-meter/readings", marker, { qos: 1 });
       await next.waitFor(1);
       assert.equal(next.payloads[0], marker, "the first reading was acknowledged: not again");
@@ -783,32 +735,13 @@ mosquittoTest(
     await using mosq = await startMosquitto();
     const metrics = ingressMetrics();
     const clientId = uniqueId("drain-ingress");
-    const open = async (intake: ControlledIntake) => {
-      const ingress = await ExternalIngress.start({
-        url: mosq.url,
-        clientId,
-        sessionExpirySeconds: 600,
-        inflightMax: 100,
-        intake,
-        acks: ackPublisher(mosq.url, clientId, metrics),
-        logger: silentLogger,
-        metrics,
-      });
-      await within(ingress.ready(), "ingress subscription");
-      return ingress;
-    };
-    const reading = (slot: number) =>
-      JSON.stringify({
-        kwh_amount: "1",
-        reading_timestamp: isoAgo(slot * INTERVAL),
-        device_signature: "x",
-      });
+    const open = (intake: ControlledIntake) => startIngress(mosq, clientId, intake, metrics);
     const intake = new ControlledIntake();
     let ingress = await open(intake);
     const device = await connectClient(mosq);
     try {
       for (const slot of [1, 2, 3]) {
-        await device.publishAsync("meters/drain-meter/readings", reading(slot), { qos: 1 });
+        await device.publishAsync("meters/drain-meter/readings", readingAt(slot), { qos: 1 });
       }
       await intake.waitFor(3);
       const closing = ingress.close();
@@ -819,7 +752,7 @@ mosquittoTest(
 
       const next = new ControlledIntake();
       ingress = await open(next);
-      const marker = reading(4);
+      const marker = readingAt(4);
       await device.publishAsync("meters/drain-meter/readings", marker, { qos: 1 });
       await next.waitFor(1);
       assert.equal(next.payloads[0], marker, "none of the three came back");
@@ -839,12 +772,7 @@ mosquittoTest(
     const metrics = ingressMetrics();
     const clientId = uniqueId("ackpool-ingress");
     const intake = new ControlledIntake();
-    const ingress = await ExternalIngress.start({
-      url: mosq.url,
-      clientId,
-      sessionExpirySeconds: 600,
-      inflightMax: 100,
-      intake,
+    const ingress = await startIngress(mosq, clientId, intake, metrics, {
       acks: new AckPublisher({
         url: mosq.url,
         clientId: `${clientId}-acks`,
@@ -852,12 +780,9 @@ mosquittoTest(
         logger: silentLogger,
         metrics,
       }),
-      logger: silentLogger,
-      metrics,
     });
     const device = await connectClient(mosq);
     try {
-      await within(ingress.ready(), "ingress subscription and three ack connections");
       for (let i = 0; i < 3; i++) {
         assert.match(mosq.log(), new RegExp(`as ${clientId}-acks-${i}\\b`), `ack connection ${i}`);
       }
@@ -867,15 +792,7 @@ mosquittoTest(
       const perMeter = 5;
       for (let k = 1; k <= perMeter; k++) {
         for (const m of meters) {
-          await device.publishAsync(
-            `meters/${m}/readings`,
-            JSON.stringify({
-              kwh_amount: "1",
-              reading_timestamp: isoAgo(k * INTERVAL),
-              device_signature: "x",
-            }),
-            { qos: 1 },
-          );
+          await device.publishAsync(`meters/${m}/readings`, readingAt(k), { qos: 1 });
         }
       }
       const n = meters.length * perMeter;
@@ -941,20 +858,8 @@ for (const mode of ["instant", "batched"] as const) {
       await using mosq = await startMosquitto();
       const metrics = ingressMetrics();
       const clientId = uniqueId(`window-${mode}`);
-      const open = async (intake: ControlledIntake | AutoIntake) => {
-        const ingress = await ExternalIngress.start({
-          url: mosq.url,
-          clientId,
-          sessionExpirySeconds: 600,
-          inflightMax: 10,
-          intake,
-          acks: ackPublisher(mosq.url, clientId, metrics),
-          logger: silentLogger,
-          metrics,
-        });
-        await within(ingress.ready(), "ingress subscription");
-        return ingress;
-      };
+      const open = (intake: ControlledIntake | AutoIntake) =>
+        startIngress(mosq, clientId, intake, metrics, { inflightMax: 10 });
       const auto = new AutoIntake(mode);
       const publisher = await connectClient(mosq, { clientId: uniqueId("window-pub") });
       let ingress = await open(auto);
