@@ -1,6 +1,7 @@
 import type { BucketConfig } from "../core/token_bucket.ts";
 import { TokenBucket } from "../core/token_bucket.ts";
 import type { KeyPolicy } from "../core/device.ts";
+import { mayUseMeter, notYourMeter } from "../core/ownership.ts";
 import { keyUsable, type LiveKey } from "../core/device_keys.ts";
 import type { ErrorCode } from "../core/errors.ts";
 import { kwhText, readingId, type ReadingRow, type ReadingSource } from "../core/reading.ts";
@@ -73,11 +74,13 @@ export class MeterActor {
   /** Runs the rules on one submission (parse → validate → verify → window → bucket). */
   decide(msg: Submission, now: number, settings: ActorSettings): Verdict {
     const device = this.device;
+    // A non-admin caller gets one answer for unknown meters and other users' meters, so the
+    // API does not reveal which meter ids exist.
+    if (msg.caller && !mayUseMeter(msg.caller, device?.user_id)) {
+      return reject("forbidden", notYourMeter(msg.meter_id));
+    }
     if (device === null) {
       return reject("unknown_meter", `Meter "${msg.meter_id}" is not registered`);
-    }
-    if (msg.caller && msg.caller.role !== "admin" && msg.caller.user_id !== device.user_id) {
-      return reject("forbidden", `Meter "${msg.meter_id}" belongs to another user`);
     }
     if (device.revoked) return reject("device_revoked", `Meter "${msg.meter_id}" is revoked`);
 

@@ -243,9 +243,9 @@ export class ActorRegistry {
   #turn(actor: MeterActor, msg: Submission): Promise<Outcome> {
     const now = this.#o.clock.now();
     actor.lastActive = now;
-    // Move to the most-recently-used end.
-    this.#actors.delete(actor.meterId);
-    this.#actors.set(actor.meterId, actor);
+    // Move to the most-recently-used end; an unknown meter's actor is not in the map and must
+    // not get in (anyone can name arbitrary meter ids).
+    if (this.#actors.delete(actor.meterId)) this.#actors.set(actor.meterId, actor);
 
     const settings = this.#o.settings;
     const verdict = actor.decide(msg, now, settings);

@@ -20,11 +20,13 @@ export interface SecurityLogOptions {
   everyMs?: number;
   /** Distinct (event, address) pairs remembered; default 10 000. */
   maxKeys?: number;
+  /** Lines per event per period over all addresses (a flood from many sources); default 50. */
+  perEventMax?: number;
 }
 
 /**
- * Warn-level log of security events, rate-limited per event and client address so a flood
- * cannot flood the log; the next line after a quiet period says how many were suppressed.
+ * Warn-level log of security events, rate-limited per event and client address and per event
+ * overall, so a flood cannot flood the log; later lines say how many were suppressed.
  * Callers pass no secrets: fields are logged as given.
  */
 export class SecurityLog {
@@ -32,13 +34,16 @@ export class SecurityLog {
   #clock: Clock;
   #everyMs: number;
   #maxKeys: number;
+  #perEventMax: number;
   #last = new Map<string, { at: number; suppressed: number }>();
+  #events = new Map<SecurityEvent, { start: number; lines: number; suppressed: number }>();
 
   constructor(options: SecurityLogOptions) {
     this.#logger = options.logger;
     this.#clock = options.clock;
     this.#everyMs = options.everyMs ?? 10_000;
     this.#maxKeys = options.maxKeys ?? 10_000;
+    this.#perEventMax = options.perEventMax ?? 50;
   }
 
   /** Logs `event` for `address` at warn, unless one was logged for both within the period. */
@@ -50,14 +55,27 @@ export class SecurityLog {
       seen.suppressed++;
       return;
     }
+    let budget = this.#events.get(event);
+    if (!budget || now - budget.start >= this.#everyMs) {
+      budget = { start: now, lines: 0, suppressed: budget?.suppressed ?? 0 };
+      this.#events.set(event, budget);
+    }
+    if (budget.lines >= this.#perEventMax) {
+      budget.suppressed++;
+      return;
+    }
+    budget.lines++;
     if (!seen && this.#last.size >= this.#maxKeys) this.#forget(now);
     const suppressed = seen?.suppressed ?? 0;
+    const others = budget.suppressed;
+    budget.suppressed = 0;
     this.#last.set(key, { at: now, suppressed: 0 });
     this.#logger.warn(`security: ${event}`, {
       event,
       address,
       ...fields,
       ...(suppressed > 0 ? { suppressed } : {}),
+      ...(others > 0 ? { suppressed_all_addresses: others } : {}),
     });
   }
 

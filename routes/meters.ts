@@ -10,6 +10,7 @@ import {
   RFC3339,
   toReading,
 } from "../core/reading.ts";
+import { mayUseMeter, notYourMeter } from "../core/ownership.ts";
 import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import type { TokenService } from "../services/tokens.ts";
@@ -152,12 +153,12 @@ export function meterRoutes(
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
   app.use(bearerAuth(deps.tokens));
 
-  /** Users may only name their own meters. */
+  /** Users may only name their own meters; unknown ones get the same answer as others'. */
   async function assertOwner(principal: Principal, meterId: string): Promise<void> {
     if (principal.role === "admin") return;
     const device = await deps.store.getDevice(meterId);
-    if (device && device.user_id !== principal.user_id) {
-      throw new GatewayError("forbidden", `Meter "${meterId}" belongs to another user`);
+    if (!mayUseMeter(principal, device?.user_id)) {
+      throw new GatewayError("forbidden", notYourMeter(meterId));
     }
   }
 

@@ -703,6 +703,30 @@ Deno.test("a user can neither read, submit for, nor count another user's meters,
     },
   );
 
+  await t.step(
+    "A gets the same answer for an unknown meter as for B's meter: existence does not leak",
+    async () => {
+      const answers = async (meterId: string) => {
+        const listed = await gw.request("GET", `/api/meters/readings?meter_id=${meterId}`, {
+          token: a.token,
+        });
+        const hourly = await gw.request("GET", `/api/meters/${meterId}/stats/hourly`, {
+          token: a.token,
+        });
+        const body = signedReading(meterId, meterB.secret_hex, isoAgo(45 * MINUTE, base));
+        const submitted = await submit(gw, a.token, body);
+        return [listed, hourly, submitted].map((r) => ({
+          status: r.status,
+          code: r.body.error?.code,
+          message: r.body.error?.message.replace(meterId, "<id>"),
+        }));
+      };
+      const ofB = await answers("iso-meter-b");
+      deepEqual(await answers("iso-meter-nobody"), ofB);
+      for (const answer of ofB) equal(answer.status, 403);
+    },
+  );
+
   await t.step("A reading B's stats is 403 forbidden; A's own stats count only A", async () => {
     assertError(
       await gw.request("GET", `/api/meters/stats?user_id=${b.id}`, { token: a.token }),

@@ -149,6 +149,20 @@ Deno.test("A meter actor applies its rules in memory: unknown meter, signature, 
   await store.close();
 });
 
+Deno.test("Readings for unknown meters do not occupy the registry", async () => {
+  const { store, registry, addMeter } = await setup();
+  await addMeter("real");
+  assert.equal((await registry.submit(reading("real", 60))).status, "accepted");
+  for (let i = 0; i < 500; i++) {
+    const outcome = await registry.submit(reading(`ghost-${i}`, 30));
+    assert.equal(outcome.status === "rejected" && outcome.code, "unknown_meter");
+  }
+  // Concurrent ones share one activation each and leave nothing behind either.
+  await Promise.all(Array.from({ length: 500 }, (_, i) => registry.submit(reading(`g${i}`, 30))));
+  assert.equal(registry.size, 1);
+  await store.close();
+});
+
 Deno.test("ActorRegistry passivates idle actors and caps live ones with LRU eviction", async (t) => {
   const { store, clock, registry, addMeter } = await setup({ maxActors: 3 });
   for (const m of ["a", "b", "c", "d"]) await addMeter(m);
