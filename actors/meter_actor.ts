@@ -5,7 +5,13 @@ import { mayUseMeter, notYourMeter } from "../core/ownership.ts";
 import { keyUsable, type LiveKey } from "../core/device_keys.ts";
 import type { ErrorCode } from "../core/errors.ts";
 import { kwhText, readingId, type ReadingRow, type ReadingSource } from "../core/reading.ts";
-import { checkKwh, checkTimestamp, collides, type RuleLimits } from "../core/rules.ts";
+import {
+  checkKwh,
+  checkTimestamp,
+  checkTimestampForm,
+  collides,
+  type RuleLimits,
+} from "../core/rules.ts";
 import { canonicalMessage, verifyWith } from "../core/signature.ts";
 import type { Principal } from "../core/user.ts";
 import type { InsertResult } from "../db/store.ts";
@@ -21,6 +27,8 @@ export interface Submission {
   source: ReadingSource;
   /** The HTTP caller; absent for device transports, which authenticated as the meter. */
   caller?: Principal;
+  /** The client's network address, when the transport knows it (for the security log). */
+  address?: string;
 }
 
 /** What an actor knows of its device, loaded at activation. */
@@ -86,6 +94,8 @@ export class MeterActor {
 
     const kwh = checkKwh(msg.kwh_amount, settings.rules);
     if (typeof kwh !== "number") return reject(kwh.code, kwh.message);
+    const form = checkTimestampForm(msg.reading_timestamp);
+    if (form) return reject(form.code, form.message);
     const ts = Date.parse(msg.reading_timestamp);
     const late = checkTimestamp(ts, now, settings.rules);
     if (late) return reject(late.code, late.message);
@@ -197,8 +207,13 @@ function verifyKeys(
   policy: KeyPolicy,
 ): string | Verdict {
   let expiredMatch = false;
+  let unreadable = false;
   for (const key of keys) {
     if (keyId !== undefined && key.key_id !== keyId) continue;
+    if (key.material === null) {
+      unreadable = true;
+      continue;
+    }
     if (verifyWith(key.material, message, signature)) {
       if (keyUsable(key, now, policy)) return key.key_id;
       // Remembered only to tell "expired" from "wrong".
@@ -207,6 +222,16 @@ function verifyKeys(
   }
   if (expiredMatch) {
     return reject("key_expired", `The key of meter "${meterId}" has expired; rotate it`);
+  }
+  if (unreadable) {
+    // The gateway's fault, not the meter's: transient, so MQTT keeps the reading for a retry.
+    return {
+      kind: "reject",
+      code: "unavailable",
+      message: `The device key of meter "${meterId}" cannot be decrypted; the gateway's ` +
+        "DEVICE_KEY_ENCRYPTION_KEY is not the one that sealed it",
+      retryAfter: 60,
+    };
   }
   if (keyId !== undefined && !keys.some((k) => k.key_id === keyId)) {
     return reject("bad_signature", `Meter "${meterId}" has no key "${keyId}"`);

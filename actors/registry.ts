@@ -1,6 +1,7 @@
 import type { Clock } from "../core/clock.ts";
-import { liveKeys } from "../core/device_keys.ts";
+import { liveKeys, unreadableKeys } from "../core/device_keys.ts";
 import type { Logger } from "../core/logger.ts";
+import type { SecurityLog } from "../core/security_log.ts";
 import type { Outcome } from "../core/outcome.ts";
 import { type Reading, type ReadingRow, toReading } from "../core/reading.ts";
 import type { InsertResult, Store } from "../db/store.ts";
@@ -43,6 +44,8 @@ export interface RegistryOptions {
   onCommitted?: (reading: Reading) => void;
   /** Called with every final outcome, for metrics. */
   onOutcome?: (msg: Submission, outcome: Outcome) => void;
+  /** Where readings with bad signatures are reported (warn, rate-limited); default: nowhere. */
+  security?: SecurityLog;
 }
 
 /** Activations loading at once, at most: each holds a store round trip. */
@@ -222,11 +225,21 @@ export class ActorRegistry {
     const device = await this.#o.store.getDevice(meterId);
     if (!device) return null;
     const owner = await this.#o.store.getUser(device.user_id);
+    const keys = liveKeys(meterId, device.keys, this.#o.kek);
+    const unreadable = unreadableKeys(keys);
+    if (unreadable.length > 0) {
+      // Once per activation; its readings are answered "unavailable" with the same reason.
+      this.#o.logger.error(
+        "device key cannot be decrypted: check DEVICE_KEY_ENCRYPTION_KEY (it must be the key " +
+          "that sealed the device secrets)",
+        { meter_id: meterId, key_ids: unreadable },
+      );
+    }
     return {
       user_id: device.user_id,
       wallet_address: owner?.wallet_address ?? null,
       revoked: device.status === "revoked",
-      keys: liveKeys(meterId, device.keys, this.#o.kek),
+      keys,
     };
   }
 
@@ -250,6 +263,14 @@ export class ActorRegistry {
     const settings = this.#o.settings;
     const verdict = actor.decide(msg, now, settings);
     if (verdict.kind === "reject") {
+      if (verdict.code === "bad_signature") {
+        // Never the signature itself: it is what an attacker would want confirmed.
+        this.#o.security?.warn("bad_signature", msg.address ?? `meter:${msg.meter_id}`, {
+          meter_id: msg.meter_id,
+          source: msg.source,
+          ...(msg.key_id === undefined ? {} : { key_id: msg.key_id }),
+        });
+      }
       return Promise.resolve({
         status: "rejected",
         code: verdict.code,

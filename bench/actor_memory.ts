@@ -51,7 +51,7 @@ for (let i = 0; i < N; i++) {
     now,
   );
   // One real turn so the bucket exists and the window is full, as on a live meter.
-  const ts = new Date(now).toISOString();
+  const ts = new Date(now).toISOString().replace(".000Z", "Z");
   const verdict = actor.decide(
     {
       meter_id: meterId,

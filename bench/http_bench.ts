@@ -53,7 +53,7 @@ function nextBody(): string {
   const slot = Math.floor(cursor / meterIds.length);
   cursor++;
   const ts = new Date(base - slot * 15 * 60_000).toISOString().replace(".000Z", "Z");
-  const kwh = (1 + (cursor % 997) / 100).toFixed(2);
+  const kwh = String(Number((1 + (cursor % 997) / 100).toFixed(2))); // canonical: no "1.50"
   const device_signature = signHmac(secrets.get(meter)!, canonicalMessage(meter, ts, kwh));
   return JSON.stringify({
     meter_id: meter,

@@ -222,7 +222,7 @@ function publisherWorker(): void {
     const payloads: string[] = new Array(msg.count);
     for (let i = 0; i < msg.count; i++) {
       const g = msg.first + i, m = g % M, slot = Math.floor(g / M);
-      const kwh = (1 + (g % 997) / 100).toFixed(2);
+      const kwh = String(Number((1 + (g % 997) / 100).toFixed(2))); // canonical: no "1.50"
       payloads[i] = readingPayload(
         init.meters[m],
         secrets[m],

@@ -61,7 +61,7 @@ export function required(value: string | undefined, flag: string): string {
 export function requiredMeterId(value: string | undefined): string {
   const meterId = required(value, "meter");
   if (!METER_ID_PATTERN.test(meterId)) {
-    fatal(`--meter "${meterId}" must be 1-64 characters of A-Z a-z 0-9 . _ : -`);
+    fatal(`--meter "${meterId}" must be 1-64 characters of A-Z a-z 0-9 . _ : -, not only dots`);
   }
   return meterId;
 }

@@ -66,6 +66,22 @@ export interface ConnectionSettings {
   password?: string;
 }
 
+/**
+ * An API path from literal parts and path segments, each segment percent-encoded (so `:`, `/`,
+ * `?` or `#` in a meter id stay inside it). Dot-only segments are refused: every URL parser
+ * resolves `.` and `..` (also as `%2E`), so no request could carry them.
+ */
+export function apiPath(strings: TemplateStringsArray, ...segments: string[]): string {
+  let path = strings[0];
+  segments.forEach((segment, i) => {
+    if (/^\.*$/.test(segment)) {
+      throw new TypeError(`Path segment "${segment}" cannot be sent in a URL`);
+    }
+    path += encodeURIComponent(segment) + strings[i + 1];
+  });
+  return path;
+}
+
 /** Options of {@linkcode GatewayClient.request}. */
 export interface RequestOptions {
   /** JSON request body. */

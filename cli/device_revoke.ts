@@ -1,6 +1,12 @@
 // `deno task device:revoke`: revokes a meter; every instance rejects its readings from then on.
 import { fatal, parseFlags, requiredMeterId } from "./_args.ts";
-import { CONNECTION_OPTIONS, CONNECTION_USAGE, type DeviceView, withGateway } from "./_client.ts";
+import {
+  apiPath,
+  CONNECTION_OPTIONS,
+  CONNECTION_USAGE,
+  type DeviceView,
+  withGateway,
+} from "./_client.ts";
 
 const USAGE = `Usage: deno task device:revoke --meter ID [--reason TEXT]
 
@@ -34,7 +40,7 @@ function main(args: string[]): Promise<void> {
   return withGateway(flags, async (client) => {
     const device = await client.request<DeviceView>(
       "POST",
-      `/api/admin/devices/${encodeURIComponent(meterId)}/revoke`,
+      apiPath`/api/admin/devices/${meterId}/revoke`,
       { body: reason === undefined ? {} : { reason } },
     );
     if (flags.json) {

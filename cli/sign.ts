@@ -1,7 +1,14 @@
 // `deno task sign`: the reference device signer (offline). Prints a signed reading as JSON.
 import { Buffer } from "node:buffer";
 import { createPrivateKey, type KeyObject, sign as signEd25519 } from "node:crypto";
-import { keyIdSchema, kwhSchema, rfc3339Schema } from "../core/reading.ts";
+import {
+  CANONICAL_KWH,
+  CANONICAL_TIMESTAMP,
+  keyIdSchema,
+  kwhSchema,
+  readingTimestamp,
+  rfc3339Schema,
+} from "../core/reading.ts";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { fatal, parseFlags, requiredMeterId } from "./_args.ts";
 
@@ -15,8 +22,13 @@ Options:
   --meter ID              Meter id (1-64 characters of A-Z a-z 0-9 . _ : -)
   --secret HEX            The meter's HMAC-SHA256 secret: 64 hex characters, as shown at registration
   --ed25519-key FILE      Sign with Ed25519 using this PKCS#8 PEM private key instead of --secret
-  --kwh DECIMAL           Energy in kWh, signed exactly as given (default 12.5)
-  --timestamp RFC3339     Reading time, signed exactly as given (default now, whole seconds, Z)
+  --kwh DECIMAL           Energy in kWh, signed exactly as given (default 12.5); must be the
+                          canonical form: shortest decimal, at most 4 decimals (12.5, 0.0001, 100)
+  --timestamp RFC3339     Reading time, signed exactly as given (default now); must be the
+                          canonical form: UTC, whole seconds, YYYY-MM-DDTHH:MM:SSZ
+
+The gateway stores only readings signed over canonical values (it rejects others with
+invalid_payload), so every stored reading can be re-verified from the fields the API shows.
   --key-id ID             Add key_id (needed while an old and a rotated key are both valid)
   --encoding hex|base64url  Signature encoding (default hex)
   --mqtt                  Print the MQTT payload (no meter_id; the topic carries it)
@@ -42,9 +54,24 @@ function main(args: string[]): void {
   const meterId = requiredMeterId(flags.meter);
   const kwh = flags.kwh;
   if (!kwhSchema.safeParse(kwh).success) fatal(`--kwh "${kwh}" is not a decimal number like 12.5`);
+  if (!CANONICAL_KWH.test(kwh)) {
+    const shortest = String(Number(kwh));
+    fatal(
+      `--kwh "${kwh}" is not in canonical form (shortest decimal, at most 4 decimals, no sign, ` +
+        `exponent, leading or trailing zeros)` +
+        (CANONICAL_KWH.test(shortest) ? `: sign "${shortest}"` : ""),
+    );
+  }
   const timestamp = flags.timestamp ?? nowWholeSeconds();
   if (!rfc3339Schema.safeParse(timestamp).success) {
     fatal(`--timestamp "${timestamp}" is not an RFC 3339 date-time like 2026-11-29T10:15:00Z`);
+  }
+  if (!CANONICAL_TIMESTAMP.test(timestamp)) {
+    const ms = Date.parse(timestamp);
+    fatal(
+      `--timestamp "${timestamp}" is not in canonical form (UTC, whole seconds, ` +
+        `YYYY-MM-DDTHH:MM:SSZ)` + (ms % 1000 === 0 ? `: sign "${readingTimestamp(ms)}"` : ""),
+    );
   }
   const keyId = flags["key-id"];
   if (keyId !== undefined && !keyIdSchema.safeParse(keyId).success) {
@@ -104,7 +131,7 @@ function readEd25519Key(path: string): KeyObject {
 }
 
 function nowWholeSeconds(): string {
-  return new Date(Math.floor(Date.now() / 1000) * 1000).toISOString().replace(".000Z", "Z");
+  return readingTimestamp(Math.floor(Date.now() / 1000) * 1000);
 }
 
 if (import.meta.main) main(Deno.args);

@@ -685,7 +685,8 @@ async function run(o: Options): Promise<number> {
     const ts = grid - slotOf(meter) * o.intervalMs;
     meter.sent++;
     remaining--;
-    const kwh = (0.1 + Math.random() * 2.4).toFixed(3);
+    // Canonical form (no trailing zeros): the gateway refuses "1.230".
+    const kwh = String(Number((0.1 + Math.random() * 2.4).toFixed(3)));
     const payload = readingPayload(meter.id, meter.secret, isoSeconds(ts), kwh);
     awaitingAck.set(`${meter.id}|${ts}`, performance.now());
     t.sent++;

@@ -11,6 +11,8 @@ export interface StoredKey {
   created_at: number;
   /** When a rotation replaced this key; it stays valid for the grace period after. */
   retired_at: number | null;
+  /** A grace period shorter than the policy's, set by the rotation that retired it (0: none). */
+  grace_ms?: number;
 }
 
 /** A registered meter. */
@@ -45,16 +47,49 @@ export interface KeyPolicy {
 /** Where a key stands at `now`. */
 export type KeyState = "valid" | "due" | "expired";
 
-/** Rule: retired keys live for the grace period; keys past rotation age plus grace are expired. */
+/**
+ * Rule: retired keys live for the grace period (or the shorter one their rotation gave them);
+ * keys past rotation age plus grace are expired.
+ */
 export function keyState(
-  key: Pick<StoredKey, "created_at" | "retired_at">,
+  key: Pick<StoredKey, "created_at" | "retired_at" | "grace_ms">,
   now: number,
   policy: KeyPolicy,
 ): KeyState {
-  if (key.retired_at !== null && now >= key.retired_at + policy.graceMs) return "expired";
+  if (key.retired_at !== null) {
+    const grace = Math.min(key.grace_ms ?? policy.graceMs, policy.graceMs);
+    if (now >= key.retired_at + grace) return "expired";
+  }
   if (now >= key.created_at + policy.rotationMs + policy.graceMs) return "expired";
   if (now >= key.created_at + policy.rotationMs) return "due";
   return "valid";
+}
+
+/** Keys a device record keeps, and that verify, at most: the current one and the previous. */
+export const MAX_KEYS = 2;
+
+/**
+ * The keys after a rotation at `now`: the current one retired (with `graceMs` when shorter than
+ * the policy's; dropped at once when it is 0, for a leaked key), then `fresh`. Older keys are
+ * dropped; the audit log keeps their history.
+ */
+export function rotateKeys(
+  keys: StoredKey[],
+  fresh: StoredKey,
+  now: number,
+  options: { policy: KeyPolicy; graceMs?: number },
+): StoredKey[] {
+  const current = keys.filter((k) => k.retired_at === null).at(-1) ?? keys.at(-1);
+  const graceMs = options.graceMs;
+  if (!current || graceMs === 0 || keyState(current, now, options.policy) === "expired") {
+    return [fresh];
+  }
+  const retired: StoredKey = {
+    ...current,
+    retired_at: current.retired_at ?? now,
+    ...(graceMs !== undefined && graceMs < options.policy.graceMs ? { grace_ms: graceMs } : {}),
+  };
+  return [retired, fresh];
 }
 
 /** A key id: short, unique per device, sortable by creation. */

@@ -1,12 +1,27 @@
 import { z } from "zod";
 import { sha256Into } from "./sha256.ts";
 
-/** Meter identifiers: 1–64 characters of `[A-Za-z0-9._:-]`. */
-export const METER_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
+/**
+ * Meter identifiers: 1–64 characters of `[A-Za-z0-9._:-]`, not only dots (`.` and `..` are
+ * path segments no URL can carry to `/api/admin/devices/{meter_id}/...`).
+ */
+export const METER_ID_PATTERN = /^(?!\.+$)[A-Za-z0-9._:-]{1,64}$/;
 /** RFC 3339 date-time with an offset (`Z` or `±hh:mm`). */
 export const RFC3339 =
   /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$/;
 const DECIMAL = /^[+-]?(\d{1,20}(\.\d{0,20})?|\.\d{1,20})$/;
+
+/**
+ * The one form of `reading_timestamp` a reading is stored with: UTC, whole seconds,
+ * `YYYY-MM-DDTHH:MM:SSZ`. The API renders stored readings the same way, so the signed message
+ * can be rebuilt from what is stored.
+ */
+export const CANONICAL_TIMESTAMP = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$/;
+/**
+ * The one form of `kwh_amount`: the shortest decimal of the value, as `JSON.stringify` writes a
+ * number (no sign, exponent, leading zeros or trailing fraction zeros), at most 4 decimals.
+ */
+export const CANONICAL_KWH = /^(0|[1-9]\d{0,14})(\.\d{0,3}[1-9])?$/;
 
 /** Where a reading entered the gateway. */
 export type ReadingSource = "mqtt" | "http" | "batch";
@@ -14,7 +29,7 @@ export type ReadingSource = "mqtt" | "http" | "batch";
 /** A meter id: {@linkcode METER_ID_PATTERN}. */
 export const meterIdSchema = z.string().regex(
   METER_ID_PATTERN,
-  "meter_id must be 1-64 characters of A-Z a-z 0-9 . _ : -",
+  "meter_id must be 1-64 characters of A-Z a-z 0-9 . _ : -, and not only dots",
 );
 
 /** A key id: 1–64 characters of `[A-Za-z0-9._:-]`. */
@@ -104,9 +119,9 @@ export interface Reading {
   user_id: string;
   /** The owner's wallet when the reading was accepted, if any. */
   wallet_address: string | null;
-  /** Energy in kWh, 4 decimals kept. */
+  /** Energy in kWh, 4 decimals kept; its `JSON.stringify` form is the signed text. */
   kwh_amount: number;
-  /** When the meter took the reading, RFC 3339 in UTC. */
+  /** When the meter took the reading: the signed text, `YYYY-MM-DDTHH:MM:SSZ`. */
   reading_timestamp: string;
   /** The key that verified the signature. */
   key_id: string;
@@ -141,13 +156,22 @@ export function toReading(row: ReadingRow): Reading {
     user_id: row.user_id,
     wallet_address: row.wallet_address,
     kwh_amount: row.kwh_e4 / 10_000,
-    reading_timestamp: isoUtc(row.ts),
+    reading_timestamp: readingTimestamp(row.ts),
     key_id: row.key_id,
     device_signature: row.device_signature,
     source: row.source,
     submitted_at: isoUtc(row.submitted_at),
     minted: row.minted,
   };
+}
+
+/**
+ * A reading time as stored readings are shown: {@linkcode CANONICAL_TIMESTAMP}, the form it was
+ * signed in. (Readings stored before that rule may carry milliseconds; they keep them.)
+ */
+export function readingTimestamp(ms: number): string {
+  const iso = isoUtc(ms);
+  return ms % 1000 === 0 ? `${iso.slice(0, -5)}Z` : iso;
 }
 
 /** `new Date(ms).toISOString()`, without a Date: it runs twice per stored reading. */

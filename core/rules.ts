@@ -1,4 +1,5 @@
 import type { ErrorCode } from "./errors.ts";
+import { CANONICAL_KWH, CANONICAL_TIMESTAMP } from "./reading.ts";
 
 /** Limits of the domain rules (DESIGN.md §3), all configurable. */
 export interface RuleLimits {
@@ -14,20 +15,38 @@ export interface Violation {
   message: string;
 }
 
-/** Rule 1: `0 < kwh <= kwhMax`; returns kWh × 10 000 rounded to 4 decimals, or the violation. */
+/**
+ * Rule 1: `0 < kwh <= kwhMax`, written in {@linkcode CANONICAL_KWH} form (so the stored value
+ * renders as the signed text); returns kWh × 10 000, or the violation.
+ */
 export function checkKwh(kwh: string | number, limits: RuleLimits): number | Violation {
+  const text = typeof kwh === "number" ? JSON.stringify(kwh) : kwh;
   const value = typeof kwh === "number" ? kwh : Number(kwh);
   if (!Number.isFinite(value) || value <= 0 || value > limits.kwhMax) {
     return {
       code: "kwh_out_of_range",
-      message: `kwh_amount must be greater than 0 and at most ${limits.kwhMax}, got "${kwh}"`,
+      message: `kwh_amount must be greater than 0 and at most ${limits.kwhMax}, got "${text}"`,
     };
   }
-  const e4 = toE4(typeof kwh === "number" ? JSON.stringify(kwh) : kwh);
-  if (e4 === 0) {
-    return { code: "kwh_out_of_range", message: `kwh_amount "${kwh}" rounds to 0 at 4 decimals` };
+  if (!CANONICAL_KWH.test(text)) {
+    return {
+      code: "invalid_payload",
+      message: `kwh_amount "${text}" is not in canonical form: sign the shortest decimal with at ` +
+        `most 4 decimals, no sign, exponent, leading or trailing zeros (e.g. "12.5", "0.0001", ` +
+        `"100")`,
+    };
   }
-  return e4;
+  return toE4(text);
+}
+
+/** A violation when `text` is not a {@linkcode CANONICAL_TIMESTAMP} (already RFC 3339-checked). */
+export function checkTimestampForm(text: string): Violation | null {
+  if (CANONICAL_TIMESTAMP.test(text)) return null;
+  return {
+    code: "invalid_payload",
+    message: `reading_timestamp "${text}" is not in canonical form: sign it in UTC with whole ` +
+      `seconds as YYYY-MM-DDTHH:MM:SSZ (e.g. "2026-11-29T10:15:00Z"), no offset or fraction`,
+  };
 }
 
 /** Rule 2: not older than `maxAgeMs`, not more than `maxFutureMs` ahead of `now`. */
@@ -52,13 +71,11 @@ export function collides(a: number, b: number, windowMs: number): boolean {
   return Math.abs(a - b) < windowMs;
 }
 
-/** Decimal text to units of 0.0001, rounded half up on the digits (no binary float error). */
+/** Canonical decimal text to units of 0.0001 (exact: at most 4 decimals, no float error). */
 function toE4(text: string): number {
-  const m = /^[+]?(\d*)(?:\.(\d*))?$/.exec(text);
-  if (!m) return Math.round(Number(text) * 10_000); // exponent forms such as 1e-7
-  const frac = (m[2] ?? "").padEnd(5, "0");
-  const e4 = Number(m[1] || "0") * 10_000 + Number(frac.slice(0, 4));
-  return frac[4] >= "5" ? e4 + 1 : e4;
+  const dot = text.indexOf(".");
+  if (dot < 0) return Number(text) * 10_000;
+  return Number(text.slice(0, dot)) * 10_000 + Number(text.slice(dot + 1).padEnd(4, "0"));
 }
 
 /** The time in `sorted` (ascending) closest to `ts` that collides with it; an exact match first. */

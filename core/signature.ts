@@ -1,10 +1,6 @@
-import {
-  createHmac,
-  createPublicKey,
-  type KeyObject,
-  verify as verifySignature,
-} from "node:crypto";
+import { createHmac, createPublicKey, type KeyObject } from "node:crypto";
 import { Buffer } from "node:buffer";
+import { ed25519KeyProblem, verifyEd25519Strict, weakPointProblem } from "./ed25519_strict.ts";
 import { hmacSha256Equals, type HmacSha256Key, hmacSha256Key } from "./sha256.ts";
 
 /** Device key algorithms. */
@@ -52,21 +48,49 @@ function nibble(c: number): number {
   return -1;
 }
 
-/** Parses an Ed25519 public key given as 32 raw bytes in hex/base64url/base64, or as PEM. */
+/**
+ * Parses an Ed25519 public key given as 32 raw bytes in hex/base64url/base64, or as PEM; `null`
+ * when malformed or weak (non-canonical or of small order: such a key lets a fixed signature
+ * verify for any message).
+ */
 export function parseEd25519PublicKey(text: string): KeyObject | null {
+  const parsed = readEd25519PublicKey(text);
+  return parsed && weakPointProblem(parsed.raw) === null ? parsed.key : null;
+}
+
+/**
+ * Vets a public key offered at registration or rotation: the key, or why it is refused. Beyond
+ * {@linkcode parseEd25519PublicKey} it requires a point of the prime-order subgroup (a few ms).
+ */
+export function vetEd25519PublicKey(text: string): { key: KeyObject } | { problem: string } {
+  const parsed = readEd25519PublicKey(text);
+  if (!parsed) {
+    return {
+      problem: "public_key must be an Ed25519 key: 32 raw bytes as hex or base64url, or a PEM " +
+        "public key",
+    };
+  }
+  const problem = ed25519KeyProblem(parsed.raw);
+  if (problem) return { problem: `public_key ${problem}; it is refused as a weak key` };
+  return { key: parsed.key };
+}
+
+function readEd25519PublicKey(text: string): { key: KeyObject; raw: Uint8Array } | null {
   try {
     if (text.includes("BEGIN PUBLIC KEY")) {
       const key = createPublicKey(text);
-      return key.asymmetricKeyType === "ed25519" ? key : null;
+      if (key.asymmetricKeyType !== "ed25519") return null;
+      return { key, raw: rawOf(key) };
     }
     const raw = /^[0-9a-fA-F]{64}$/.test(text)
       ? Buffer.from(text, "hex")
       : Buffer.from(text.replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_"), "base64url");
     if (raw.length !== 32) return null;
-    return createPublicKey({
+    const key = createPublicKey({
       key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") },
       format: "jwk",
     });
+    return { key, raw };
   } catch {
     return null;
   }
@@ -77,17 +101,30 @@ export function ed25519Raw(key: KeyObject): string {
   return (key.export({ format: "jwk" }) as { x: string }).x;
 }
 
+function rawOf(key: KeyObject): Uint8Array {
+  return Buffer.from(ed25519Raw(key), "base64url");
+}
+
 /** Key material ready to verify: an HMAC secret or an Ed25519 public key. */
 export type KeyMaterial =
   | { algorithm: "hmac-sha256"; key: HmacSha256Key }
   | { algorithm: "ed25519"; publicKey: KeyObject };
 
-/** Verifies `signature` over `message`; constant-time for HMAC. */
+/** Raw bytes of the Ed25519 keys seen by {@linkcode verifyWith}, exported once per key. */
+const rawKeys = new WeakMap<KeyObject, Uint8Array>();
+
+/** Verifies `signature` over `message`; constant-time for HMAC, strict for Ed25519. */
 export function verifyWith(material: KeyMaterial, message: string, signature: string): boolean {
   const sig = decodeSignature(signature, material.algorithm);
   if (sig === null) return false;
   if (material.algorithm === "hmac-sha256") return hmacSha256Equals(material.key, message, sig);
-  return verifySignature(null, Buffer.from(message), material.publicKey, sig);
+  const key = material.publicKey;
+  let raw = rawKeys.get(key);
+  if (raw === undefined) {
+    raw = rawOf(key);
+    rawKeys.set(key, raw);
+  }
+  return verifyEd25519Strict(key, raw, Buffer.from(message), sig);
 }
 
 /** HMAC key material from a device secret (pad states computed once, here). */

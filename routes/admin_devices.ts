@@ -1,4 +1,5 @@
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
+import type { Context, Next } from "hono";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
@@ -44,8 +45,14 @@ const ListQuery = z.object({
   cursor: z.string().max(512).optional(),
 });
 
-const RotateSchema = z.strictObject({ public_key: z.string().min(1).max(512).optional() })
-  .openapi("DeviceRotation");
+const RotateSchema = z.strictObject({
+  public_key: z.string().min(1).max(512).optional(),
+  grace_seconds: z.number().int("grace_seconds must be a whole number of seconds").min(0)
+    .optional().openapi({
+      description: "How long the previous key stays valid; default and maximum " +
+        "DEVICE_KEY_ROTATION_GRACE. 0 ends it at once (a leaked key).",
+    }),
+}).openapi("DeviceRotation");
 const RevokeSchema = z.strictObject({ reason: z.string().max(500).optional() });
 
 const security = [{ bearer: [] }];
@@ -97,7 +104,8 @@ const rotate = createRoute({
   path: "/{meter_id}/rotate",
   tags,
   security,
-  summary: "Issue a new key; the old one stays valid for the grace period",
+  summary: "Issue a new key; the previous one stays valid for the grace period (or " +
+    "grace_seconds, 0 for none) and older ones are dropped",
   // The body is optional, so it is parsed in the handler (an empty body means `{}`).
   request: { params: MeterParam },
   responses: { 200: jsonResponse(IssuedKeySchema, "New key"), ...commonErrors },
@@ -127,6 +135,12 @@ export interface AdminDeviceDeps {
   logger: Logger;
 }
 
+/** Responses that carry device secrets must not be kept by any cache or proxy. */
+async function noStore(c: Context, next: Next): Promise<void> {
+  await next();
+  c.header("Cache-Control", "no-store");
+}
+
 /** `/api/admin/devices`: provisioning, rotation, revocation (admin and operator). */
 export function adminDeviceRoutes(deps: AdminDeviceDeps): OpenAPIHono<AuthEnv> {
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
@@ -136,8 +150,9 @@ export function adminDeviceRoutes(deps: AdminDeviceDeps): OpenAPIHono<AuthEnv> {
     clock: deps.clock,
     what: "device registration",
   });
-  app.use("/register", limit);
-  app.use("/import", limit);
+  app.use("/register", noStore, limit);
+  app.use("/import", noStore, limit);
+  app.use("/:meter_id/rotate", noStore);
   return app
     .openapi(register, async (c) => {
       const issued = await deps.devices.register(c.req.valid("json"), c.var.principal.user_id);

@@ -7,13 +7,14 @@ import {
   type KeyPolicy,
   keyState,
   newKeyId,
+  rotateKeys,
   type StoredKey,
 } from "../core/device.ts";
 import { secretContext } from "../core/device_keys.ts";
 import { GatewayError } from "../core/errors.ts";
 import { type Logger, silentLogger } from "../core/logger.ts";
 import { seal } from "../core/secret_box.ts";
-import { ed25519Raw, type KeyAlgorithm, parseEd25519PublicKey } from "../core/signature.ts";
+import { ed25519Raw, type KeyAlgorithm, vetEd25519PublicKey } from "../core/signature.ts";
 import type { Page, Store } from "../db/store.ts";
 
 /** A registration request. */
@@ -26,6 +27,17 @@ export interface RegisterInput {
   algorithm: KeyAlgorithm;
   /** The meter's Ed25519 public key; omitted for HMAC, whose secret the gateway generates. */
   public_key?: string;
+}
+
+/** A rotation request. */
+export interface RotateInput {
+  /** The meter's new Ed25519 public key; omitted for HMAC, whose secret the gateway generates. */
+  public_key?: string;
+  /**
+   * How long the previous key stays valid, in seconds, at most the configured grace period
+   * (the default). 0 ends it at once: for a leaked key.
+   */
+  grace_seconds?: number;
 }
 
 /** A newly issued key; the HMAC secret is shown only here. */
@@ -120,8 +132,22 @@ export class DeviceService {
     return issued;
   }
 
-  /** Issues a new key; the previous ones stay valid for the grace period. */
-  async rotate(meterId: string, input: { public_key?: string }, actor: string): Promise<IssuedKey> {
+  /**
+   * Issues a new key. The previous one stays valid for the grace period (or `grace_seconds`, 0
+   * for none); any older key is dropped, so at most two keys ever verify.
+   */
+  async rotate(meterId: string, input: RotateInput, actor: string): Promise<IssuedKey> {
+    const graceMs = input.grace_seconds === undefined ? undefined : input.grace_seconds * 1000;
+    if (graceMs !== undefined && !(Number.isInteger(graceMs) && graceMs >= 0)) {
+      throw new GatewayError("invalid_payload", "grace_seconds must be a whole number >= 0");
+    }
+    if (graceMs !== undefined && graceMs > this.#policy.graceMs) {
+      throw new GatewayError(
+        "invalid_payload",
+        `grace_seconds may not exceed the configured grace period ` +
+          `(DEVICE_KEY_ROTATION_GRACE, ${this.#policy.graceMs / 1000} s)`,
+      );
+    }
     let issued: IssuedKey | undefined;
     await this.#store.updateDevice(meterId, (device) => {
       if (device.status === "revoked") {
@@ -131,11 +157,15 @@ export class DeviceService {
       const algorithm = device.keys.at(-1)?.algorithm ?? "hmac-sha256";
       const fresh = this.#newKey(meterId, algorithm, input.public_key, now);
       issued = fresh.issued;
-      const keys = device.keys
-        .filter((k) => keyState(k, now, this.#policy) !== "expired")
-        .map((k) => k.retired_at === null ? { ...k, retired_at: now } : k);
-      const updated = { ...device, keys: [...keys, fresh.key], updated_at: now };
-      return { device: updated, audit: this.#audit(updated, "rotated", actor, fresh.key.key_id) };
+      const keys = rotateKeys(device.keys, fresh.key, now, { policy: this.#policy, graceMs });
+      const updated = { ...device, keys, updated_at: now };
+      const audit = this.#audit(updated, "rotated", actor, fresh.key.key_id);
+      if (graceMs !== undefined) {
+        audit.note = graceMs === 0
+          ? "previous key ended at once (grace 0)"
+          : `previous key valid for ${graceMs / 1000} s`;
+      }
+      return { device: updated, audit };
     });
     await this.#announce(meterId, "rotated");
     return issued!;
@@ -212,14 +242,16 @@ export class DeviceService {
   ): { key: StoredKey; issued: IssuedKey } {
     const key_id = newKeyId(now);
     if (algorithm === "ed25519") {
-      const parsed = publicKey ? parseEd25519PublicKey(publicKey) : null;
-      if (!parsed) {
+      if (publicKey === undefined) {
         throw new GatewayError(
           "invalid_payload",
           "ed25519 needs public_key: 32 raw bytes as hex or base64url, or a PEM public key",
         );
       }
-      const raw = ed25519Raw(parsed);
+      // Small-order and non-canonical keys let a fixed signature verify for every message.
+      const vetted = vetEd25519PublicKey(publicKey);
+      if ("problem" in vetted) throw new GatewayError("invalid_payload", vetted.problem);
+      const raw = ed25519Raw(vetted.key);
       return {
         key: { key_id, algorithm, public_key: raw, created_at: now, retired_at: null },
         issued: { meter_id: meterId, key_id, algorithm },

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { generateKeyPairSync, verify } from "node:crypto";
-import { canonicalMessage } from "../core/signature.ts";
+import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { ADMIN, isoAgo, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -55,6 +55,18 @@ async function ok(name: string, args: string[], env: Record<string, string> = {}
 
 function adminEnv(gw: TestGateway): Record<string, string> {
   return { GATEWAY_URL: gw.url, ADMIN_EMAIL: ADMIN.email, ADMIN_PASSWORD: ADMIN.password };
+}
+
+function signedReadingFor(meter: string, secretHex: string, ts: string): Record<string, unknown> {
+  return {
+    meter_id: meter,
+    kwh_amount: "1.5",
+    reading_timestamp: ts,
+    device_signature: signHmac(
+      Buffer.from(secretHex, "hex"),
+      canonicalMessage(meter, ts, "1.5"),
+    ),
+  };
 }
 
 function signArgs(meter: string, secret: string, extra: string[] = []): string[] {
@@ -125,6 +137,25 @@ Deno.test("sign reproduces the test vector and prints both payload forms offline
       assert.ok(verify(null, Buffer.from(message), publicKey, signature));
     } finally {
       await Deno.remove(dir, { recursive: true });
+    }
+  });
+
+  await t.step("values not in canonical form are refused with the form to sign", async () => {
+    const cases: [string[], RegExp][] = [
+      [["--kwh", "12.50"], /--kwh "12.50" is not in canonical form.*: sign "12.5"/],
+      [["--kwh", "0.00005"], /--kwh "0.00005" is not in canonical form/],
+      [
+        ["--timestamp", "2026-11-29T10:15:00.000Z"],
+        /not in canonical form \(UTC, whole seconds.*: sign "2026-11-29T10:15:00Z"/,
+      ],
+      [["--timestamp", "2026-11-29T17:15:00+07:00"], /: sign "2026-11-29T10:15:00Z"/],
+      [["--timestamp", "2026-11-29T10:15:00.5Z"], /YYYY-MM-DDTHH:MM:SSZ\)$/m],
+    ];
+    for (const [extra, expected] of cases) {
+      const run = await task("sign", signArgs("meter-1", VECTOR.secret, extra));
+      assert.equal(run.code, 2, extra.join(" "));
+      assert.match(run.stderr, expected);
+      assert.equal(run.stdout, "");
     }
   });
 
@@ -266,6 +297,61 @@ Deno.test("operator commands provision, list, rotate and revoke devices on a run
       GATEWAY_TOKEN: gw.adminToken,
     });
     assert.ok(JSON.parse(run.stdout).length >= 2);
+  });
+});
+
+Deno.test("dot-only meter ids are refused; other ids round-trip through the device tasks", async (t) => {
+  await using gw = await startTestGateway();
+  const env = adminEnv(gw);
+  const owner = await gw.createUser("colon@example.com");
+
+  await t.step("registering ., .. or ... is refused (API and CLI)", async () => {
+    for (const meter_id of [".", "..", "..."]) {
+      const res = await gw.request("POST", "/api/admin/devices/register", {
+        token: gw.adminToken,
+        body: { meter_id, user_id: owner.id },
+      });
+      assert.equal(res.status, 400, meter_id);
+      assert.equal(res.body.error.code, "invalid_payload");
+      assert.match(res.body.error.message, /not only dots/);
+    }
+    const run = await task("device:register", ["--meter", "..", "--user", owner.id], env);
+    assert.equal(run.code, 2);
+    assert.match(run.stderr, /--meter "\.\." .*not only dots/);
+  });
+
+  const meter = "site:7.a_b-c";
+  let first = "";
+  await t.step(
+    "register, rotate --grace 0, list and revoke a meter named with : . _ -",
+    async () => {
+      const reg = JSON.parse(
+        (await ok("device:register", ["--meter", meter, "--user", owner.id, "--json"], env)).stdout,
+      );
+      assert.equal(reg.meter_id, meter);
+      first = reg.secret_hex;
+      const rotated = await ok("device:rotate", ["--meter", meter, "--grace", "0", "--json"], env);
+      const issued = JSON.parse(rotated.stdout);
+      assert.equal(issued.meter_id, meter);
+      const submit = (secret: string, ago: number) =>
+        gw.request("POST", "/api/meters/submit-reading", {
+          token: gw.adminToken,
+          body: signedReadingFor(meter, secret, isoAgo(ago)),
+        });
+      assert.equal((await submit(first, 3600_000)).status, 401, "the old key ended at once");
+      assert.equal((await submit(issued.secret_hex, 1800_000)).status, 201);
+      const list = JSON.parse((await ok("device:list", ["--json"], env)).stdout);
+      const device = list.find((d: { meter_id: string }) => d.meter_id === meter);
+      assert.deepEqual(device.keys.map((k: { key_id: string }) => k.key_id), [issued.key_id]);
+      const revoked = await ok("device:revoke", ["--meter", meter], env);
+      assert.match(revoked.stdout, /Revoked meter "site:7\.a_b-c"/);
+    },
+  );
+
+  await t.step("--grace must be a duration", async () => {
+    const bad = await task("device:rotate", ["--meter", "x1", "--grace", "soon"], env);
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /--grace "soon" is not/);
   });
 });
 

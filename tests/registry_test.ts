@@ -95,7 +95,7 @@ async function setup(
 }
 
 function reading(meterId: string, minutesAgo: number, kwh = "1.25"): Submission {
-  const ts = new Date(NOW - minutesAgo * 60_000).toISOString();
+  const ts = new Date(NOW - minutesAgo * 60_000).toISOString().replace(".000Z", "Z");
   return {
     meter_id: meterId,
     kwh_amount: kwh,

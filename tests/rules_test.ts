@@ -1,9 +1,15 @@
 import { createHash } from "node:crypto";
 import assert from "node:assert/strict";
-import { checkKwh, checkTimestamp, collides, type RuleLimits } from "../core/rules.ts";
+import {
+  checkKwh,
+  checkTimestamp,
+  checkTimestampForm,
+  collides,
+  type RuleLimits,
+} from "../core/rules.ts";
 import { TokenBucket } from "../core/token_bucket.ts";
-import { keyState } from "../core/device.ts";
-import { isoUtc, isRealDateTime, readingId } from "../core/reading.ts";
+import { keyState, rotateKeys, type StoredKey } from "../core/device.ts";
+import { isoUtc, isRealDateTime, readingId, readingTimestamp } from "../core/reading.ts";
 
 const LIMITS: RuleLimits = {
   kwhMax: 100,
@@ -12,15 +18,60 @@ const LIMITS: RuleLimits = {
   dedupeWindowMs: 15 * 60_000,
 };
 
-Deno.test("checkKwh() accepts 0 < kwh <= max and keeps 4 decimals", () => {
+Deno.test("checkKwh() accepts 0 < kwh <= max in canonical form, exactly", () => {
   assert.equal(checkKwh("12.5", LIMITS), 125_000);
   assert.equal(checkKwh(12.5, LIMITS), 125_000);
   assert.equal(checkKwh("100", LIMITS), 1_000_000);
-  assert.equal(checkKwh("0.00015", LIMITS), 2);
-  for (const bad of ["0", "-1", "100.0001", "0.00001", "1e400"]) {
+  assert.equal(checkKwh("0.0001", LIMITS), 1);
+  assert.equal(checkKwh("99.9999", LIMITS), 999_999);
+  assert.equal(checkKwh(0.3, LIMITS), 3_000);
+  for (const bad of ["0", "-1", "100.0001", "1e400", 0, -0.5]) {
     const v = checkKwh(bad, LIMITS);
-    assert.equal(typeof v === "object" && v.code, "kwh_out_of_range", bad);
+    assert.equal(typeof v === "object" && v.code, "kwh_out_of_range", String(bad));
   }
+  // Anything but the shortest decimal with at most 4 decimals would be stored as another text.
+  const variants: (string | number)[] = [
+    "0.00015",
+    "0.00005",
+    "12.50",
+    "012.5",
+    "+12.5",
+    "12.",
+    ".5",
+    "1e1",
+    1e-5,
+    0.1 + 0.2,
+  ];
+  for (const bad of variants) {
+    const v = checkKwh(bad, LIMITS);
+    assert.equal(typeof v === "object" && v.code, "invalid_payload", String(bad));
+    assert.match((v as { message: string }).message, /canonical form/);
+  }
+  // Every accepted value renders (as the API shows it) to the text that was signed.
+  for (let e4 = 1; e4 <= 1_000_000; e4 += 7) {
+    const text = JSON.stringify(e4 / 10_000);
+    assert.equal(checkKwh(text, LIMITS), e4, text);
+  }
+});
+
+Deno.test("checkTimestampForm() takes UTC whole seconds only, as readingTimestamp() renders", () => {
+  assert.equal(checkTimestampForm("2026-11-29T10:15:00Z"), null);
+  for (
+    const bad of [
+      "2026-11-29T10:15:00.000Z",
+      "2026-11-29T10:15:00.5Z",
+      "2026-11-29T17:15:00+07:00",
+      "2026-11-29T10:15:00+00:00",
+      "2026-11-29t10:15:00z",
+      "2026-11-29 10:15:00Z",
+    ]
+  ) {
+    assert.equal(checkTimestampForm(bad)?.code, "invalid_payload", bad);
+  }
+  const ms = Date.parse("2026-11-29T10:15:00Z");
+  assert.equal(readingTimestamp(ms), "2026-11-29T10:15:00Z");
+  // A row stored before the rule, with milliseconds, keeps them.
+  assert.equal(readingTimestamp(ms + 5), "2026-11-29T10:15:00.005Z");
 });
 
 Deno.test("checkTimestamp() rejects readings older than 7 days or over 5 minutes ahead", () => {
@@ -123,6 +174,32 @@ Deno.test("isRealDateTime() knows the calendar", () => {
       }
     }
   }
+});
+
+Deno.test("rotateKeys() keeps only the previous key, with a shortened grace or none", () => {
+  const policy = { rotationMs: 90 * 86_400_000, graceMs: 86_400_000 };
+  const key = (id: string, at: number): StoredKey => ({
+    key_id: id,
+    algorithm: "hmac-sha256",
+    secret_enc: "x",
+    created_at: at,
+    retired_at: null,
+  });
+  let keys = [key("k1", 0)];
+  for (let i = 2; i <= 5; i++) keys = rotateKeys(keys, key(`k${i}`, i), i, { policy });
+  assert.deepEqual(keys.map((k) => k.key_id), ["k4", "k5"]);
+  assert.equal(keys[0].retired_at, 5);
+  assert.equal(keyState(keys[0], 5 + policy.graceMs - 1, policy), "valid");
+
+  const short = rotateKeys(keys, key("k6", 6), 6, { policy, graceMs: 60_000 });
+  assert.deepEqual(short.map((k) => [k.key_id, k.grace_ms]), [["k5", 60_000], ["k6", undefined]]);
+  assert.equal(keyState(short[0], 6 + 59_999, policy), "valid");
+  assert.equal(keyState(short[0], 6 + 60_000, policy), "expired");
+
+  assert.deepEqual(
+    rotateKeys(keys, key("k6", 6), 6, { policy, graceMs: 0 }).map((k) => k.key_id),
+    ["k6"],
+  );
 });
 
 Deno.test("isoUtc() formats exactly as Date#toISOString", () => {
