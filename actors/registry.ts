@@ -44,7 +44,7 @@ export interface RegistryOptions {
   onCommitted?: (reading: Reading) => void;
   /** Called with every final outcome, for metrics. */
   onOutcome?: (msg: Submission, outcome: Outcome) => void;
-  /** Where readings with bad signatures are reported (warn, rate-limited); default: nowhere. */
+  /** Where bad signatures and forbidden submissions are reported (warn, rate-limited). */
   security?: SecurityLog;
 }
 
@@ -263,11 +263,12 @@ export class ActorRegistry {
     const settings = this.#o.settings;
     const verdict = actor.decide(msg, now, settings);
     if (verdict.kind === "reject") {
-      if (verdict.code === "bad_signature") {
+      if (verdict.code === "bad_signature" || verdict.code === "forbidden") {
         // Never the signature itself: it is what an attacker would want confirmed.
-        this.#o.security?.warn("bad_signature", msg.address ?? `meter:${msg.meter_id}`, {
+        this.#o.security?.warn(verdict.code, msg.address ?? `meter:${msg.meter_id}`, {
           meter_id: msg.meter_id,
           source: msg.source,
+          ...(msg.caller ? { user_id: msg.caller.user_id } : {}),
           ...(msg.key_id === undefined ? {} : { key_id: msg.key_id }),
         });
       }

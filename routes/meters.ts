@@ -14,7 +14,7 @@ import { mayUseMeter, notYourMeter } from "../core/ownership.ts";
 import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import type { TokenService } from "../services/tokens.ts";
-import { type AuthEnv, bearerAuth } from "./middleware.ts";
+import { type AuthEnv, bearerAuth, clientAddress } from "./middleware.ts";
 import {
   commonErrors,
   ErrorSchema,
@@ -168,6 +168,7 @@ export function meterRoutes(
         ...c.req.valid("json"),
         source: "http",
         caller: c.var.principal,
+        address: clientAddress(c),
       });
       if (outcome.status !== "accepted") throw outcomeError(outcome);
       return c.json(outcome.reading as Reading, 201);
