@@ -86,7 +86,8 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
       ? {
         DATABASE_URL: pg.url,
         JWT_SECRET,
-        DEVICE_KEY_ENCRYPTION_KEY: "07".repeat(32),
+        DEVICE_KEY_ENCRYPTION_KEY:
+          "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff",
         DATABASE_POOL_MAX: "4",
       }
       : {}),
@@ -109,6 +110,8 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     logger: silentLogger,
     jwtSecret: JWT_SECRET,
     kek: KEK,
+    // The cost of the old default: production's N=2^17 would make every test login take ~0.5 s.
+    passwordParams: { N: 2 ** 14, r: 8, p: 1 },
   });
   await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, silentLogger);
   const abort = new AbortController();

@@ -10,6 +10,33 @@ import { isoAgo, signedReading, startTestGateway, type TestGateway } from "./_ga
 /** Upper bound for any single awaited event; a guard against hangs, not a synchronisation. */
 const EVENT_TIMEOUT_MS = 10_000;
 
+/** `promise`, or a rejection naming `what` after {@linkcode EVENT_TIMEOUT_MS}. */
+async function withTimeout<T>(promise: Promise<T>, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`${what}: not within ${EVENT_TIMEOUT_MS} ms`)),
+          EVENT_TIMEOUT_MS,
+        );
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Polls `condition` (server-side state without an event to await) until it holds. */
+async function waitFor(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + EVENT_TIMEOUT_MS;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${EVENT_TIMEOUT_MS} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
 /** Every message the server may send. */
 interface ServerMessage {
   type: string;
@@ -322,7 +349,6 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
       { type: "subscribe", account: "yes" },
       { meters: [a1.id] },
       new TextEncoder().encode('{"type":"ping"}'), // binary frame
-      JSON.stringify({ type: "ping", pad: "x".repeat(70 * 1024) }), // over 64 KiB
     ];
     for (const message of garbage) {
       const label = message instanceof Uint8Array
@@ -343,6 +369,16 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     });
     const stored = await submit(gw, alice.token, a1);
     await expectReading(client, stored, "after garbage");
+  });
+
+  await t.step("a message over 64 KiB closes the connection with 1009", async () => {
+    const sizeBefore = gw.gateway.hub.size;
+    const client = await WsClient.connect(gw, alice.token);
+    client.send(JSON.stringify({ type: "ping", pad: "x".repeat(70 * 1024) }));
+    const event = await withTimeout(client.closed, "the oversized message's close");
+    assert.equal(event.code, 1009);
+    assert.equal(event.reason, "Message too big: at most 64 KiB");
+    await waitFor(() => gw.gateway.hub.size === sizeBefore, "the closed client left the hub");
   });
 
   await t.step("an upgrade without a valid token is refused with 401", async () => {
