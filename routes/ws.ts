@@ -155,7 +155,11 @@ export function wsRoutes(
           // close: check once more, now that later changes will find this one.
           deps.tokens.verify(token, address).catch((error) => {
             deps.hub.detach(client);
-            client.close(CLOSE_TOKEN_ENDED, (error as Error).message.slice(0, 120));
+            const message = (error as Error).message;
+            client.close(
+              CLOSE_TOKEN_ENDED,
+              message.includes("expired") ? "Access token expired" : message.slice(0, 120),
+            );
           });
         },
         onMessage(event) {

@@ -2,7 +2,7 @@
 import { LocalBus } from "../bus/local_bus.ts";
 import type { Clock } from "../core/clock.ts";
 import { loadConfig } from "../core/config.ts";
-import { silentLogger } from "../core/logger.ts";
+import { type Logger, silentLogger } from "../core/logger.ts";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { createGateway, type Gateway } from "../services/gateway.ts";
 import { storeSpecOf } from "../db/open_store.ts";
@@ -41,10 +41,13 @@ export interface TestGatewayOptions {
   env?: Record<string, string>;
   /** Reuse a data directory (restart tests). */
   dir?: string;
+  /** Where the gateway logs (silent by default). */
+  logger?: Logger;
 }
 
 const KEK = new Uint8Array(32).fill(7);
-const JWT_SECRET = "test-jwt-secret-test-jwt-secret-0123456789";
+/** The JWT secret of every test gateway (tests forge tokens with it). */
+export const JWT_SECRET = "test-jwt-secret-test-jwt-secret-0123456789";
 
 /**
  * Which store the end-to-end tests run on: Deno KV by default, PostgreSQL (a fresh schema per
@@ -107,7 +110,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     storeSpec: storeSpecOf(config),
     bus,
     clock,
-    logger: silentLogger,
+    logger: options.logger ?? silentLogger,
     jwtSecret: JWT_SECRET,
     kek: KEK,
     // The cost of the old default: production's N=2^17 would make every test login take ~0.5 s.
