@@ -15,6 +15,8 @@ export interface BackoffOptions {
 
 interface Entry {
   attempts: number;
+  /** Epoch ms of the last attempt. */
+  last: number;
   /** Epoch ms before which the next attempt is refused. */
   until: number;
 }
@@ -48,7 +50,7 @@ export class Backoff {
   attempt(key: string): number {
     const now = this.#clock.now();
     let entry = this.#entries.get(key);
-    if (entry && now >= entry.until + 2 * this.#maxMs) {
+    if (entry && now - entry.last >= 2 * this.#maxMs) {
       // Quiet for long enough: start afresh.
       this.#entries.delete(key);
       entry = undefined;
@@ -56,10 +58,11 @@ export class Backoff {
     if (entry && now < entry.until) return entry.until - now;
     if (!entry) {
       if (this.#entries.size >= this.#maxKeys) this.#forget(now);
-      entry = { attempts: 0, until: 0 };
+      entry = { attempts: 0, last: now, until: 0 };
       this.#entries.set(key, entry);
     }
     entry.attempts++;
+    entry.last = now;
     const over = entry.attempts - this.#free;
     if (over >= 0) {
       entry.until = now + Math.min(this.#maxMs, this.#baseMs * 2 ** Math.min(over, 40));
@@ -73,7 +76,9 @@ export class Backoff {
   }
 
   #forget(now: number): void {
-    for (const [k, e] of this.#entries) if (now >= e.until) this.#entries.delete(k);
+    for (const [k, e] of this.#entries) {
+      if (now - e.last >= 2 * this.#maxMs) this.#entries.delete(k);
+    }
     if (this.#entries.size < this.#maxKeys) return;
     let drop = this.#entries.size >> 1;
     for (const k of this.#entries.keys()) {
