@@ -6,7 +6,6 @@ import { meterIdSchema } from "../core/reading.ts";
 import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import type { TokenService } from "../services/tokens.ts";
-import type { Clock } from "../core/clock.ts";
 import { clientAddress } from "./middleware.ts";
 import { CLOSE_TOKEN_ENDED, type HubClient, type WsHub } from "./ws_hub.ts";
 
@@ -44,7 +43,7 @@ export type WsEnv = { Variables: { principal: Principal } };
  * ended (expired, logout, password change, account changed or deleted; the reason says which).
  */
 export function wsRoutes(
-  deps: { hub: WsHub; tokens: TokenService; store: Store; clock: Clock },
+  deps: { hub: WsHub; tokens: TokenService; store: Store },
 ): Hono<WsEnv> {
   const app = new Hono<WsEnv>();
 
@@ -94,7 +93,7 @@ export function wsRoutes(
         closing = setTimeout(() => client.close(code, reason), 0);
       };
       const armExpiry = () => {
-        const left = (principal.expires_at ?? 0) - deps.clock.now();
+        const left = deps.tokens.expiresIn(principal);
         if (left <= 0) return client.close(CLOSE_TOKEN_ENDED, "Access token expired");
         expiry = setTimeout(armExpiry, Math.min(left, MAX_TIMER_MS));
       };

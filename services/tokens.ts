@@ -22,6 +22,11 @@ export interface TokenServiceOptions {
   state: UserStateCache;
   /** Where refused tokens and forbidden attempts are reported. */
   security?: SecurityLog;
+  /**
+   * What expiry is measured against; default the system clock. Not `clock`: that one is the
+   * domain's time (reading windows, key ages), which tests move by days with tokens in hand.
+   */
+  wallClock?: Clock;
 }
 
 // Three base64url parts without padding; canonical form is checked separately.
@@ -37,6 +42,7 @@ export class TokenService {
   #ttlMs: number;
   #clock: Clock;
   #state: UserStateCache;
+  #wallClock: Clock;
   /** The security log of the gateway, for the routes that check tokens. */
   readonly security?: SecurityLog;
 
@@ -46,6 +52,12 @@ export class TokenService {
     this.#clock = options.clock;
     this.#state = options.state;
     this.security = options.security;
+    this.#wallClock = options.wallClock ?? { now: () => Date.now() };
+  }
+
+  /** Milliseconds until the token `principal` came from expires (0 when it has). */
+  expiresIn(principal: Principal): number {
+    return Math.max(0, (principal.expires_at ?? 0) - this.#wallClock.now());
   }
 
   /** Issues a token for `user` under its current token generation. */
@@ -88,7 +100,7 @@ export class TokenService {
     if (!JWT_SHAPE.test(token) || !token.split(".").every(isCanonicalBase64url)) throw invalid();
     let payload: Record<string, unknown>;
     try {
-      // Expiry is checked below against the injected clock, and is required.
+      // Expiry is required, and checked below.
       payload = await verify(token, this.#secret, { alg: "HS256", exp: false, iat: false });
     } catch {
       throw invalid();
@@ -103,7 +115,7 @@ export class TokenService {
     if (typeof exp !== "number" || !Number.isFinite(exp)) {
       throw new GatewayError("unauthorized", "The access token has no expiry");
     }
-    if (exp * 1000 <= this.#clock.now()) {
+    if (exp * 1000 <= this.#wallClock.now()) {
       throw new GatewayError("unauthorized", "The access token has expired");
     }
     const state = await this.#state.get(sub);
