@@ -108,6 +108,14 @@ export function wsRoutes(
         const gw = error instanceof GatewayError
           ? error
           : new GatewayError("internal", "Internal error");
+        if (gw.code === "forbidden") {
+          deps.tokens.security?.warn("forbidden", address, {
+            user_id: principal.user_id,
+            role: principal.role,
+            path: "/ws",
+            reason: gw.message,
+          });
+        }
         reply({ type: "error", code: gw.code, message: gw.message });
       };
 
