@@ -1,4 +1,5 @@
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
+import { GatewayError } from "../core/errors.ts";
 import { emailSchema, passwordSchema, ROLES, walletSchema } from "../core/user.ts";
 import type { TokenService } from "../services/tokens.ts";
 import type { UserService } from "../services/users.ts";
@@ -94,8 +95,9 @@ export function adminUserRoutes(
       return c.json(userView(user), 201);
     })
     .openapi(get, async (c) => {
-      const user = await deps.users.get(c.req.valid("param").id);
-      if (!user) return c.json(notFoundBody(c.req.valid("param").id), 404);
+      const { id } = c.req.valid("param");
+      const user = await deps.users.get(id);
+      if (!user) throw new GatewayError("not_found", `User "${id}" not found`);
       return c.json(userView(user), 200);
     })
     .openapi(patch, async (c) => {
@@ -106,8 +108,4 @@ export function adminUserRoutes(
       await deps.users.remove(c.req.valid("param").id);
       return c.body(null, 204);
     });
-}
-
-function notFoundBody(id: string) {
-  return { error: { code: "not_found", message: `User "${id}" not found` } };
 }
