@@ -90,7 +90,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
         DATABASE_URL: pg.url,
         JWT_SECRET,
         DEVICE_KEY_ENCRYPTION_KEY:
-          "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff",
+          "0f1e2d3c4b5a69788796a5b4c3d2e1f00011223344556677889900aabbccddee",
         DATABASE_POOL_MAX: "4",
       }
       : {}),
