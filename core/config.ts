@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { ConfigError } from "./errors.ts";
 import { parseDuration } from "./duration.ts";
+import { passwordSchema } from "./user.ts";
 
 const duration = (fallback: string) =>
   z.string().default(fallback).transform((text, ctx) => {
@@ -20,17 +21,32 @@ const int = (fallback: number, min = 1, max = Number.MAX_SAFE_INTEGER) =>
 
 const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 
+// A secret with fewer distinct characters (bytes) than this is a placeholder, not a key: 32
+// random bytes have ~31 distinct ones, 32 random characters of base64 ~25.
+const MIN_DISTINCT = 8;
+
 /** Every environment variable the gateway reads, with its default. */
 const envSchema = z.object({
   HOST: z.string().min(1).default("0.0.0.0"),
   PORT: int(8080, 0, 65535),
   DENO_KV_PATH: z.string().min(1).default("./data/gateway.kv"),
   ADMIN_EMAIL: z.string().email().default("admin@gridtokenx.local"),
-  ADMIN_PASSWORD: z.string().min(8).optional(),
-  JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
+  ADMIN_PASSWORD: passwordSchema.optional(),
+  JWT_SECRET: z.string().min(32, "must be at least 32 characters")
+    .refine(
+      (s) => new Set(s).size >= MIN_DISTINCT,
+      `must be random: it has fewer than ${MIN_DISTINCT} distinct characters`,
+    )
+    .optional(),
   JWT_TTL: duration("1h"),
   DEVICE_KEY_ENCRYPTION_KEY: z.string().regex(/^[0-9a-fA-F]{64}$/, "must be 64 hex characters")
+    .refine(
+      (hex) => new Set(hexBytes(hex)).size >= MIN_DISTINCT,
+      `must be random: it has fewer than ${MIN_DISTINCT} distinct bytes`,
+    )
     .optional(),
+  LOGIN_BACKOFF_AFTER: int(5, 1, 1000),
+  LOGIN_BACKOFF_MAX: duration("15m"),
   DEVICE_REGISTER_RATE_LIMIT: int(5),
   LOGIN_RATE_LIMIT: int(20),
   DEVICE_KEY_ROTATION_DAYS: int(90),
@@ -54,6 +70,7 @@ const envSchema = z.object({
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
+  WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
   DATABASE_POOL_MAX: int(10, 1, 1000),
   MIGRATE_ON_START: z.enum(["true", "false"]).default("true"),
@@ -94,6 +111,8 @@ export interface Config {
   kek?: Uint8Array;
   registerRateLimit: number;
   loginRateLimit: number;
+  /** Per-account login back-off: `free` failed attempts, then waits doubling up to `maxMs`. */
+  loginBackoff: { free: number; maxMs: number };
   keyRotationMs: number;
   keyGraceMs: number;
   instanceId: string;
@@ -132,6 +151,8 @@ export interface Config {
   httpBodyLimit: number;
   importBodyLimit: number;
   wsSendBufferMax: number;
+  /** WebSocket connections one account may hold at once. */
+  wsMaxPerUser: number;
 }
 
 /** Reads and validates the configuration; throws one ConfigError naming every bad variable. */
@@ -181,6 +202,7 @@ export function loadConfig(
     kek: e.DEVICE_KEY_ENCRYPTION_KEY ? hexBytes(e.DEVICE_KEY_ENCRYPTION_KEY) : undefined,
     registerRateLimit: e.DEVICE_REGISTER_RATE_LIMIT,
     loginRateLimit: e.LOGIN_RATE_LIMIT,
+    loginBackoff: { free: e.LOGIN_BACKOFF_AFTER, maxMs: e.LOGIN_BACKOFF_MAX },
     keyRotationMs: e.DEVICE_KEY_ROTATION_DAYS * 86_400_000,
     keyGraceMs: e.DEVICE_KEY_ROTATION_GRACE,
     instanceId,
@@ -241,6 +263,7 @@ export function loadConfig(
     httpBodyLimit: e.HTTP_BODY_LIMIT,
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
+    wsMaxPerUser: e.WS_MAX_CONNECTIONS_PER_USER,
   };
 }
 

@@ -3,7 +3,7 @@ import type { AuditEntry, DeviceRecord } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import { insertSorted, nearestColliding } from "../core/rules.ts";
-import type { User, UserRecord } from "../core/user.ts";
+import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 import type {
   DeviceChange,
   HourlyStat,
@@ -13,6 +13,7 @@ import type {
   ReadingStats,
   Store,
   StoreOptions,
+  UserChange,
 } from "./store.ts";
 
 /*
@@ -21,6 +22,10 @@ import type {
  *   ["users", id]                               UserRecord
  *   ["users_by_email", email]                   user id
  *   ["counters", "users"]                       KvU64
+ *   ["active_admins", id]                       null: one per enabled admin (the last-admin
+ *                                               rule checks one other entry); built from
+ *                                               ["users", …] once, marked by
+ *                                               ["meta", "active_admins"], for older files
  *   ["devices", meter_id]                       DeviceRecord
  *   ["devices_by_user", user_id, meter_id]      DeviceRecord (denormalised)
  *   ["audit", meter_id, at, id]                 AuditEntry
@@ -109,15 +114,20 @@ export class KvStore implements Store {
 
   // ---- users -------------------------------------------------------------------------------
 
-  async createUser(user: UserRecord): Promise<void> {
-    const res = await commit(
-      this.#kv.atomic()
-        .check({ key: ["users", user.id], versionstamp: null })
-        .check({ key: ["users_by_email", user.email], versionstamp: null })
-        .set(["users", user.id], user)
-        .set(["users_by_email", user.email], user.id)
-        .sum(["counters", "users"], 1n),
-    );
+  async createUser(input: NewUserRecord): Promise<void> {
+    const user: UserRecord = {
+      ...input,
+      disabled: input.disabled ?? false,
+      token_generation: input.token_generation ?? 0,
+    };
+    const op = this.#kv.atomic()
+      .check({ key: ["users", user.id], versionstamp: null })
+      .check({ key: ["users_by_email", user.email], versionstamp: null })
+      .set(["users", user.id], user)
+      .set(["users_by_email", user.email], user.id)
+      .sum(["counters", "users"], 1n);
+    if (isActiveAdmin(user)) op.set(["active_admins", user.id], null);
+    const res = await commit(op);
     if (!res.ok) {
       const emailTaken = (await this.#kv.get(["users_by_email", user.email])).value !== null;
       throw new GatewayError(
@@ -131,14 +141,79 @@ export class KvStore implements Store {
   async getUser(id: string): Promise<User | null> {
     const { value } = await this.#kv.get<UserRecord>(["users", id]);
     if (value === null) return null;
-    const { password_hash: _, ...user } = value;
+    const { password_hash: _, ...user } = withUserDefaults(value);
     return user;
   }
 
   async getUserByEmail(email: string): Promise<UserRecord | null> {
     const ref = await this.#kv.get<string>(["users_by_email", email]);
     if (ref.value === null) return null;
-    return (await this.#kv.get<UserRecord>(["users", ref.value])).value;
+    const { value } = await this.#kv.get<UserRecord>(["users", ref.value]);
+    return value === null ? null : withUserDefaults(value);
+  }
+
+  async updateUser(id: string, change: UserChange): Promise<UserRecord> {
+    for (let attempt = 0;; attempt++) {
+      const current = await this.#kv.get<UserRecord>(["users", id]);
+      if (current.value === null) throw new GatewayError("not_found", `User "${id}" not found`);
+      const before = withUserDefaults(current.value);
+      const after = change(before);
+      if (after.id !== id || after.email !== before.email) {
+        throw new TypeError(`A user change must keep id "${id}" and email`);
+      }
+      const op = this.#kv.atomic().check(current).set(["users", id], after);
+      if (isActiveAdmin(after)) op.set(["active_admins", id], null);
+      else if (isActiveAdmin(before)) {
+        op.delete(["active_admins", id]);
+        await this.#checkAnotherAdmin(op, id);
+      }
+      if ((await commit(op)).ok) return after;
+      if (attempt === MAX_ATTEMPTS) {
+        throw new GatewayError("unavailable", `User "${id}" is changing too often; retry`);
+      }
+    }
+  }
+
+  async deleteUser(id: string): Promise<UserRecord> {
+    for (let attempt = 0;; attempt++) {
+      const current = await this.#kv.get<UserRecord>(["users", id]);
+      if (current.value === null) throw new GatewayError("not_found", `User "${id}" not found`);
+      const user = withUserDefaults(current.value);
+      const op = this.#kv.atomic()
+        .check(current)
+        .delete(["users", id])
+        .delete(["users_by_email", user.email])
+        .delete(["active_admins", id])
+        // KvU64 sums wrap around: adding 2^64 - 1 subtracts one.
+        .sum(["counters", "users"], 0xffff_ffff_ffff_ffffn);
+      if (isActiveAdmin(user)) await this.#checkAnotherAdmin(op, id);
+      if ((await commit(op)).ok) return user;
+      if (attempt === MAX_ATTEMPTS) {
+        throw new GatewayError("unavailable", `User "${id}" is changing too often; retry`);
+      }
+    }
+  }
+
+  // Adds a check that one other active admin stays as it is: a concurrent change that removes
+  // that one fails this commit, and the retry sees it gone. Throws `conflict` when there is none.
+  async #checkAnotherAdmin(op: Deno.AtomicOperation, id: string): Promise<void> {
+    await this.#buildAdminIndex();
+    for await (const entry of this.#kv.list<null>({ prefix: ["active_admins"] }, { limit: 2 })) {
+      if (entry.key[1] === id) continue;
+      op.check(entry);
+      return;
+    }
+    throw new GatewayError("conflict", "This would leave no active admin; keep at least one");
+  }
+
+  // Files written before the index existed get it once.
+  async #buildAdminIndex(): Promise<void> {
+    if ((await this.#kv.get(["meta", "active_admins"])).versionstamp !== null) return;
+    for await (const entry of this.#kv.list<UserRecord>({ prefix: ["users"] })) {
+      if (!isActiveAdmin(withUserDefaults(entry.value))) continue;
+      await commit(this.#kv.atomic().check(entry).set(["active_admins", entry.key[1]], null));
+    }
+    await commit(this.#kv.atomic().set(["meta", "active_admins"], true));
   }
 
   /** Reads the counter that `createUser` bumps in the same commit. */
@@ -910,6 +985,19 @@ async function mapPool<T, R>(
 }
 
 /** Commits `op`, retrying while another process holds the SQLite file's write lock. */
+function isActiveAdmin(user: UserRecord): boolean {
+  return user.role === "admin" && !user.disabled;
+}
+
+// Records written before accounts could be disabled lack the new fields.
+function withUserDefaults(user: UserRecord): UserRecord {
+  return {
+    ...user,
+    disabled: user.disabled ?? false,
+    token_generation: user.token_generation ?? 0,
+  };
+}
+
 async function commit(
   op: Deno.AtomicOperation,
 ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {

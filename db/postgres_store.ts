@@ -5,7 +5,7 @@ import { GatewayError } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
 import type { ReadingRow, ReadingSource } from "../core/reading.ts";
 import { collides, insertSorted, nearestColliding } from "../core/rules.ts";
-import type { User, UserRecord } from "../core/user.ts";
+import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 import { migrate, type TimescaleOptions, timescaleSchema } from "./migrate.ts";
 import type {
   DeviceChange,
@@ -15,6 +15,7 @@ import type {
   ReadingStats,
   Store,
   StoreOptions,
+  UserChange,
 } from "./store.ts";
 
 /*
@@ -202,13 +203,15 @@ export class PostgresStore implements Store {
 
   // ---- users -------------------------------------------------------------------------------
 
-  async createUser(user: UserRecord): Promise<void> {
+  async createUser(user: NewUserRecord): Promise<void> {
     const sql = this.#sql;
     try {
       await sql`
-        INSERT INTO users (id, email, role, wallet_address, password_hash, created_at)
+        INSERT INTO users (id, email, role, wallet_address, password_hash, created_at, disabled,
+                           token_generation)
         VALUES (${user.id}, ${user.email}, ${user.role}, ${user.wallet_address},
-                ${user.password_hash}, ${date(user.created_at)})`;
+                ${user.password_hash}, ${date(user.created_at)}, ${user.disabled ?? false},
+                ${user.token_generation ?? 0})`;
     } catch (error) {
       if (pgCode(error) === "23505") {
         throw new GatewayError(
@@ -237,17 +240,44 @@ export class PostgresStore implements Store {
   async #findUser(cond: Fragment): Promise<UserRecord | null> {
     const sql = this.#sql;
     const [row] = await guard(sql<UserRecord[]>`
-      SELECT id, email, role, wallet_address, password_hash, ${ms(sql, "created_at")}
-      FROM users WHERE ${cond}`);
-    if (row === undefined) return null;
-    return {
-      id: row.id,
-      email: row.email,
-      role: row.role,
-      wallet_address: row.wallet_address,
-      created_at: row.created_at,
-      password_hash: row.password_hash,
-    };
+      SELECT ${userColumns(sql)} FROM users WHERE ${cond}`);
+    return row === undefined ? null : toUser(row);
+  }
+
+  async updateUser(id: string, change: UserChange): Promise<UserRecord> {
+    return await guard(this.#sql.begin(async (tx) => {
+      // One user change at a time: the last-admin rule reads other rows than the one it changes.
+      await tx`SELECT pg_advisory_xact_lock(${USERS_LOCK})`;
+      const [row] = await tx<UserRecord[]>`
+        SELECT ${userColumns(tx)} FROM users WHERE id = ${id} FOR UPDATE`;
+      if (row === undefined) throw new GatewayError("not_found", `User "${id}" not found`);
+      const before = toUser(row);
+      const after = change(before);
+      if (after.id !== id || after.email !== before.email) {
+        throw new TypeError(`A user change must keep id "${id}" and email`);
+      }
+      if (isActiveAdmin(before) && !isActiveAdmin(after)) await checkAnotherAdmin(tx, id);
+      await tx`
+        UPDATE users SET
+          role = ${after.role}, wallet_address = ${after.wallet_address},
+          password_hash = ${after.password_hash}, disabled = ${after.disabled},
+          token_generation = ${after.token_generation}
+        WHERE id = ${id}`;
+      return after;
+    }));
+  }
+
+  async deleteUser(id: string): Promise<UserRecord> {
+    return await guard(this.#sql.begin(async (tx) => {
+      await tx`SELECT pg_advisory_xact_lock(${USERS_LOCK})`;
+      const [row] = await tx<UserRecord[]>`
+        SELECT ${userColumns(tx)} FROM users WHERE id = ${id} FOR UPDATE`;
+      if (row === undefined) throw new GatewayError("not_found", `User "${id}" not found`);
+      const user = toUser(row);
+      if (isActiveAdmin(user)) await checkAnotherAdmin(tx, id);
+      await tx`DELETE FROM users WHERE id = ${id}`;
+      return user;
+    }));
   }
 
   async countUsers(): Promise<number> {
@@ -814,6 +844,39 @@ function hasBatchCollisions(rows: ReadingRow[], windowMs: number): boolean {
 }
 
 // ---- errors ------------------------------------------------------------------------------------
+
+// Key of the transaction advisory lock that serialises user changes (an arbitrary constant).
+const USERS_LOCK = 0x75736572; // "user"
+
+function userColumns(sql: postgres.ISql): Fragment {
+  return sql`id, email, role, wallet_address, password_hash, ${ms(sql, "created_at")}, disabled,
+    token_generation`;
+}
+
+function toUser(row: UserRecord): UserRecord {
+  return {
+    id: row.id,
+    email: row.email,
+    role: row.role,
+    wallet_address: row.wallet_address,
+    created_at: row.created_at,
+    password_hash: row.password_hash,
+    disabled: row.disabled,
+    token_generation: row.token_generation,
+  };
+}
+
+function isActiveAdmin(user: UserRecord): boolean {
+  return user.role === "admin" && !user.disabled;
+}
+
+async function checkAnotherAdmin(tx: postgres.TransactionSql, id: string): Promise<void> {
+  const others = await tx`
+    SELECT 1 FROM users WHERE role = 'admin' AND NOT disabled AND id <> ${id} LIMIT 1`;
+  if (others.length === 0) {
+    throw new GatewayError("conflict", "This would leave no active admin; keep at least one");
+  }
+}
 
 function pgCode(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;

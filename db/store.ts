@@ -1,6 +1,6 @@
 import type { AuditEntry, DeviceRecord } from "../core/device.ts";
 import type { ReadingRow } from "../core/reading.ts";
-import type { User, UserRecord } from "../core/user.ts";
+import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 
 /** What happened to one row of {@linkcode Store.insertReadings}. */
 export type InsertResult =
@@ -40,6 +40,12 @@ export interface ReadingStats {
   last_ts: number | null;
 }
 
+/**
+ * A user change for {@linkcode Store.updateUser}: the new record from the current one (same id
+ * and email), or throw to refuse.
+ */
+export type UserChange = (current: UserRecord) => UserRecord;
+
 /** A device change for {@linkcode Store.updateDevice}. */
 export type DeviceChange = (current: DeviceRecord) => { device: DeviceRecord; audit: AuditEntry };
 
@@ -65,12 +71,26 @@ export interface StoreOptions {
  * Every adapter passes tests/contracts/store_contract.ts.
  */
 export interface Store {
-  /** Creates a user; throws `GatewayError("conflict")` when the email is taken. */
-  createUser(user: UserRecord): Promise<void>;
+  /**
+   * Creates a user (enabled, token generation 0 unless given); throws `GatewayError("conflict")`
+   * when the email is taken.
+   */
+  createUser(user: NewUserRecord): Promise<void>;
   getUser(id: string): Promise<User | null>;
   /** Looks a user up by (lower-cased) email, with the password hash. */
   getUserByEmail(email: string): Promise<UserRecord | null>;
   countUsers(): Promise<number>;
+  /**
+   * Changes a user atomically: `change` gets the current record (and may run again on a fresher
+   * one). Throws `not_found` for an unknown id, and `conflict` when the change would leave no
+   * active (enabled) admin while one exists. Returns the stored record.
+   */
+  updateUser(id: string, change: UserChange): Promise<UserRecord>;
+  /**
+   * Deletes a user; throws `not_found` for an unknown id and `conflict` for the last active
+   * admin. Returns the deleted record.
+   */
+  deleteUser(id: string): Promise<UserRecord>;
 
   /** Registers a device and writes its audit entry; throws `GatewayError("conflict")` if known. */
   createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void>;

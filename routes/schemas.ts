@@ -1,5 +1,6 @@
 import { z } from "@hono/zod-openapi";
 import { METER_ID_PATTERN } from "../core/reading.ts";
+import type { User } from "../core/user.ts";
 
 /** The error body of every failure. */
 export const ErrorSchema = z.object({
@@ -58,7 +59,31 @@ export const UserSchema = z.object({
   role: z.enum(["admin", "operator", "user"]),
   wallet_address: z.string().nullable(),
   created_at: z.string(),
+  disabled: z.boolean(),
 }).openapi("User");
+
+/** A user as the API shows it: no hash, no token generation. */
+export function userView(user: User): z.infer<typeof UserSchema> {
+  return {
+    id: user.id,
+    email: user.email,
+    role: user.role,
+    wallet_address: user.wallet_address,
+    created_at: new Date(user.created_at).toISOString(),
+    disabled: user.disabled,
+  };
+}
+
+export const UserIdParam = z.object({
+  id: z.string().min(1).max(128).openapi({ param: { name: "id", in: "path" } }),
+});
+
+/** The body of responses that carry an access token. */
+export const TokenSchema = z.object({
+  access_token: z.string(),
+  token_type: z.literal("Bearer"),
+  expires_in: z.number().int(),
+}).openapi("AccessToken");
 
 export const MeterParam = z.object({
   // Built here, not taken from core/: zod-openapi only extends schemas created after it loads.

@@ -6,7 +6,8 @@ import { meterIdSchema } from "../core/reading.ts";
 import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import type { TokenService } from "../services/tokens.ts";
-import type { HubClient, WsHub } from "./ws_hub.ts";
+import { clientAddress } from "./middleware.ts";
+import { CLOSE_TOKEN_ENDED, type HubClient, type WsHub } from "./ws_hub.ts";
 
 const Selection = {
   meters: z.array(meterIdSchema).max(1000).optional(),
@@ -20,15 +21,30 @@ const ClientMessage = z.discriminatedUnion("type", [
 ]);
 type ClientMessage = z.infer<typeof ClientMessage>;
 
+/**
+ * Largest client message; a bigger one closes the socket with 1009. Deno 2.9.6 has no frame or
+ * message size option at the upgrade (`Deno.UpgradeWebSocketOptions` is protocol, idleTimeout,
+ * socket, head; denoland/deno#15809 is open), and buffers a message of up to 64 MiB before
+ * JavaScript sees it: closing on the first oversized one, and capping connections per account,
+ * bounds what one account can make the gateway buffer.
+ */
 const MAX_MESSAGE_BYTES = 64 * 1024;
 /** Messages of one client received but not yet handled; one more closes the socket (1008). */
 const MAX_PENDING_MESSAGES = 16;
+// setTimeout's longest delay; a token living longer is re-armed when this one fires.
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Variables of the WebSocket route: the principal its token names. */
 export type WsEnv = { Variables: { principal: Principal } };
 
-/** `GET /ws?token=<jwt>`: live committed readings of subscribed meters. */
-export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store }): Hono<WsEnv> {
+/**
+ * `GET /ws?token=<jwt>`: live committed readings of subscribed meters. Close codes: 1008 too
+ * many pending messages, 1009 message too big, 1013 send buffer full, 4001 the access token
+ * ended (expired, logout, password change, account changed or deleted; the reason says which).
+ */
+export function wsRoutes(
+  deps: { hub: WsHub; tokens: TokenService; store: Store },
+): Hono<WsEnv> {
   const app = new Hono<WsEnv>();
 
   async function checkSelection(principal: Principal, msg: ClientMessage & { type: "subscribe" }) {
@@ -48,15 +64,39 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
       const bearer = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
       const token = c.req.query("token") ?? bearer;
       if (!token) throw new GatewayError("unauthorized", "Pass the access token as ?token=<jwt>");
-      c.set("principal", await deps.tokens.verify(token));
+      const principal = await deps.tokens.verify(token, clientAddress(c));
+      c.set("principal", principal);
       if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
         throw new GatewayError("invalid_payload", "Expected a WebSocket upgrade request");
+      }
+      if (!deps.hub.canAttach(principal.user_id)) {
+        throw new GatewayError("rate_limited", "Too many WebSocket connections for this account", {
+          retryAfter: 10,
+        });
       }
       await next();
     },
     upgradeWebSocket((c) => {
       const principal = c.var.principal;
+      const token = c.req.query("token") ??
+        /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1] ?? "";
+      const address = clientAddress(c);
       let client: HubClient;
+      let expiry: ReturnType<typeof setTimeout> | undefined;
+      let closing: ReturnType<typeof setTimeout> | undefined;
+      let closed = false;
+      // Closing from inside a message handler while more frames are queued makes Deno 2.9.6
+      // drop the connection without the close frame (the client sees 1006): close on the next
+      // turn instead, once the frames already read have been delivered.
+      const closeSoon = (code: number, reason: string) => {
+        if (closing !== undefined || closed) return;
+        closing = setTimeout(() => client.close(code, reason), 0);
+      };
+      const armExpiry = () => {
+        const left = deps.tokens.expiresIn(principal);
+        if (left <= 0) return client.close(CLOSE_TOKEN_ENDED, "Access token expired");
+        expiry = setTimeout(armExpiry, Math.min(left, MAX_TIMER_MS));
+      };
       // One message at a time per client, so replies keep their order; bounded, so a client
       // cannot queue unlimited work (each subscribe may look up to 1000 meters in the store).
       let chain = Promise.resolve();
@@ -68,6 +108,14 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
         const gw = error instanceof GatewayError
           ? error
           : new GatewayError("internal", "Internal error");
+        if (gw.code === "forbidden") {
+          deps.tokens.security?.warn("forbidden", address, {
+            user_id: principal.user_id,
+            role: principal.role,
+            path: "/ws",
+            reason: gw.message,
+          });
+        }
         reply({ type: "error", code: gw.code, message: gw.message });
       };
 
@@ -104,9 +152,22 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
             principal,
             send: (text) => raw.readyState === WebSocket.OPEN && raw.send(text),
             bufferedAmount: () => raw.bufferedAmount,
-            close: (code, reason) => raw.close(code, reason),
+            close: (code, reason) => {
+              if (raw.readyState === WebSocket.OPEN) raw.close(code, reason);
+            },
           };
           deps.hub.attach(client);
+          armExpiry();
+          // A change of the account between the check above and attach() had no socket to
+          // close: check once more, now that later changes will find this one.
+          deps.tokens.verify(token, address).catch((error) => {
+            deps.hub.detach(client);
+            const message = (error as Error).message;
+            client.close(
+              CLOSE_TOKEN_ENDED,
+              message.includes("expired") ? "Access token expired" : message.slice(0, 120),
+            );
+          });
         },
         onMessage(event) {
           const data = event.data;
@@ -116,14 +177,16 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
             (data.length > MAX_MESSAGE_BYTES / 3 &&
               new TextEncoder().encode(data).length > MAX_MESSAGE_BYTES)
           ) {
-            return fail(
-              new GatewayError("invalid_payload", "Send text messages of at most 64 KiB"),
-            );
+            if (typeof data !== "string") {
+              return fail(new GatewayError("invalid_payload", "Send text messages, not binary"));
+            }
+            overflowed = true;
+            return closeSoon(1009, "Message too big: at most 64 KiB");
           }
           if (overflowed) return;
           if (pending === MAX_PENDING_MESSAGES) {
             overflowed = true;
-            client.close(1008, "Too many pending messages");
+            closeSoon(1008, "Too many pending messages");
             return;
           }
           pending++;
@@ -133,6 +196,9 @@ export function wsRoutes(deps: { hub: WsHub; tokens: TokenService; store: Store 
             .finally(() => pending--);
         },
         onClose() {
+          closed = true;
+          clearTimeout(expiry);
+          clearTimeout(closing);
           if (client) deps.hub.detach(client);
         },
       };

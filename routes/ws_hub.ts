@@ -1,4 +1,4 @@
-import type { GatewayEvent } from "../core/events.ts";
+import type { GatewayEvent, UserChangedEvent } from "../core/events.ts";
 import type { Principal } from "../core/user.ts";
 
 /** The transport-neutral face of one WebSocket connection. */
@@ -20,21 +20,51 @@ interface Subscriptions {
 }
 
 /**
+ * Close code of a socket whose access token ended: expired, or ended by a logout, a password
+ * change, a change of the account's rights, or its deletion (the reason says which).
+ */
+export const CLOSE_TOKEN_ENDED = 4001;
+
+const ENDED_REASON: Record<UserChangedEvent["data"]["change"], string> = {
+  updated: "Account rights changed; log in again",
+  deleted: "Account deleted",
+  password: "Password changed; log in again",
+  logout: "Logged out",
+};
+
+/** Options of {@linkcode WsHub}. */
+export interface WsHubOptions {
+  /** Bytes a client may have queued before it is disconnected (1013). */
+  sendBufferMax: number;
+  /** Connections one account may hold at once; default 16. */
+  maxPerUser?: number;
+}
+
+/**
  * Routes committed readings from the bus to subscribed WebSocket clients. A client whose send
- * buffer passes the bound is disconnected rather than waited for.
+ * buffer passes the bound is disconnected rather than waited for; clients whose token a
+ * `user.changed` event ended are closed with {@linkcode CLOSE_TOKEN_ENDED}.
  */
 export class WsHub {
   #sendBufferMax: number;
+  #maxPerUser: number;
   #clients = new Map<HubClient, Subscriptions>();
+  /** Every client by the account it authenticated as (subscribed or not). */
+  #byPrincipal = new Map<string, Set<HubClient>>();
   #byMeter = new Map<string, Set<HubClient>>();
   #byUser = new Map<string, Set<HubClient>>();
   #all = new Set<HubClient>();
   /** Clients dropped for a full send buffer, for metrics. */
   dropped = 0;
 
-  /** `sendBufferMax`: bytes a client may have queued before it is disconnected (1013). */
-  constructor(options: { sendBufferMax: number }) {
+  constructor(options: WsHubOptions) {
     this.#sendBufferMax = options.sendBufferMax;
+    this.#maxPerUser = options.maxPerUser ?? 16;
+  }
+
+  /** Whether `userId` may open another connection. */
+  canAttach(userId: string): boolean {
+    return (this.#byPrincipal.get(userId)?.size ?? 0) < this.#maxPerUser;
   }
 
   /** Number of connected clients. */
@@ -45,6 +75,7 @@ export class WsHub {
   /** Registers a newly connected client, with no subscriptions. */
   attach(client: HubClient): void {
     this.#clients.set(client, { meters: new Set(), account: false, all: false });
+    addTo(this.#byPrincipal, client.principal.user_id, client);
   }
 
   /** Forgets a client and all its subscriptions; unknown clients are ignored. */
@@ -55,6 +86,7 @@ export class WsHub {
     if (subs.account) removeFrom(this.#byUser, client.principal.user_id, client);
     this.#all.delete(client);
     this.#clients.delete(client);
+    removeFrom(this.#byPrincipal, client.principal.user_id, client);
   }
 
   /** Adds subscriptions; ownership is checked by the caller. */
@@ -109,8 +141,12 @@ export class WsHub {
     };
   }
 
-  /** Bus handler: delivers committed readings; device events are not for clients. */
+  /**
+   * Bus handler: delivers committed readings, and closes the connections of a user whose
+   * tokens a `user.changed` event ended; device events are not for clients.
+   */
   handle(event: GatewayEvent): void {
+    if (event.type === "user.changed") return this.#endSessions(event.data);
     if (event.type !== "meter.reading.accepted") return;
     const reading = event.data;
     const all = this.#all.size > 0 ? this.#all : undefined;
@@ -141,6 +177,18 @@ export class WsHub {
         continue;
       }
       client.send(text);
+    }
+  }
+
+  #endSessions(data: UserChangedEvent["data"]): void {
+    const clients = this.#byPrincipal.get(data.user_id);
+    if (!clients) return;
+    for (const client of [...clients]) {
+      const generation = client.principal.token_generation ?? -1;
+      // A late event must not close a connection opened with a token issued after the change.
+      if (data.token_generation !== null && generation >= data.token_generation) continue;
+      this.detach(client);
+      client.close(CLOSE_TOKEN_ENDED, ENDED_REASON[data.change]);
     }
   }
 }

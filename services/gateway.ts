@@ -18,6 +18,9 @@ import { MqttIntake } from "../mqtt/intake.ts";
 import { DeviceService } from "./devices.ts";
 import { TokenService } from "./tokens.ts";
 import { UserService } from "./users.ts";
+import { UserStateCache } from "./user_state.ts";
+import type { ScryptParams } from "../core/password.ts";
+import { SecurityLog } from "../core/security_log.ts";
 
 /** Adapters and secrets chosen by the composition root. */
 export interface GatewayDeps {
@@ -28,6 +31,8 @@ export interface GatewayDeps {
   logger: Logger;
   jwtSecret: string;
   kek: Uint8Array;
+  /** scrypt parameters of new password hashes (tests pass cheap ones); default N=2^17. */
+  passwordParams?: ScryptParams;
 }
 
 /** A running gateway without its listeners: the app, the registry and what must be closed. */
@@ -151,7 +156,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       );
     },
   });
-  const hub = new WsHub({ sendBufferMax: config.wsSendBufferMax });
+  const hub = new WsHub({
+    sendBufferMax: config.wsSendBufferMax,
+    maxPerUser: config.wsMaxPerUser,
+  });
+  const userState = new UserStateCache({ load: (id) => store.getUser(id), clock });
   let broker: EmbeddedBroker | undefined;
   let external: ExternalIngress | undefined;
   const unsubscribe = bus.subscribe((event) => {
@@ -159,7 +168,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       registry.invalidate(event.data.meter_id);
       if (event.data.change === "revoked") broker?.disconnect(event.data.meter_id);
     }
-    hub.handle(event);
+    if (event.type === "user.changed") userState.invalidate(event.data.user_id);
+    hub.handle(event); // also closes WebSockets whose tokens a user.changed event ended
   });
   const cleanups: (() => Promise<void> | void)[] = [
     () => store.close(),
@@ -170,8 +180,23 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
   };
 
-  const users = new UserService(store, clock);
-  const tokens = new TokenService({ secret: deps.jwtSecret, ttlMs: config.jwtTtlMs, clock });
+  const security = new SecurityLog({ logger, clock });
+  const users = new UserService({
+    store,
+    clock,
+    bus,
+    state: userState,
+    logger,
+    passwordParams: deps.passwordParams,
+    loginBackoff: config.loginBackoff,
+  });
+  const tokens = new TokenService({
+    secret: deps.jwtSecret,
+    ttlMs: config.jwtTtlMs,
+    clock,
+    state: userState,
+    security,
+  });
   const devices = new DeviceService({
     store,
     bus,

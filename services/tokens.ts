@@ -1,7 +1,10 @@
+import { Buffer } from "node:buffer";
 import { sign, verify } from "hono/jwt";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
+import type { SecurityLog } from "../core/security_log.ts";
 import { type Principal, ROLES, type User } from "../core/user.ts";
+import type { UserStateCache } from "./user_state.ts";
 
 /** The login response. */
 export interface AccessToken {
@@ -10,46 +13,131 @@ export interface AccessToken {
   expires_in: number;
 }
 
-/** Issues and checks HS256 JWT access tokens. */
+/** Options of {@linkcode TokenService}. */
+export interface TokenServiceOptions {
+  secret: string;
+  ttlMs: number;
+  clock: Clock;
+  /** The accounts' current role, disabled flag and generation, checked on every verify. */
+  state: UserStateCache;
+  /** Where refused tokens and forbidden attempts are reported. */
+  security?: SecurityLog;
+  /**
+   * What expiry is measured against; default the system clock. Not `clock`: that one is the
+   * domain's time (reading windows, key ages), which tests move by days with tokens in hand.
+   */
+  wallClock?: Clock;
+}
+
+// Three base64url parts without padding; canonical form is checked separately.
+const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
+
+/**
+ * Issues and checks HS256 JWT access tokens. A token names the account's token generation; it
+ * is refused once the account is deleted or disabled, its role changed, or its generation was
+ * bumped (password change, logout, any change of rights).
+ */
 export class TokenService {
   #secret: string;
   #ttlMs: number;
   #clock: Clock;
+  #state: UserStateCache;
+  #wallClock: Clock;
+  /** The security log of the gateway, for the routes that check tokens. */
+  readonly security?: SecurityLog;
 
-  constructor(options: { secret: string; ttlMs: number; clock: Clock }) {
+  constructor(options: TokenServiceOptions) {
     this.#secret = options.secret;
     this.#ttlMs = options.ttlMs;
     this.#clock = options.clock;
+    this.#state = options.state;
+    this.security = options.security;
+    this.#wallClock = options.wallClock ?? { now: () => Date.now() };
   }
 
-  /** Issues a token for `user`. */
+  /** Milliseconds until the token `principal` came from expires (0 when it has). */
+  expiresIn(principal: Principal): number {
+    return Math.max(0, (principal.expires_at ?? 0) - this.#wallClock.now());
+  }
+
+  /** Issues a token for `user` under its current token generation. */
   async issue(user: User): Promise<AccessToken> {
     const now = Math.floor(this.#clock.now() / 1000);
     const ttl = Math.floor(this.#ttlMs / 1000);
     const token = await sign(
-      { sub: user.id, role: user.role, email: user.email, iat: now, exp: now + ttl },
+      {
+        sub: user.id,
+        role: user.role,
+        email: user.email,
+        gen: user.token_generation,
+        iat: now,
+        exp: now + ttl,
+      },
       this.#secret,
       "HS256",
     );
     return { access_token: token, token_type: "Bearer", expires_in: ttl };
   }
 
-  /** Verifies a token; throws `unauthorized` with the reason. */
-  async verify(token: string): Promise<Principal> {
+  /**
+   * Verifies a token against the signature, its expiry and the account's current state; throws
+   * `unauthorized` with the reason. `address` (the client's) is logged when the token is refused.
+   */
+  async verify(token: string, address = "unknown"): Promise<Principal> {
+    try {
+      return await this.#verify(token);
+    } catch (error) {
+      if (error instanceof GatewayError) {
+        this.security?.warn("token_rejected", address, { reason: error.message });
+      }
+      throw error;
+    }
+  }
+
+  async #verify(token: string): Promise<Principal> {
+    const invalid = () => new GatewayError("unauthorized", "The access token is invalid");
+    // hono's decoder accepts padding and non-zero unused bits; one token has one spelling.
+    if (!JWT_SHAPE.test(token) || !token.split(".").every(isCanonicalBase64url)) throw invalid();
     let payload: Record<string, unknown>;
     try {
-      payload = await verify(token, this.#secret, "HS256");
-    } catch (error) {
-      const expired = (error as Error).name === "JwtTokenExpired";
-      throw new GatewayError(
-        "unauthorized",
-        expired ? "The access token has expired" : "The access token is invalid",
-      );
+      // Expiry is required, and checked below.
+      payload = await verify(token, this.#secret, { alg: "HS256", exp: false, iat: false });
+    } catch {
+      throw invalid();
     }
-    const role = payload.role as Principal["role"];
-    if (typeof payload.sub !== "string" || !ROLES.includes(role)) {
-      throw new GatewayError("unauthorized", "The access token is invalid");
+    const { sub, role, gen, exp } = payload;
+    if (
+      typeof sub !== "string" || !ROLES.includes(role as Principal["role"]) ||
+      typeof gen !== "number" || !Number.isSafeInteger(gen) || gen < 0
+    ) {
+      throw invalid();
     }
-    return { user_id: payload.sub, role };
+    if (typeof exp !== "number" || !Number.isFinite(exp)) {
+      throw new GatewayError("unauthorized", "The access token has no expiry");
+    }
+    if (exp * 1000 <= this.#wallClock.now()) {
+      throw new GatewayError("unauthorized", "The access token has expired");
+    }
+    const state = await this.#state.get(sub);
+    if (state === null) throw new GatewayError("unauthorized", "The account no longer exists");
+    if (state.disabled) throw new GatewayError("unauthorized", "The account is disabled");
+    if (gen !== state.token_generation) {
+      throw new GatewayError("unauthorized", "The access token has been revoked; log in again");
+    }
+    if (role !== state.role) {
+      throw new GatewayError("unauthorized", "The account's role has changed; log in again");
+    }
+    return {
+      user_id: sub,
+      role: state.role,
+      token_generation: gen,
+      expires_at: exp * 1000,
+    };
   }
+}
+
+/** Whether `part` is base64url exactly as an encoder writes it: no padding, zero unused bits. */
+function isCanonicalBase64url(part: string): boolean {
+  if (part.length % 4 === 1) return false;
+  return Buffer.from(part, "base64url").toString("base64url") === part;
 }

@@ -1,10 +1,21 @@
+import type { Bus } from "../bus/bus.ts";
+import { Backoff } from "../core/backoff.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
+import type { UserChangedEvent } from "../core/events.ts";
 import type { Logger } from "../core/logger.ts";
-import { hashPassword, verifyPassword } from "../core/password.ts";
-import type { Role, User } from "../core/user.ts";
+import {
+  dummyHash,
+  hashPassword,
+  needsRehash,
+  SCRYPT_DEFAULT,
+  type ScryptParams,
+  verifyPassword,
+} from "../core/password.ts";
+import type { Role, User, UserRecord } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import { Semaphore } from "../core/semaphore.ts";
+import type { UserStateCache } from "./user_state.ts";
 
 /** What a new account needs. */
 export interface NewUser {
@@ -14,17 +25,50 @@ export interface NewUser {
   wallet_address?: string | null;
 }
 
-/** Accounts: creation, password checks, and the first admin. */
+/** What an admin may change of an account. */
+export interface UserPatch {
+  role?: Role;
+  disabled?: boolean;
+}
+
+/** Options of {@linkcode UserService}. */
+export interface UserServiceOptions {
+  store: Store;
+  clock: Clock;
+  /** Where changes of rights are announced to every instance (`user.changed`). */
+  bus: Bus;
+  /** This instance's cache of account states, dropped at once on a local change. */
+  state: UserStateCache;
+  logger?: Logger;
+  /** scrypt parameters of new hashes; older ones are re-hashed at login. Default N=2^17. */
+  passwordParams?: ScryptParams;
+  /** Per-account login back-off: attempts free, then 1 s, 2 s, 4 s … up to `maxMs`. */
+  loginBackoff?: { free?: number; baseMs?: number; maxMs?: number };
+}
+
+/** Accounts: creation, logins, changes of rights and credentials, and the first admin. */
 export class UserService {
   #store: Store;
   #clock: Clock;
-  // scrypt costs ~16 MiB and ~30 ms of CPU per call: bound how many run at once so a login
-  // flood cannot starve ingestion or exhaust memory.
+  #bus: Bus;
+  #state: UserStateCache;
+  #logger?: Logger;
+  #params: ScryptParams;
+  #dummyHash: string;
+  #backoff: Backoff;
+  // scrypt at N=2^17 costs 128 MiB and a few hundred ms of CPU per call: bound how many run at
+  // once so a login flood cannot starve ingestion or exhaust memory.
   #kdf = new Semaphore(2, 64);
 
-  constructor(store: Store, clock: Clock) {
-    this.#store = store;
-    this.#clock = clock;
+  constructor(options: UserServiceOptions) {
+    this.#store = options.store;
+    this.#clock = options.clock;
+    this.#bus = options.bus;
+    this.#state = options.state;
+    this.#logger = options.logger;
+    this.#params = options.passwordParams ?? SCRYPT_DEFAULT;
+    this.#dummyHash = dummyHash(this.#params);
+    this.#backoff = new Backoff({ clock: options.clock, ...options.loginBackoff });
   }
 
   async #withKdf<T>(fn: () => Promise<T>): Promise<T> {
@@ -42,28 +86,146 @@ export class UserService {
 
   /** Creates an account; `conflict` when the email is taken. */
   async create(input: NewUser): Promise<User> {
-    const user = {
+    const user: User = {
       id: crypto.randomUUID(),
       email: input.email.toLowerCase(),
       role: input.role,
       wallet_address: input.wallet_address ?? null,
       created_at: this.#clock.now(),
+      disabled: false,
+      token_generation: 0,
     };
-    const password_hash = await this.#withKdf(() => hashPassword(input.password));
+    const password_hash = await this.#withKdf(() => hashPassword(input.password, this.#params));
     await this.#store.createUser({ ...user, password_hash });
     return user;
+  }
+
+  /** The account, or `null`. */
+  get(id: string): Promise<User | null> {
+    return this.#store.getUser(id);
   }
 
   /** Returns the account when the password matches, else `null` (same cost either way). */
   async authenticate(email: string, password: string): Promise<User | null> {
     const record = await this.#store.getUserByEmail(email.toLowerCase());
     // Hash anyway so response time does not reveal whether the email exists.
-    const ok = await this.#withKdf(() =>
-      verifyPassword(password, record?.password_hash ?? DUMMY_HASH)
-    );
+    const hash = record?.password_hash ?? this.#dummyHash;
+    const ok = await this.#withKdf(() => verifyPassword(password, hash));
     if (!record || !ok) return null;
-    const { password_hash: _, ...user } = record;
+    const current = needsRehash(hash, this.#params) ? await this.#rehash(record, password) : record;
+    const { password_hash: _, ...user } = current;
     return user;
+  }
+
+  /**
+   * A login: the account when the password matches and the account is enabled. Throws
+   * `rate_limited` (with the wait) while the account is backing off after failed attempts,
+   * `unauthorized` otherwise.
+   */
+  async login(email: string, password: string): Promise<User> {
+    const key = email.toLowerCase();
+    const waitMs = this.#backoff.attempt(key);
+    if (waitMs > 0) {
+      throw new GatewayError(
+        "rate_limited",
+        "Too many failed logins for this account; wait before trying again",
+        { retryAfter: Math.ceil(waitMs / 1000) },
+      );
+    }
+    const user = await this.authenticate(key, password);
+    if (!user) throw new GatewayError("unauthorized", "Email or password is wrong");
+    this.#backoff.succeeded(key);
+    if (user.disabled) throw new GatewayError("unauthorized", "The account is disabled");
+    return user;
+  }
+
+  // Stores a hash with the current parameters; a concurrent password change wins.
+  async #rehash(record: UserRecord, password: string): Promise<UserRecord> {
+    try {
+      const password_hash = await this.#withKdf(() => hashPassword(password, this.#params));
+      return await this.#store.updateUser(
+        record.id,
+        (u) => u.password_hash === record.password_hash ? { ...u, password_hash } : u,
+      );
+    } catch (error) {
+      // The login itself succeeded; the next one tries again.
+      this.#logger?.warn("password re-hash failed", { user_id: record.id, error });
+      return record;
+    }
+  }
+
+  /**
+   * Changes an account's role or disabled flag; a real change bumps its token generation so
+   * every token issued before ends. `conflict` when no active admin would remain.
+   */
+  async update(id: string, patch: UserPatch): Promise<User> {
+    const record = await this.#store.updateUser(id, (u) => {
+      const role = patch.role ?? u.role;
+      const disabled = patch.disabled ?? u.disabled;
+      if (role === u.role && disabled === u.disabled) return u;
+      return { ...u, role, disabled, token_generation: u.token_generation + 1 };
+    });
+    await this.#changed(record, "updated");
+    return withoutHash(record);
+  }
+
+  /** Deletes an account; its tokens end. `conflict` for the last active admin. */
+  async remove(id: string): Promise<void> {
+    await this.#store.deleteUser(id);
+    await this.#announce({ user_id: id, change: "deleted", token_generation: null });
+  }
+
+  /**
+   * Changes the caller's password after checking the current one (with the same per-account
+   * back-off as logins); every token issued before ends. Returns the updated account.
+   */
+  async changePassword(id: string, current: string, next: string): Promise<User> {
+    const user = await this.#store.getUser(id);
+    if (!user) throw new GatewayError("unauthorized", "The account no longer exists");
+    const key = user.email;
+    const waitMs = this.#backoff.attempt(key);
+    if (waitMs > 0) {
+      throw new GatewayError("rate_limited", "Too many wrong passwords; wait before trying again", {
+        retryAfter: Math.ceil(waitMs / 1000),
+      });
+    }
+    const record = await this.#store.getUserByEmail(key);
+    const ok = record !== null &&
+      await this.#withKdf(() => verifyPassword(current, record.password_hash));
+    if (!record || !ok) throw new GatewayError("unauthorized", "The current password is wrong");
+    this.#backoff.succeeded(key);
+    const password_hash = await this.#withKdf(() => hashPassword(next, this.#params));
+    const updated = await this.#store.updateUser(id, (u) => ({
+      ...u,
+      password_hash,
+      token_generation: u.token_generation + 1,
+    }));
+    await this.#changed(updated, "password");
+    return withoutHash(updated);
+  }
+
+  /** Ends every token of the account (all its sessions), by bumping its generation. */
+  async logout(id: string): Promise<void> {
+    const updated = await this.#store.updateUser(id, (u) => ({
+      ...u,
+      token_generation: u.token_generation + 1,
+    }));
+    await this.#changed(updated, "logout");
+  }
+
+  #changed(user: UserRecord, change: UserChangedEvent["data"]["change"]): Promise<void> {
+    return this.#announce({ user_id: user.id, change, token_generation: user.token_generation });
+  }
+
+  // This instance forgets at once; the others when the event reaches them (or their cache
+  // entry's TTL passes, should the event be lost). A failed publish does not undo the change.
+  async #announce(data: UserChangedEvent["data"]): Promise<void> {
+    this.#state.invalidate(data.user_id);
+    try {
+      await this.#bus.publish({ type: "user.changed", data });
+    } catch (error) {
+      this.#logger?.error("bus publish of a user change failed", { user_id: data.user_id, error });
+    }
   }
 
   /** On an empty store, creates the first admin; prints a generated password once. */
@@ -79,15 +241,17 @@ export class UserService {
       throw error;
     }
     if (generated) {
-      logger.warn("created the first admin with a generated password; it is shown only now", {
-        email,
-        password: pw,
-      });
+      logger.warn(
+        "created the first admin with a generated password; it is shown only now: change it with POST /api/auth/password",
+        { email, password: pw },
+      );
     } else {
       logger.info("created the first admin", { email });
     }
   }
 }
 
-const DUMMY_HASH =
-  "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+function withoutHash(record: UserRecord): User {
+  const { password_hash: _, ...user } = record;
+  return user;
+}

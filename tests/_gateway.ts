@@ -2,7 +2,7 @@
 import { LocalBus } from "../bus/local_bus.ts";
 import type { Clock } from "../core/clock.ts";
 import { loadConfig } from "../core/config.ts";
-import { silentLogger } from "../core/logger.ts";
+import { type Logger, silentLogger } from "../core/logger.ts";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { createGateway, type Gateway } from "../services/gateway.ts";
 import { storeSpecOf } from "../db/open_store.ts";
@@ -41,10 +41,13 @@ export interface TestGatewayOptions {
   env?: Record<string, string>;
   /** Reuse a data directory (restart tests). */
   dir?: string;
+  /** Where the gateway logs (silent by default). */
+  logger?: Logger;
 }
 
 const KEK = new Uint8Array(32).fill(7);
-const JWT_SECRET = "test-jwt-secret-test-jwt-secret-0123456789";
+/** The JWT secret of every test gateway (tests forge tokens with it). */
+export const JWT_SECRET = "test-jwt-secret-test-jwt-secret-0123456789";
 
 /**
  * Which store the end-to-end tests run on: Deno KV by default, PostgreSQL (a fresh schema per
@@ -86,7 +89,8 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
       ? {
         DATABASE_URL: pg.url,
         JWT_SECRET,
-        DEVICE_KEY_ENCRYPTION_KEY: "07".repeat(32),
+        DEVICE_KEY_ENCRYPTION_KEY:
+          "0f1e2d3c4b5a69788796a5b4c3d2e1f00011223344556677889900aabbccddee",
         DATABASE_POOL_MAX: "4",
       }
       : {}),
@@ -106,9 +110,11 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     storeSpec: storeSpecOf(config),
     bus,
     clock,
-    logger: silentLogger,
+    logger: options.logger ?? silentLogger,
     jwtSecret: JWT_SECRET,
     kek: KEK,
+    // The cost of the old default: production's N=2^17 would make every test login take ~0.5 s.
+    passwordParams: { N: 2 ** 14, r: 8, p: 1 },
   });
   await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, silentLogger);
   const abort = new AbortController();

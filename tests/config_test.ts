@@ -36,3 +36,53 @@ Deno.test("parseDuration() reads units and bare seconds", () => {
   assert.equal(parseDuration("7d"), 604_800_000);
   assert.equal(parseDuration("soon"), undefined);
 });
+
+Deno.test("loadConfig() refuses placeholder secrets and names the variable", () => {
+  const cases: [Record<string, string>, string, RegExp][] = [
+    [{ JWT_SECRET: "a".repeat(32) }, "JWT_SECRET", /JWT_SECRET: must be random/],
+    [{ JWT_SECRET: "ab".repeat(32) }, "JWT_SECRET", /JWT_SECRET: must be random/],
+    [
+      { DEVICE_KEY_ENCRYPTION_KEY: "00".repeat(32) },
+      "DEVICE_KEY_ENCRYPTION_KEY",
+      /DEVICE_KEY_ENCRYPTION_KEY: must be random/,
+    ],
+    [
+      { DEVICE_KEY_ENCRYPTION_KEY: "0102".repeat(16) },
+      "DEVICE_KEY_ENCRYPTION_KEY",
+      /DEVICE_KEY_ENCRYPTION_KEY: must be random/,
+    ],
+    [
+      { ADMIN_PASSWORD: "12345678" },
+      "ADMIN_PASSWORD",
+      /ADMIN_PASSWORD: Passwords need at least 12/,
+    ],
+    [{ ADMIN_PASSWORD: " ".repeat(12) }, "ADMIN_PASSWORD", /ADMIN_PASSWORD: A password of only/],
+    [{ ADMIN_PASSWORD: "password1234" }, "ADMIN_PASSWORD", /ADMIN_PASSWORD: This password is too/],
+  ];
+  for (const [env, variable, message] of cases) {
+    assert.throws(() => loadConfig(env), (error: unknown) => {
+      assert.ok(error instanceof ConfigError, JSON.stringify(env));
+      assert.deepEqual(error.variables, [variable]);
+      assert.match(error.message, message);
+      // The message names the variable, never the value.
+      const value = Object.values(env)[0];
+      if (value.trim() !== "") assert.ok(!error.message.includes(value), error.message);
+      return true;
+    });
+  }
+});
+
+Deno.test("loadConfig() accepts random secrets and a good admin password", () => {
+  const hex = Array.from(crypto.getRandomValues(new Uint8Array(32)))
+    .map((b) => b.toString(16).padStart(2, "0")).join("");
+  const config = loadConfig({
+    JWT_SECRET: btoa(String.fromCharCode(...crypto.getRandomValues(new Uint8Array(32)))),
+    DEVICE_KEY_ENCRYPTION_KEY: hex,
+    ADMIN_PASSWORD: "a good long admin password",
+    LOGIN_BACKOFF_AFTER: "3",
+    LOGIN_BACKOFF_MAX: "5m",
+  });
+  assert.equal(config.kek?.length, 32);
+  assert.deepEqual(config.loginBackoff, { free: 3, maxMs: 300_000 });
+  assert.equal(config.wsMaxPerUser, 16);
+});

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { ADMIN, startTestGateway } from "./_gateway.ts";
+import { ManualClock } from "../core/clock.ts";
+import { ADMIN, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 Deno.test("logins are limited per client address and answered 429 with Retry-After", async () => {
   await using gw = await startTestGateway({ env: { LOGIN_RATE_LIMIT: "3" } });
@@ -18,9 +19,10 @@ Deno.test("logins are limited per client address and answered 429 with Retry-Aft
 Deno.test("a login flood is answered 503 instead of queueing unbounded password checks", async () => {
   await using gw = await startTestGateway();
   const results = await Promise.all(
-    Array.from({ length: 150 }, () =>
+    // Distinct accounts, so that the per-account back-off does not answer first.
+    Array.from({ length: 150 }, (_, i) =>
       gw.request("POST", "/api/auth/login", {
-        body: { email: "nobody@example.com", password: "wrong-password" },
+        body: { email: `nobody-${i}@example.com`, password: "wrong-password" },
       })),
   );
   const statuses = new Set(results.map((r) => r.status));
@@ -29,4 +31,107 @@ Deno.test("a login flood is answered 503 instead of queueing unbounded password 
   const refused = results.find((r) => r.status === 503)!;
   assert.equal(refused.body.error.code, "overloaded");
   assert.equal(refused.headers.get("retry-after"), "1");
+});
+
+/** A login through the in-process app, as if from `address`. */
+async function loginFrom(
+  gw: TestGateway,
+  address: string,
+  email: string,
+  password: string,
+): Promise<Response> {
+  return await gw.gateway.app.request(
+    "/api/auth/login",
+    {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ email, password }),
+    },
+    { remoteAddr: { hostname: address, port: 40000, transport: "tcp" } },
+  );
+}
+
+Deno.test("failed logins back an account off exponentially, whatever the address, never for good", async (t) => {
+  const clock = new ManualClock(Date.now());
+  await using gw = await startTestGateway({ clock, env: { LOGIN_RATE_LIMIT: "1000" } });
+  const attacker = (i: number) => `203.0.113.${i}`;
+
+  await t.step("five failures from five addresses are free; the sixth waits 1 s", async () => {
+    for (let i = 0; i < 5; i++) {
+      assert.equal((await loginFrom(gw, attacker(i), ADMIN.email, "guess-" + i)).status, 401);
+    }
+    const limited = await loginFrom(gw, attacker(9), ADMIN.email, "guess-9");
+    assert.equal(limited.status, 429);
+    assert.equal((await limited.json()).error.code, "rate_limited");
+    assert.equal(limited.headers.get("retry-after"), "1");
+  });
+
+  await t.step("the waits double: 2 s, 4 s", async () => {
+    clock.advance(1_000);
+    assert.equal((await loginFrom(gw, attacker(10), ADMIN.email, "guess")).status, 401);
+    const twice = await loginFrom(gw, attacker(11), ADMIN.email, "guess");
+    assert.equal(twice.status, 429);
+    assert.equal(twice.headers.get("retry-after"), "2");
+    clock.advance(2_000);
+    assert.equal((await loginFrom(gw, attacker(12), ADMIN.email, "guess")).status, 401);
+    assert.equal(
+      (await loginFrom(gw, attacker(13), ADMIN.email, "guess")).headers.get("retry-after"),
+      "4",
+    );
+  });
+
+  await t.step(
+    "the real user from another address is held only until the wait passes",
+    async () => {
+      const early = await loginFrom(gw, "198.51.100.7", ADMIN.email, ADMIN.password);
+      assert.equal(early.status, 429, "the account's wait applies to every address");
+      clock.advance(4_000);
+      const res = await loginFrom(gw, "198.51.100.7", ADMIN.email, ADMIN.password);
+      assert.equal(res.status, 200);
+      assert.equal(res.headers.get("cache-control"), "no-store");
+    },
+  );
+
+  await t.step("a success resets the account; other accounts were never held", async () => {
+    for (let i = 0; i < 5; i++) {
+      assert.equal((await loginFrom(gw, attacker(20), ADMIN.email, "guess")).status, 401);
+    }
+    const other = await gw.createUser("bystander@limit.test");
+    assert.ok(other.token);
+  });
+
+  await t.step("the wait is capped (15 min by default), not a lockout", async () => {
+    for (let round = 0; round < 20; round++) {
+      clock.advance(15 * 60_000);
+      await loginFrom(gw, attacker(30), ADMIN.email, "guess");
+    }
+    const held = await loginFrom(gw, attacker(31), ADMIN.email, "guess");
+    assert.equal(held.status, 429);
+    assert.ok(Number(held.headers.get("retry-after")) <= 15 * 60);
+    clock.advance(15 * 60_000);
+    assert.equal((await loginFrom(gw, "198.51.100.7", ADMIN.email, ADMIN.password)).status, 200);
+  });
+});
+
+Deno.test("device registrations are limited per account, not per address", async () => {
+  await using gw = await startTestGateway({ env: { DEVICE_REGISTER_RATE_LIMIT: "2" } });
+  const owner = await gw.createUser("owner@limit.test");
+  const operator = await gw.createUser("operator@limit.test", "operator");
+  const register = (token: string, meter: string, address: string) =>
+    gw.gateway.app.request(
+      "/api/admin/devices/register",
+      {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+        body: JSON.stringify({ meter_id: meter, user_id: owner.id, algorithm: "hmac-sha256" }),
+      },
+      { remoteAddr: { hostname: address, port: 40000, transport: "tcp" } },
+    );
+  assert.equal((await register(operator.token, "lim-1", "203.0.113.1")).status, 201);
+  assert.equal((await register(operator.token, "lim-2", "203.0.113.2")).status, 201);
+  const third = await register(operator.token, "lim-3", "203.0.113.3");
+  assert.equal(third.status, 429, "another address does not bypass the account's limit");
+  assert.match((await third.json()).error.message, /per account/);
+  // Another account behind the first address is not held by the operator's use.
+  assert.equal((await register(gw.adminToken, "lim-4", "203.0.113.1")).status, 201);
 });

@@ -213,7 +213,8 @@ async function dataDir(): Promise<DataDir> {
         DATABASE_URL: schema.url,
         DATABASE_POOL_MAX: "4",
         JWT_SECRET: "mqtt-crash-test-jwt-secret-0123456789abcdef",
-        DEVICE_KEY_ENCRYPTION_KEY: "0b".repeat(32),
+        DEVICE_KEY_ENCRYPTION_KEY:
+          "0f1e2d3c4b5a69788796a5b4c3d2e1f00011223344556677889900aabbccddee",
       });
     } catch (error) {
       await Deno.remove(path, { recursive: true });

@@ -38,7 +38,8 @@ Deno.test({
       env: {
         DATABASE_URL: proxied.href,
         JWT_SECRET: "outage-test-jwt-secret-0123456789abcdef",
-        DEVICE_KEY_ENCRYPTION_KEY: "07".repeat(32),
+        DEVICE_KEY_ENCRYPTION_KEY:
+          "0f1e2d3c4b5a69788796a5b4c3d2e1f00011223344556677889900aabbccddee",
         WRITER_QUEUE_MAX: "4",
         METER_RATE_BURST: "100000",
         // The MQTT device walks back 16 minutes per reading; at the default 7 days a fast run

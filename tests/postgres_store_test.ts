@@ -302,6 +302,8 @@ pgTest("strings that look like SQL are stored and found as plain data", async (t
         wallet_address: s,
         created_at: T0,
         password_hash: s,
+        disabled: false,
+        token_generation: 0,
       };
       await store.createUser(user);
       assert.deepEqual(await store.getUserByEmail(user.email), user);

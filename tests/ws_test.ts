@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { sign } from "hono/jwt";
 import { LocalBus } from "../bus/local_bus.ts";
+import { ManualClock } from "../core/clock.ts";
 import type { GatewayEvent } from "../core/events.ts";
 import type { Reading } from "../core/reading.ts";
 import { type HubClient, WsHub } from "../routes/ws_hub.ts";
@@ -9,6 +10,33 @@ import { isoAgo, signedReading, startTestGateway, type TestGateway } from "./_ga
 
 /** Upper bound for any single awaited event; a guard against hangs, not a synchronisation. */
 const EVENT_TIMEOUT_MS = 10_000;
+
+/** `promise`, or a rejection naming `what` after {@linkcode EVENT_TIMEOUT_MS}. */
+async function withTimeout<T>(promise: Promise<T>, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`${what}: not within ${EVENT_TIMEOUT_MS} ms`)),
+          EVENT_TIMEOUT_MS,
+        );
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Polls `condition` (server-side state without an event to await) until it holds. */
+async function waitFor(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + EVENT_TIMEOUT_MS;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${EVENT_TIMEOUT_MS} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
 
 /** Every message the server may send. */
 interface ServerMessage {
@@ -322,7 +350,6 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
       { type: "subscribe", account: "yes" },
       { meters: [a1.id] },
       new TextEncoder().encode('{"type":"ping"}'), // binary frame
-      JSON.stringify({ type: "ping", pad: "x".repeat(70 * 1024) }), // over 64 KiB
     ];
     for (const message of garbage) {
       const label = message instanceof Uint8Array
@@ -343,6 +370,16 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     });
     const stored = await submit(gw, alice.token, a1);
     await expectReading(client, stored, "after garbage");
+  });
+
+  await t.step("a message over 64 KiB closes the connection with 1009", async () => {
+    const sizeBefore = gw.gateway.hub.size;
+    const client = await WsClient.connect(gw, alice.token);
+    client.send(JSON.stringify({ type: "ping", pad: "x".repeat(70 * 1024) }));
+    const event = await withTimeout(client.closed, "the oversized message's close");
+    assert.equal(event.code, 1009);
+    assert.equal(event.reason, "Message too big: at most 64 KiB");
+    await waitFor(() => gw.gateway.hub.size === sizeBefore, "the closed client left the hub");
   });
 
   await t.step("an upgrade without a valid token is refused with 401", async () => {
@@ -608,6 +645,128 @@ Deno.test("a WebSocket client with more than 16 messages pending is closed with 
     all: false,
   });
   assert.equal((await gw.request("GET", "/healthz")).status, 200);
+});
+
+Deno.test("20 WebSocket messages sent back to back get the close code 1008 with its reason", async () => {
+  await using gw = await startTestGateway();
+  const user = await gw.createUser("burst20@ws.test");
+  await gw.registerMeter("burst20-1", user.id);
+  await using flooder = await WsClient.connect(gw, user.token);
+  const message = { type: "subscribe", meters: Array(1000).fill("burst20-1") };
+  for (let i = 0; i < 20; i++) flooder.send(message);
+  const event = await withTimeout(flooder.closed, "the flooder's close");
+  assert.equal(event.code, 1008, `closed with ${event.code} "${event.reason}"`);
+  assert.equal(event.reason, "Too many pending messages");
+});
+
+Deno.test("a WebSocket is closed with 4001 when its access token expires", async () => {
+  const clock = new ManualClock(Date.now());
+  await using gw = await startTestGateway({ clock });
+  const user = await gw.createUser("expiry@ws.test");
+  // A token issued as if 1 h minus 3 s ago: it expires 3 s from now.
+  const now = clock.now();
+  clock.set(now - 3_600_000 + 3_000);
+  const token = await gw.login("expiry@ws.test", "password-expiry@ws.test");
+  clock.set(now);
+  await using client = await WsClient.connect(gw, token);
+  await client.assertOnlyPong("before expiry");
+  const event = await withTimeout(client.closed, "the close at expiry");
+  assert.equal(event.code, 4001);
+  assert.equal(event.reason, "Access token expired");
+  await waitFor(() => gw.gateway.hub.size === 0, "the expired client left the hub");
+  // The long-lived token of the same user is still served.
+  await using other = await WsClient.connect(gw, user.token);
+  await other.assertOnlyPong("a valid token");
+});
+
+Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, deleted or logs out", async (t) => {
+  await using gw = await startTestGateway();
+  const patch = (id: string, body: unknown) =>
+    gw.request("PATCH", `/api/admin/users/${id}`, { token: gw.adminToken, body });
+
+  const cases: [string, string, (id: string, token: string) => Promise<unknown>][] = [
+    ["disabled", "Account rights changed; log in again", (id) => patch(id, { disabled: true })],
+    ["demoted", "Account rights changed; log in again", (id) => patch(id, { role: "user" })],
+    [
+      "deleted",
+      "Account deleted",
+      (id) => gw.request("DELETE", `/api/admin/users/${id}`, { token: gw.adminToken }),
+    ],
+    [
+      "logged out",
+      "Logged out",
+      (_id, token) => gw.request("POST", "/api/auth/logout", { token }),
+    ],
+    [
+      "password changed",
+      "Password changed; log in again",
+      (id, token) =>
+        gw.request("POST", "/api/auth/password", {
+          token,
+          body: { current_password: `password-${id}`, new_password: "a-new-ws-password-1" },
+        }),
+    ],
+  ];
+  for (const [what, reason, act] of cases) {
+    await t.step(`${what}: closed with 4001 "${reason}"`, async () => {
+      const email = `${what.replace(" ", "-")}@ws.test`;
+      const user = await gw.createUser(email, what === "demoted" ? "operator" : "user");
+      await using client = await WsClient.connect(gw, user.token);
+      await using bystander = await WsClient.connect(gw, gw.adminToken);
+      await client.assertOnlyPong("before");
+      // The password case needs the current password: the harness's is password-<email>.
+      const res = await act(what === "password changed" ? email : user.id, user.token) as {
+        status: number;
+      };
+      assert.ok(res.status < 300, `${what}: ${res.status}`);
+      const event = await withTimeout(client.closed, `${what}: the close`);
+      assert.equal(event.code, 4001);
+      assert.equal(event.reason, reason);
+      await bystander.assertOnlyPong("another user's socket stays open");
+    });
+  }
+
+  await t.step("a late event does not close a socket opened with a newer token", async () => {
+    const user = await gw.createUser("late@ws.test");
+    await gw.request("POST", "/api/auth/logout", { token: user.token });
+    const fresh = await gw.login("late@ws.test", "password-late@ws.test");
+    await using client = await WsClient.connect(gw, fresh);
+    // The logout's event again, as if delivered late by another instance's bus.
+    await gw.bus.publish({
+      type: "user.changed",
+      data: { user_id: user.id, change: "logout", token_generation: 1 },
+    });
+    await client.assertOnlyPong("after the late event");
+  });
+
+  await t.step("an upgrade with an ended token is refused", async () => {
+    const user = await gw.createUser("ended@ws.test");
+    await gw.request("POST", "/api/auth/logout", { token: user.token });
+    await assert.rejects(WsClient.connect(gw, user.token), /did not open/);
+  });
+});
+
+Deno.test("one account may hold at most WS_MAX_CONNECTIONS_PER_USER WebSockets", async () => {
+  await using gw = await startTestGateway({ env: { WS_MAX_CONNECTIONS_PER_USER: "2" } });
+  const user = await gw.createUser("many@ws.test");
+  await using first = await WsClient.connect(gw, user.token);
+  await using second = await WsClient.connect(gw, user.token);
+  const res = await fetch(`${gw.url}/ws?token=${user.token}`, {
+    headers: {
+      upgrade: "websocket",
+      connection: "Upgrade",
+      "sec-websocket-key": btoa("0123456789abcdef"),
+      "sec-websocket-version": "13",
+    },
+  });
+  const body = await res.json();
+  assert.equal(res.status, 429, JSON.stringify(body));
+  assert.equal(body.error.code, "rate_limited");
+  await first.close();
+  await waitFor(() => gw.gateway.hub.canAttach(user.id), "the closed socket freed its place");
+  await using third = await WsClient.connect(gw, user.token);
+  await third.assertOnlyPong("a place freed by a close");
+  await second.assertOnlyPong("the second socket");
 });
 
 /** A hub client that records what it was sent. */

@@ -100,6 +100,118 @@ export function storeContract(
     },
   );
 
+  test(
+    "users are changed and deleted atomically, and one active admin always remains",
+    async (t, store) => {
+      const root = user("root", "admin");
+      const ops = user("ops", "admin");
+      const carol = user("carol");
+
+      await t.step("a user created without the new fields is enabled at generation 0", async () => {
+        const { disabled: _d, token_generation: _g, ...legacy } = carol;
+        await store.createUser(legacy);
+        assert.deepEqual(await store.getUserByEmail(carol.email), carol);
+        await store.createUser(root);
+        await store.createUser(ops);
+      });
+
+      await t.step("a change is stored and returned, and the generation is kept", async () => {
+        const changed = await store.updateUser(carol.id, (u) => ({
+          ...u,
+          role: "operator",
+          disabled: true,
+          password_hash: "new-hash",
+          token_generation: u.token_generation + 1,
+        }));
+        const expected = {
+          ...carol,
+          role: "operator" as const,
+          disabled: true,
+          password_hash: "new-hash",
+          token_generation: 1,
+        };
+        assert.deepEqual(changed, expected);
+        assert.deepEqual(await store.getUserByEmail(carol.email), expected);
+        const { password_hash: _, ...withoutHash } = expected;
+        assert.deepEqual(await store.getUser(carol.id), withoutHash);
+      });
+
+      await t.step(
+        "an unknown user is not_found, and a throwing change stores nothing",
+        async () => {
+          await assertGatewayError(store.updateUser("nobody", (u) => u), "not_found");
+          await assertGatewayError(store.deleteUser("nobody"), "not_found");
+          await assert.rejects(
+            store.updateUser(carol.id, () => {
+              throw new GatewayError("forbidden", "no");
+            }),
+          );
+          assert.equal((await store.getUser(carol.id))?.token_generation, 1);
+        },
+      );
+
+      await t.step("concurrent changes are applied one after the other, none lost", async () => {
+        await Promise.all(
+          Array.from(
+            { length: 8 },
+            () =>
+              store.updateUser(
+                carol.id,
+                (u) => ({ ...u, token_generation: u.token_generation + 1 }),
+              ),
+          ),
+        );
+        assert.equal((await store.getUser(carol.id))?.token_generation, 9);
+      });
+
+      await t.step("one admin may be demoted while another stays", async () => {
+        await store.updateUser(ops.id, (u) => ({ ...u, role: "operator" }));
+        assert.equal((await store.getUser(ops.id))?.role, "operator");
+      });
+
+      await t.step("the last active admin cannot be demoted, disabled or deleted", async () => {
+        await assertGatewayError(
+          store.updateUser(root.id, (u) => ({ ...u, role: "user" })),
+          "conflict",
+        );
+        await assertGatewayError(
+          store.updateUser(root.id, (u) => ({ ...u, disabled: true })),
+          "conflict",
+        );
+        await assertGatewayError(store.deleteUser(root.id), "conflict");
+        assert.deepEqual(await store.getUserByEmail(root.email), root);
+        // Changes that keep it an active admin are fine.
+        await store.updateUser(root.id, (u) => ({ ...u, password_hash: "rehashed" }));
+      });
+
+      await t.step("two admins removing each other at once leave one of them", async () => {
+        await store.updateUser(ops.id, (u) => ({ ...u, role: "admin" }));
+        const results = await Promise.allSettled([
+          store.updateUser(root.id, (u) => ({ ...u, disabled: true })),
+          store.deleteUser(ops.id),
+        ]);
+        assert.equal(results.filter((r) => r.status === "fulfilled").length, 1, String(results));
+        const rejected = results.find((r) => r.status === "rejected") as PromiseRejectedResult;
+        assert.ok(rejected.reason instanceof GatewayError);
+        assert.equal(rejected.reason.code, "conflict");
+        const left = [await store.getUser(root.id), await store.getUser(ops.id)]
+          .filter((u) => u !== null && u.role === "admin" && !u.disabled);
+        assert.equal(left.length, 1);
+      });
+
+      await t.step("a deleted user is gone, its email free, and it is not counted", async () => {
+        const before = await store.countUsers();
+        const deleted = await store.deleteUser(carol.id);
+        assert.equal(deleted.id, carol.id);
+        assert.equal(await store.getUser(carol.id), null);
+        assert.equal(await store.getUserByEmail(carol.email), null);
+        assert.equal(await store.countUsers(), before - 1);
+        await store.createUser({ ...carol, id: "id-carol-2" });
+        assert.equal((await store.getUserByEmail(carol.email))?.id, "id-carol-2");
+      });
+    },
+  );
+
   test("devices are registered, updated and listed, with an audit trail", async (t, store) => {
     const m1 = device("meter-1", "user-1");
 
@@ -722,14 +834,16 @@ function row(meterId: string, ts: number, overrides: Partial<ReadingRow> = {}): 
   };
 }
 
-function user(name: string): UserRecord {
+function user(name: string, role: UserRecord["role"] = "user"): UserRecord {
   return {
     id: `id-${name}`,
     email: `${name}@example.com`,
-    role: "user",
+    role,
     wallet_address: null,
     created_at: T0,
     password_hash: `hash-of-${name}`,
+    disabled: false,
+    token_generation: 0,
   };
 }
 
