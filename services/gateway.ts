@@ -130,9 +130,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     () => hub.dropped,
   );
 
+  const security = new SecurityLog({ logger, clock });
   const registry = new ActorRegistry({
     store,
     sink: writer,
+    security,
     clock,
     logger,
     kek: deps.kek,
@@ -180,7 +182,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
   };
 
-  const security = new SecurityLog({ logger, clock });
   const users = new UserService({
     store,
     clock,
