@@ -53,6 +53,11 @@ const envSchema = z.object({
   WRITER_CONCURRENCY: int(1, 1, 64),
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
+  HTTP_BODY_BUDGET: int(64 * 1024 * 1024, 1024),
+  HTTP_MAX_CONNECTIONS: int(512, 1, 1_000_000),
+  HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(128, 1, 1_000_000),
+  HTTP_HEADER_TIMEOUT: duration("10s"),
+  HTTP_IDLE_TIMEOUT: duration("60s"),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
   DATABASE_POOL_MAX: int(10, 1, 1000),
@@ -131,6 +136,15 @@ export interface Config {
   };
   httpBodyLimit: number;
   importBodyLimit: number;
+  /** The HTTP listener's limits (see services/http_listener.ts). */
+  http: {
+    /** Bytes of request bodies being read at once, over all requests. */
+    bodyBudget: number;
+    maxConnections: number;
+    maxConnectionsPerAddress: number;
+    headerTimeoutMs: number;
+    idleTimeoutMs: number;
+  };
   wsSendBufferMax: number;
 }
 
@@ -240,6 +254,13 @@ export function loadConfig(
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,
+    http: {
+      bodyBudget: e.HTTP_BODY_BUDGET,
+      maxConnections: e.HTTP_MAX_CONNECTIONS,
+      maxConnectionsPerAddress: e.HTTP_MAX_CONNECTIONS_PER_ADDRESS,
+      headerTimeoutMs: e.HTTP_HEADER_TIMEOUT,
+      idleTimeoutMs: e.HTTP_IDLE_TIMEOUT,
+    },
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
   };
 }
