@@ -1,6 +1,6 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
+import type { Context } from "hono";
 import { swaggerUI } from "@hono/swagger-ui";
-import { bodyLimit } from "hono/body-limit";
 import type { ActorRegistry } from "../actors/registry.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
@@ -17,9 +17,15 @@ import { healthRoutes } from "./health.ts";
 import { meterRoutes } from "./meters.ts";
 import { metricsRoutes } from "./metrics.ts";
 import type { Metrics } from "../core/metrics.ts";
-import { strictUtf8 } from "./middleware.ts";
+import { type AuthEnv, bearerAuth } from "./middleware.ts";
+import { BodyBudget, boundedBody } from "./body.ts";
 import { wsRoutes } from "./ws.ts";
 import type { WsHub } from "./ws_hub.ts";
+
+/** `/api` routes that take no bearer token. */
+const PUBLIC_API = new Set(["/api/auth/login"]);
+/** Roles that may import devices (see routes/admin_devices.ts). */
+const IMPORTERS = new Set<string | undefined>(["admin", "operator"]);
 
 /** Everything the HTTP layer needs, passed in by the composition root. */
 export interface AppDeps {
@@ -33,6 +39,8 @@ export interface AppDeps {
   logger: Logger;
   bodyLimit: number;
   importBodyLimit: number;
+  /** Bytes of request bodies read at once, over all requests (HTTP_BODY_BUDGET). */
+  bodyBudget: number;
   registerPerMinute: number;
   loginPerMinute: number;
   writerStalled: () => string | null;
@@ -50,21 +58,28 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   });
 
   // Body checks only on /api: header-changing middleware on the WebSocket route breaks upgrades.
-  const limit = (maxSize: number) =>
-    bodyLimit({
-      maxSize,
-      onError: () => {
-        throw new GatewayError("payload_too_large", `Request body exceeds ${maxSize} bytes`);
-      },
-    });
-  const small = limit(deps.bodyLimit);
-  // Fleet imports carry thousands of devices in one request.
-  const large = limit(deps.importBodyLimit);
+  // Callers that send a body are authenticated before a byte of it is read, so an anonymous
+  // upload costs its headers only; the routes' own bearerAuth checks the same token again (cheap).
+  const authenticate = bearerAuth(deps.tokens);
   app.use(
     "/api/*",
-    (c, next) => c.req.path === "/api/admin/devices/import" ? large(c, next) : small(c, next),
+    (c, next) =>
+      c.req.raw.body === null || PUBLIC_API.has(c.req.path)
+        ? next()
+        : authenticate(c as Context<AuthEnv>, next),
   );
-  app.use("/api/*", strictUtf8());
+  app.use(
+    "/api/*",
+    boundedBody({
+      budget: new BodyBudget(deps.bodyBudget),
+      // Fleet imports carry thousands of devices in one request; only their callers get more.
+      limitOf: (c) =>
+        c.req.path === "/api/admin/devices/import" &&
+          IMPORTERS.has((c as Context<AuthEnv>).var.principal?.role)
+          ? deps.importBodyLimit
+          : deps.bodyLimit,
+    }),
+  );
 
   app.route("/", healthRoutes(deps));
   app.route("/", metricsRoutes(deps.metrics));
