@@ -1,6 +1,5 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context } from "hono";
-import { swaggerUI } from "@hono/swagger-ui";
 import type { ActorRegistry } from "../actors/registry.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
@@ -12,6 +11,7 @@ import type { UserService } from "../services/users.ts";
 import { adminDeviceRoutes } from "./admin_devices.ts";
 import { adminUserRoutes } from "./admin_users.ts";
 import { authRoutes } from "./auth.ts";
+import { docsRoutes } from "./docs.ts";
 import { errorHandler } from "./errors.ts";
 import { healthRoutes } from "./health.ts";
 import { meterRoutes } from "./meters.ts";
@@ -105,6 +105,6 @@ export function createApp(deps: AppDeps): OpenAPIHono {
       description: "Signed smart-meter readings in, stored exactly once, streamed live.",
     },
   });
-  app.get("/docs", swaggerUI({ url: "/openapi.json" }));
+  app.route("/", docsRoutes());
   return app;
 }
