@@ -26,7 +26,7 @@ const CSP = [
 
 const INIT = `window.addEventListener("load", function () {
   window.ui = SwaggerUIBundle({
-    url: "/openapi.json",
+    url: document.getElementById("swagger-ui").dataset.url,
     dom_id: "#swagger-ui",
     deepLinking: true,
     // The default asks validator.swagger.io about our document: no third-party calls.
@@ -45,7 +45,7 @@ const DOCS_HTML = `<!doctype html>
 <link rel="stylesheet" href="${DOCS_ASSETS}/swagger-ui.css">
 </head>
 <body>
-<div id="swagger-ui"></div>
+<div id="swagger-ui" data-url="/openapi.json"></div>
 <script src="${DOCS_ASSETS}/swagger-ui-bundle.js"></script>
 <script src="${DOCS_ASSETS}/init.js"></script>
 </body>

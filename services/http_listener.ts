@@ -78,6 +78,14 @@ function serveHttpOf(): ServeHttp {
   return serveHttp;
 }
 
+const REFUSAL_BODY = JSON.stringify({
+  error: { code: "overloaded", message: "Too many connections; retry shortly" },
+});
+const REFUSAL = new TextEncoder().encode(
+  "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n" +
+    `Connection: close\r\nContent-Length: ${REFUSAL_BODY.length}\r\n\r\n${REFUSAL_BODY}`,
+);
+
 class Connection {
   readonly address: string;
   readonly remoteAddr: Deno.NetAddr;
@@ -240,7 +248,7 @@ export class HttpListener implements AsyncDisposable {
     if (refused) {
       this.stats.refused[refused]++;
       this.#security.warn("connection_refused", c.address, { listener: "http", reason: refused });
-      c.close();
+      this.#refuse(c);
       return;
     }
     this.#connections.add(c);
@@ -249,6 +257,13 @@ export class HttpListener implements AsyncDisposable {
     this.#serve(c).catch((error) => {
       o.logger.error("http connection failed", { error });
     }).finally(() => this.#forget(c));
+  }
+
+  // A client that sends its request at once reads why instead of a bare reset; nothing is read
+  // from the connection, and it is closed right after (a peer that does not read is not waited
+  // for: the 503 fits the socket buffer).
+  #refuse(c: Connection): void {
+    c.conn.write(REFUSAL).catch(() => {}).finally(() => c.close());
   }
 
   #forget(c: Connection): void {
