@@ -129,6 +129,33 @@ async function mqttConnack(port: number): Promise<number> {
   }
 }
 
+/** A WebSocket client on `/ws` (through the gateway's own listener) that answers pings. */
+async function openWs(
+  url: string,
+  token: string,
+): Promise<{ ping(): Promise<void>; close(): Promise<void> }> {
+  const ws = new WebSocket(`${url.replace("http", "ws")}/ws?token=${token}`);
+  await new Promise((resolve, reject) => {
+    ws.onopen = resolve;
+    ws.onerror = () => reject(new Error("WebSocket failed to open"));
+  });
+  return {
+    async ping() {
+      const pong = new Promise<string>((resolve, reject) => {
+        ws.onmessage = (m) => resolve(String(m.data));
+        ws.onclose = () => reject(new Error("WebSocket closed"));
+      });
+      ws.send(JSON.stringify({ type: "ping" }));
+      match(await pong, /"pong"/);
+    },
+    async close() {
+      const closed = new Promise((resolve) => ws.onclose = resolve);
+      ws.close();
+      await closed;
+    },
+  };
+}
+
 function assertAlive(gw: GatewayProcess, when: string): void {
   ok(!gw.logs().some((e) => e.msg === "stopped"), `gateway stopped ${when}`);
   const fatal = gw.stderr.find((l) => /Too many open files|panicked|Uncaught/.test(l));
@@ -147,10 +174,18 @@ Deno.test({
     gw.status.then(() => exited = true);
     const mqttPort = embeddedMqttPort(gw);
     const keepAlive = await KeepAliveClient.open(gw.port);
+    const login = await fetch(`${gw.url}/api/auth/login`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ email: "admin@gridtokenx.local", password: "flood-admin-password" }),
+    });
+    const { access_token: token } = await login.json();
+    const ws = await openWs(gw.url, token);
     const floods: Flood[] = [];
     try {
-      await t.step("before: /healthz answers on a keep-alive connection", async () => {
+      await t.step("before: /healthz on a keep-alive connection, a WebSocket answers", async () => {
         equal((await keepAlive.get("/healthz")).status, 200);
+        await ws.ping();
       });
 
       await t.step("1,100 idle connections to the HTTP port", async () => {
@@ -163,6 +198,7 @@ Deno.test({
         const during = await keepAlive.get("/healthz");
         equal(during.status, 200);
         match(during.body, /"ok"/);
+        await ws.ping();
         equal(await freshHealthz(gw.url, "127.0.0.2"), 200, "a new client during the flood");
       });
 
@@ -180,6 +216,7 @@ Deno.test({
       await t.step("after the floods: existing and new clients are served", async () => {
         for (const flood of floods.splice(0)) await flood.stop();
         equal((await keepAlive.get("/healthz")).status, 200, "the keep-alive client");
+        await ws.ping();
         equal(await freshHealthz(gw.url, "127.0.0.1"), 200, "a new HTTP client");
         equal(typeof await mqttConnack(mqttPort), "number");
         ok(!exited, `gateway exited:\n${gw.describe()}`);
@@ -187,6 +224,7 @@ Deno.test({
       });
     } finally {
       keepAlive.close();
+      await ws.close().catch(() => {});
       for (const flood of floods) await flood.stop();
       await gw.stop();
       await Deno.remove(dir, { recursive: true });
