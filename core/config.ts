@@ -56,8 +56,9 @@ const envSchema = z.object({
   HTTP_BODY_BUDGET: int(64 * 1024 * 1024, 1024),
   HTTP_MAX_CONNECTIONS: int(512, 1, 1_000_000),
   HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(128, 1, 1_000_000),
-  HTTP_HEADER_TIMEOUT: duration("10s"),
-  HTTP_IDLE_TIMEOUT: duration("60s"),
+  // Zero would close every connection before its first request.
+  HTTP_HEADER_TIMEOUT: duration("10s").pipe(z.number().min(100, "must be at least 100ms")),
+  HTTP_IDLE_TIMEOUT: duration("60s").pipe(z.number().min(100, "must be at least 100ms")),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
   DATABASE_POOL_MAX: int(10, 1, 1000),
