@@ -302,11 +302,15 @@ export class HttpListener implements AsyncDisposable {
       if (event === null) break;
       clearTimeout(c.timer);
       c.inFlight++;
-      if (event.request.headers.get("upgrade")?.toLowerCase() === "websocket") c.upgraded = true;
       // Requests on one connection arrive one after the other; responding does not block the
       // next read (HTTP/1.1 pipelining is answered in order by the HTTP stack).
-      this.#respond(c, event, info);
-      if (c.upgraded) break;
+      const responded = this.#respond(c, event, info);
+      // An upgrade the app accepts (101) is the connection's last request; a refused one (401…)
+      // leaves an ordinary connection, still counted and timed.
+      if (event.request.headers.get("upgrade")?.toLowerCase() === "websocket") {
+        await responded;
+        if (c.upgraded) break;
+      }
     }
   }
 
@@ -318,9 +322,9 @@ export class HttpListener implements AsyncDisposable {
       } catch (error) {
         response = this.#internalError(error);
       }
-      await event.respondWith(
-        Promise.resolve(response).catch((error) => this.#internalError(error)),
-      );
+      const res = await Promise.resolve(response).catch((error) => this.#internalError(error));
+      if (res.status === 101) c.upgraded = true;
+      await event.respondWith(res);
     } catch {
       // The client went away before the response was written.
     } finally {

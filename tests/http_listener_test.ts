@@ -13,7 +13,9 @@ function start(options: Partial<HttpListenerOptions> = {}): HttpListener {
     hostname: "127.0.0.1",
     port: 0,
     handler: (req, info) => {
-      if (new URL(req.url).pathname === "/ws") {
+      const path = new URL(req.url).pathname;
+      if (path === "/ws-denied") return new Response("no", { status: 401 });
+      if (path === "/ws") {
         const { socket, response } = Deno.upgradeWebSocket(req);
         socket.onmessage = (m) => socket.send(`echo ${m.data}`);
         return response;
@@ -154,12 +156,24 @@ Deno.test("HttpListener closes connections without a request head, and idle keep
     equal(listener.stats.timedOut.header, 2);
   });
 
+  await t.step("a refused WebSocket upgrade leaves a connection that still times out", async () => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    await conn.write(encoder.encode(
+      "GET /ws-denied HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ));
+    const answer = await readToEnd(conn);
+    match(answer, /^HTTP\/1\.1 401/);
+    conn.close();
+    equal(listener.stats.timedOut.idle, 1);
+  });
+
   await t.step("a keep-alive connection is closed after the idle timeout", async () => {
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     match(await rawRequest(conn, "/"), /200 OK/);
     equal(await readToEnd(conn), "");
     conn.close();
-    equal(listener.stats.timedOut.idle, 1);
+    equal(listener.stats.timedOut.idle, 2);
     equal(listener.connections, 0);
   });
 });
