@@ -200,6 +200,12 @@ Deno.test({
         match(during.body, /"ok"/);
         await ws.ping();
         equal(await freshHealthz(gw.url, "127.0.0.2"), 200, "a new client during the flood");
+        // The flood came from one address: its cap refused the rest.
+        const metrics = await (await fetch(`${gw.url}/metrics`)).text();
+        const refused = Number(
+          /^gateway_http_connections_refused_per_address_total (\d+)$/m.exec(metrics)?.[1],
+        );
+        ok(refused >= FLOOD - 128, `refused per address: ${refused}`);
       });
 
       await t.step("plus 1,100 idle connections to the embedded MQTT broker", async () => {
