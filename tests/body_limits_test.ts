@@ -151,7 +151,9 @@ Deno.test("request bodies are read only from authenticated callers, within limit
 
 /** Resident memory of a process in bytes (Linux). */
 async function rss(pid: number): Promise<number> {
-  const status = await Deno.readTextFile(`/proc/${pid}/status`);
+  // Through cat: Deno reads /proc/<pid> only with --allow-all.
+  const { stdout } = await new Deno.Command("cat", { args: [`/proc/${pid}/status`] }).output();
+  const status = new TextDecoder().decode(stdout);
   return Number(/VmRSS:\s+(\d+) kB/.exec(status)![1]) * 1024;
 }
 
