@@ -171,6 +171,14 @@ export function loadConfig(
       ["MQTT_TLS_CERT", "MQTT_TLS_KEY"],
     );
   }
+  // A budget smaller than one allowed body would answer every such upload 503.
+  if (e.HTTP_BODY_BUDGET < Math.max(e.HTTP_BODY_LIMIT, e.HTTP_IMPORT_BODY_LIMIT)) {
+    throw new ConfigError(
+      "Invalid configuration:\n  HTTP_BODY_BUDGET: must be at least HTTP_BODY_LIMIT and " +
+        "HTTP_IMPORT_BODY_LIMIT",
+      ["HTTP_BODY_BUDGET"],
+    );
+  }
   // Several instances share one database: they must share these secrets, so none is generated.
   if (e.DATABASE_URL) {
     const missing = (["JWT_SECRET", "DEVICE_KEY_ENCRYPTION_KEY"] as const).filter((k) => !e[k]);

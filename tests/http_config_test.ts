@@ -13,14 +13,14 @@ Deno.test("loadConfig() gives the HTTP listener bounded defaults", () => {
   });
   deepEqual(
     loadConfig({
-      HTTP_BODY_BUDGET: "1048576",
+      HTTP_BODY_BUDGET: "9000000",
       HTTP_MAX_CONNECTIONS: "2000",
       HTTP_MAX_CONNECTIONS_PER_ADDRESS: "50",
       HTTP_HEADER_TIMEOUT: "5s",
       HTTP_IDLE_TIMEOUT: "2m",
     }).http,
     {
-      bodyBudget: 1_048_576,
+      bodyBudget: 9_000_000,
       maxConnections: 2000,
       maxConnectionsPerAddress: 50,
       headerTimeoutMs: 5_000,
@@ -48,5 +48,15 @@ Deno.test("loadConfig() names each bad HTTP_* setting", () => {
       "HTTP_MAX_CONNECTIONS",
       "HTTP_MAX_CONNECTIONS_PER_ADDRESS",
     ]);
+  }
+});
+
+Deno.test("loadConfig() refuses a body budget smaller than one allowed body", () => {
+  try {
+    loadConfig({ HTTP_BODY_BUDGET: "1048576" });
+    fail("expected a ConfigError");
+  } catch (error) {
+    ok(error instanceof ConfigError);
+    deepEqual(error.variables, ["HTTP_BODY_BUDGET"]);
   }
 });
