@@ -5,7 +5,8 @@ WORKDIR /app
 # Dependencies first, so code changes do not invalidate the cached npm packages.
 COPY deno.json deno.lock ./
 COPY . .
-RUN mkdir -p /data && chown deno:deno /data
+# The store holds password hashes and device keys: only the gateway user may enter /data.
+RUN mkdir -p /data && chown deno:deno /data && chmod 700 /data
 USER deno
 # Fetch and type-check everything now (including the writer worker), not at first start.
 RUN deno cache main.ts workers/writer.ts

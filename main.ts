@@ -7,6 +7,7 @@ import { jsonLogger } from "./core/logger.ts";
 import { loadOrCreateSecrets, secretsPath } from "./db/secrets_file.ts";
 import { describeStore, storeSpecOf } from "./db/open_store.ts";
 import { createGateway } from "./services/gateway.ts";
+import { HttpListener } from "./services/http_listener.ts";
 
 async function main(): Promise<void> {
   let config;
@@ -55,15 +56,20 @@ async function main(): Promise<void> {
         : "")
     : "off";
 
-  const abort = new AbortController();
-  let server;
+  let server: HttpListener;
   try {
-    server = Deno.serve({
+    server = HttpListener.start({
       hostname: config.host,
       port: config.port,
-      signal: abort.signal,
-      onListen: () => {},
-    }, gateway.app.fetch);
+      handler: gateway.app.fetch,
+      maxConnections: config.http.maxConnections,
+      maxConnectionsPerAddress: config.http.maxConnectionsPerAddress,
+      headerTimeoutMs: config.http.headerTimeoutMs,
+      idleTimeoutMs: config.http.idleTimeoutMs,
+      logger,
+      clock: systemClock,
+      metrics: gateway.metrics,
+    });
   } catch (error) {
     console.error(
       `Gateway failed to start: HTTP ${config.host}:${config.port}: ${(error as Error).message}`,
@@ -85,8 +91,7 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     logger.info("shutting down", { signal });
-    abort.abort();
-    await server.finished;
+    await server.close();
     await gateway.close();
     await bus.close();
     logger.info("stopped");

@@ -23,6 +23,9 @@ await using gw = await spawnGateway({
   ADMIN_PASSWORD: ADMIN.password,
   METER_RATE_BURST: "100000",
   DEVICE_REGISTER_RATE_LIMIT: "100000",
+  // All load comes from one address, with as many connections as the open loop needs.
+  HTTP_MAX_CONNECTIONS: "100000",
+  HTTP_MAX_CONNECTIONS_PER_ADDRESS: "100000",
   LOG_LEVEL: "info",
 });
 
@@ -131,7 +134,21 @@ async function saturate(clients: number, seconds: number): Promise<Result> {
   return { sent, ok, other, seconds: (performance.now() - start) / 1000, latencies };
 }
 
-function report(name: string, r: Result): void {
+/** CPU time the gateway process has used, in µs (Linux /proc; NaN elsewhere). */
+function gatewayCpuUs(): number {
+  try {
+    // Through cat: Deno reads /proc/<pid> only with --allow-all.
+    const { stdout } = new Deno.Command("cat", { args: [`/proc/${gw.child.pid}/stat`] })
+      .outputSync();
+    const fields = new TextDecoder().decode(stdout).split(") ")[1].split(" ");
+    // utime and stime (fields 14 and 15) in clock ticks, 100 per second on Linux.
+    return (Number(fields[11]) + Number(fields[12])) * 10_000;
+  } catch {
+    return NaN;
+  }
+}
+
+function report(name: string, r: Result, cpuUs: number): void {
   const sorted = r.latencies.sort((a, b) => a - b);
   console.log(
     `${name}: ${r.sent} sent, ${r.ok} stored (201), other ${JSON.stringify(r.other)}, ` +
@@ -140,7 +157,7 @@ function report(name: string, r: Result): void {
       } ` +
       `p95 ${pct(sorted, 0.95).toFixed(1)} p99 ${pct(sorted, 0.99).toFixed(1)} max ${
         sorted.at(-1)?.toFixed(1)
-      }`,
+      }; gateway CPU ${(cpuUs / r.sent).toFixed(0)} µs/request`,
   );
 }
 
@@ -162,7 +179,11 @@ console.log(
 await fixedRate(200, 2);
 await fixedRate(RATE, 2);
 const before = await writerFigures();
-report(`fixed ${RATE}/s for ${SECONDS}s`, await fixedRate(RATE, SECONDS));
+let cpu = gatewayCpuUs();
+const fixed = await fixedRate(RATE, SECONDS);
+report(`fixed ${RATE}/s for ${SECONDS}s`, fixed, gatewayCpuUs() - cpu);
 console.log(`  ${await writerFigures()} (after warm-up: ${before})`);
-report(`saturation, ${CLIENTS} clients for ${SECONDS}s`, await saturate(CLIENTS, SECONDS));
+cpu = gatewayCpuUs();
+const saturation = await saturate(CLIENTS, SECONDS);
+report(`saturation, ${CLIENTS} clients for ${SECONDS}s`, saturation, gatewayCpuUs() - cpu);
 console.log(`  ${await writerFigures()}`);

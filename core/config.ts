@@ -69,6 +69,12 @@ const envSchema = z.object({
   WRITER_CONCURRENCY: int(1, 1, 64),
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
+  HTTP_BODY_BUDGET: int(64 * 1024 * 1024, 1024),
+  HTTP_MAX_CONNECTIONS: int(512, 1, 1_000_000),
+  HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(128, 1, 1_000_000),
+  // Zero would close every connection before its first request.
+  HTTP_HEADER_TIMEOUT: duration("10s").pipe(z.number().min(100, "must be at least 100ms")),
+  HTTP_IDLE_TIMEOUT: duration("60s").pipe(z.number().min(100, "must be at least 100ms")),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
@@ -150,6 +156,15 @@ export interface Config {
   };
   httpBodyLimit: number;
   importBodyLimit: number;
+  /** The HTTP listener's limits (see services/http_listener.ts). */
+  http: {
+    /** Bytes of request bodies being read at once, over all requests. */
+    bodyBudget: number;
+    maxConnections: number;
+    maxConnectionsPerAddress: number;
+    headerTimeoutMs: number;
+    idleTimeoutMs: number;
+  };
   wsSendBufferMax: number;
   /** WebSocket connections one account may hold at once. */
   wsMaxPerUser: number;
@@ -175,6 +190,14 @@ export function loadConfig(
     throw new ConfigError(
       "Invalid configuration:\n  MQTT_TLS_CERT, MQTT_TLS_KEY: set both or neither",
       ["MQTT_TLS_CERT", "MQTT_TLS_KEY"],
+    );
+  }
+  // A budget smaller than one allowed body would answer every such upload 503.
+  if (e.HTTP_BODY_BUDGET < Math.max(e.HTTP_BODY_LIMIT, e.HTTP_IMPORT_BODY_LIMIT)) {
+    throw new ConfigError(
+      "Invalid configuration:\n  HTTP_BODY_BUDGET: must be at least HTTP_BODY_LIMIT and " +
+        "HTTP_IMPORT_BODY_LIMIT",
+      ["HTTP_BODY_BUDGET"],
     );
   }
   // Several instances share one database: they must share these secrets, so none is generated.
@@ -262,6 +285,13 @@ export function loadConfig(
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,
+    http: {
+      bodyBudget: e.HTTP_BODY_BUDGET,
+      maxConnections: e.HTTP_MAX_CONNECTIONS,
+      maxConnectionsPerAddress: e.HTTP_MAX_CONNECTIONS_PER_ADDRESS,
+      headerTimeoutMs: e.HTTP_HEADER_TIMEOUT,
+      idleTimeoutMs: e.HTTP_IDLE_TIMEOUT,
+    },
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
     wsMaxPerUser: e.WS_MAX_CONNECTIONS_PER_USER,
   };

@@ -3,6 +3,7 @@ import { KvStore } from "./kv_store.ts";
 import { PostgresStore } from "./postgres_store.ts";
 import type { TimescaleOptions } from "./migrate.ts";
 import type { Config } from "../core/config.ts";
+import { prepareKvFile, restrictKvFiles } from "./private_files.ts";
 
 /** How to reach a store; plain data so it can be posted to the writer worker. */
 export type StoreSpec =
@@ -17,10 +18,15 @@ export type StoreSpec =
   };
 
 /** Opens the store adapter named by `spec`. */
-export function openStore(spec: StoreSpec, options: StoreOptions): Promise<Store> {
+export async function openStore(spec: StoreSpec, options: StoreOptions): Promise<Store> {
   switch (spec.kind) {
-    case "kv":
-      return KvStore.open(spec.path, options);
+    case "kv": {
+      await prepareKvFile(spec.path);
+      const store = await KvStore.open(spec.path, options);
+      // The side files SQLite opened alongside an older, readable database file.
+      await restrictKvFiles(spec.path);
+      return store;
+    }
     case "postgres":
       return PostgresStore.connect(spec.url, {
         ...options,

@@ -1,5 +1,6 @@
 import { dirname, join } from "node:path";
 import { hexBytes } from "../core/config.ts";
+import { ensurePrivateDir, restrictFile } from "./private_files.ts";
 
 /** Secrets generated once for embedded mode. */
 export interface EmbeddedSecrets {
@@ -20,14 +21,14 @@ function randomHex(bytes: number): string {
     .join("");
 }
 
-/** Reads the secrets file, creating it (mode 0600) on first start. */
+/** Reads the secrets file (setting it to 0600), creating it and its directory (0700) first. */
 export async function loadOrCreateSecrets(path: string): Promise<EmbeddedSecrets> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) throw error;
-    await Deno.mkdir(dirname(path), { recursive: true });
+    await ensurePrivateDir(dirname(path));
     const fresh = { jwt_secret: randomHex(32), device_key_encryption_key: randomHex(32) };
     // createNew: two processes starting at once must not overwrite each other's secrets.
     try {
@@ -40,6 +41,8 @@ export async function loadOrCreateSecrets(path: string): Promise<EmbeddedSecrets
     }
     text = await Deno.readTextFile(path);
   }
+  // A file an earlier version wrote through the umask, or copied in by hand.
+  await restrictFile(path);
   const parsed = JSON.parse(text) as { jwt_secret?: string; device_key_encryption_key?: string };
   if (!parsed.jwt_secret || !/^[0-9a-f]{64}$/i.test(parsed.device_key_encryption_key ?? "")) {
     throw new Error(

@@ -1,6 +1,5 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
-import { swaggerUI } from "@hono/swagger-ui";
-import { bodyLimit } from "hono/body-limit";
+import type { Context } from "hono";
 import type { ActorRegistry } from "../actors/registry.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
@@ -8,18 +7,26 @@ import type { Logger } from "../core/logger.ts";
 import type { Store } from "../db/store.ts";
 import type { DeviceService } from "../services/devices.ts";
 import type { TokenService } from "../services/tokens.ts";
+import type { Principal } from "../core/user.ts";
 import type { UserService } from "../services/users.ts";
 import { adminDeviceRoutes } from "./admin_devices.ts";
 import { adminUserRoutes } from "./admin_users.ts";
 import { authRoutes } from "./auth.ts";
+import { docsRoutes } from "./docs.ts";
 import { errorHandler } from "./errors.ts";
 import { healthRoutes } from "./health.ts";
 import { meterRoutes } from "./meters.ts";
 import { metricsRoutes } from "./metrics.ts";
 import type { Metrics } from "../core/metrics.ts";
-import { strictUtf8 } from "./middleware.ts";
+import { type AuthEnv, bearerAuth } from "./middleware.ts";
+import { BodyBudget, boundedBody } from "./body.ts";
 import { wsRoutes } from "./ws.ts";
 import type { WsHub } from "./ws_hub.ts";
+
+/** `/api` routes that take no bearer token. */
+const PUBLIC_API = new Set(["/api/auth/login"]);
+/** Roles that may import devices (see routes/admin_devices.ts). */
+const IMPORTERS = new Set<string | undefined>(["admin", "operator"]);
 
 /** Everything the HTTP layer needs, passed in by the composition root. */
 export interface AppDeps {
@@ -33,6 +40,8 @@ export interface AppDeps {
   logger: Logger;
   bodyLimit: number;
   importBodyLimit: number;
+  /** Bytes of request bodies read at once, over all requests (HTTP_BODY_BUDGET). */
+  bodyBudget: number;
   registerPerMinute: number;
   loginPerMinute: number;
   writerStalled: () => string | null;
@@ -50,32 +59,39 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   });
 
   // Body checks only on /api: header-changing middleware on the WebSocket route breaks upgrades.
-  const limit = (maxSize: number) =>
-    bodyLimit({
-      maxSize,
-      onError: () => {
-        throw new GatewayError("payload_too_large", `Request body exceeds ${maxSize} bytes`);
-      },
-    });
-  const small = limit(deps.bodyLimit);
-  // Fleet imports carry thousands of devices in one request.
-  const large = limit(deps.importBodyLimit);
+  // Callers that send a body are authenticated before a byte of it is read, so an anonymous
+  // upload costs its headers only. The routes' own bearerAuth then finds the token verified by
+  // this request (a verification costs ~100 µs: not done twice).
+  const shared = verifiedOnce(deps.tokens);
+  const authenticate = bearerAuth(shared.tokens);
+  app.use("/api/*", async (c, next) => {
+    if (c.req.raw.body === null || PUBLIC_API.has(c.req.path)) return next();
+    await shared.during(c, () => authenticate(c as Context<AuthEnv>, next));
+  });
   app.use(
     "/api/*",
-    (c, next) => c.req.path === "/api/admin/devices/import" ? large(c, next) : small(c, next),
+    boundedBody({
+      budget: new BodyBudget(deps.bodyBudget),
+      // Fleet imports carry thousands of devices in one request; only their callers get more.
+      limitOf: (c) =>
+        c.req.path === "/api/admin/devices/import" &&
+          IMPORTERS.has((c as Context<AuthEnv>).var.principal?.role)
+          ? deps.importBodyLimit
+          : deps.bodyLimit,
+    }),
   );
-  app.use("/api/*", strictUtf8());
 
+  const routeDeps = { ...deps, tokens: shared.tokens };
   app.route("/", healthRoutes(deps));
   app.route("/", metricsRoutes(deps.metrics));
-  app.route("/api/auth", authRoutes(deps));
-  app.route("/api/admin/users", adminUserRoutes(deps));
+  app.route("/api/auth", authRoutes(routeDeps));
+  app.route("/api/admin/users", adminUserRoutes(routeDeps));
   app.route(
     "/api/admin/devices",
-    adminDeviceRoutes({ ...deps, registerPerMinute: deps.registerPerMinute }),
+    adminDeviceRoutes({ ...routeDeps, registerPerMinute: deps.registerPerMinute }),
   );
-  app.route("/api/meters", meterRoutes(deps));
-  app.route("/ws", wsRoutes(deps));
+  app.route("/api/meters", meterRoutes(routeDeps));
+  app.route("/ws", wsRoutes(routeDeps));
 
   app.openAPIRegistry.registerComponent("securitySchemes", "bearer", {
     type: "http",
@@ -90,6 +106,48 @@ export function createApp(deps: AppDeps): OpenAPIHono {
       description: "Signed smart-meter readings in, stored exactly once, streamed live.",
     },
   });
-  app.get("/docs", swaggerUI({ url: "/openapi.json" }));
+  app.route("/", docsRoutes());
   return app;
+}
+
+/**
+ * A view of `tokens` whose `verify` reuses the result for a token that a request in progress has
+ * verified already (only while that request lasts: nothing is cached across requests).
+ */
+function verifiedOnce(tokens: TokenService): {
+  tokens: TokenService;
+  during(c: Context, run: () => Promise<unknown>): Promise<void>;
+} {
+  const inFlight = new Map<string, { principal: Promise<Principal>; requests: number }>();
+  const verify = (token: string) => inFlight.get(token)?.principal ?? tokens.verify(token);
+  const view = new Proxy(tokens, {
+    get(target, property) {
+      if (property === "verify") return verify;
+      const value = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return {
+    tokens: view,
+    async during(c, run) {
+      const token = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
+      if (token === undefined) {
+        await run();
+        return;
+      }
+      let entry = inFlight.get(token);
+      if (!entry) {
+        entry = { principal: tokens.verify(token), requests: 0 };
+        // Rejections reach the caller through bearerAuth; this copy must not go unhandled.
+        entry.principal.catch(() => {});
+        inFlight.set(token, entry);
+      }
+      entry.requests++;
+      try {
+        await run();
+      } finally {
+        if (--entry.requests === 0 && inFlight.get(token) === entry) inFlight.delete(token);
+      }
+    },
+  };
 }

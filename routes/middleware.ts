@@ -45,22 +45,6 @@ export function requireRole(...roles: Role[]): MiddlewareHandler<AuthEnv> {
   };
 }
 
-const utf8 = new TextDecoder("utf-8", { fatal: true });
-
-/** Rejects request bodies that are not UTF-8 (before JSON parsing silently mangles them). */
-export function strictUtf8(): MiddlewareHandler {
-  return async function strictUtf8(c, next) {
-    if (c.req.method === "POST" || c.req.method === "PUT" || c.req.method === "PATCH") {
-      try {
-        utf8.decode(await c.req.arrayBuffer());
-      } catch {
-        throw new GatewayError("invalid_payload", "Request body is not valid UTF-8");
-      }
-    }
-    await next();
-  };
-}
-
 /** The client's address, or `"unknown"` when served in-process. */
 export function clientAddress(c: Context): string {
   try {

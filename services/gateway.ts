@@ -289,6 +289,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     logger,
     bodyLimit: config.httpBodyLimit,
     importBodyLimit: config.importBodyLimit,
+    bodyBudget: config.http.bodyBudget,
     registerPerMinute: config.registerRateLimit,
     loginPerMinute: config.loginRateLimit,
     writerStalled: () => writer.stalled,

@@ -26,6 +26,12 @@ export function freePort(): number {
   return port;
 }
 
+/** Options of {@linkcode GatewayProcess}. */
+export interface GatewayProcessOptions {
+  /** Soft and hard limit of open descriptors of the process (`prlimit --nofile`). */
+  nofile?: number;
+}
+
 /** `main.ts` running as a child process, with its output collected line by line. */
 export class GatewayProcess implements AsyncDisposable {
   readonly child: Deno.ChildProcess;
@@ -38,11 +44,16 @@ export class GatewayProcess implements AsyncDisposable {
   #done = false;
   #changed = Promise.withResolvers<void>();
 
-  constructor(env: Record<string, string>) {
+  constructor(env: Record<string, string>, options: GatewayProcessOptions = {}) {
     this.port = Number(env.PORT);
     this.url = `http://127.0.0.1:${this.port}`;
-    this.child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", "main.ts"],
+    const deno = [Deno.execPath(), "run", "--allow-all", "main.ts"];
+    // prlimit (util-linux) sets both limits of the child before it starts.
+    const argv = options.nofile === undefined
+      ? deno
+      : ["prlimit", `--nofile=${options.nofile}:${options.nofile}`, "--", ...deno];
+    this.child = new Deno.Command(argv[0], {
+      args: argv.slice(1),
       cwd: ROOT,
       env: { ...baseEnv(), ...env },
       clearEnv: true,
@@ -61,13 +72,16 @@ export class GatewayProcess implements AsyncDisposable {
   }
 
   /** Starts the gateway and waits for its "gateway listening" log line. */
-  static async start(env: Record<string, string>): Promise<GatewayProcess> {
+  static async start(
+    env: Record<string, string>,
+    options: GatewayProcessOptions = {},
+  ): Promise<GatewayProcess> {
     const gw = new GatewayProcess({
       PORT: String(freePort()),
       HOST: "127.0.0.1",
       MQTT_PORT: "0",
       ...env,
-    });
+    }, options);
     try {
       await gw.waitForLog((e) => e.msg === "gateway listening");
     } catch (error) {
