@@ -7,7 +7,6 @@ import type { Logger } from "../core/logger.ts";
 import type { Store } from "../db/store.ts";
 import type { DeviceService } from "../services/devices.ts";
 import type { TokenService } from "../services/tokens.ts";
-import type { Principal } from "../core/user.ts";
 import type { UserService } from "../services/users.ts";
 import { adminDeviceRoutes } from "./admin_devices.ts";
 import { adminUserRoutes } from "./admin_users.ts";
@@ -62,11 +61,10 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   // Callers that send a body are authenticated before a byte of it is read, so an anonymous
   // upload costs its headers only. The routes' own bearerAuth then finds the token verified by
   // this request (a verification costs ~100 µs: not done twice).
-  const shared = verifiedOnce(deps.tokens);
-  const authenticate = bearerAuth(shared.tokens);
-  app.use("/api/*", async (c, next) => {
+  const authenticate = bearerAuth(deps.tokens);
+  app.use("/api/*", (c, next) => {
     if (c.req.raw.body === null || PUBLIC_API.has(c.req.path)) return next();
-    await shared.during(c, () => authenticate(c as Context<AuthEnv>, next));
+    return authenticate(c as Context<AuthEnv>, next);
   });
   app.use(
     "/api/*",
@@ -81,17 +79,16 @@ export function createApp(deps: AppDeps): OpenAPIHono {
     }),
   );
 
-  const routeDeps = { ...deps, tokens: shared.tokens };
   app.route("/", healthRoutes(deps));
   app.route("/", metricsRoutes(deps.metrics));
-  app.route("/api/auth", authRoutes(routeDeps));
-  app.route("/api/admin/users", adminUserRoutes(routeDeps));
+  app.route("/api/auth", authRoutes(deps));
+  app.route("/api/admin/users", adminUserRoutes(deps));
   app.route(
     "/api/admin/devices",
-    adminDeviceRoutes({ ...routeDeps, registerPerMinute: deps.registerPerMinute }),
+    adminDeviceRoutes({ ...deps, registerPerMinute: deps.registerPerMinute }),
   );
-  app.route("/api/meters", meterRoutes(routeDeps));
-  app.route("/ws", wsRoutes(routeDeps));
+  app.route("/api/meters", meterRoutes(deps));
+  app.route("/ws", wsRoutes(deps));
 
   app.openAPIRegistry.registerComponent("securitySchemes", "bearer", {
     type: "http",
@@ -108,46 +105,4 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   });
   app.route("/", docsRoutes());
   return app;
-}
-
-/**
- * A view of `tokens` whose `verify` reuses the result for a token that a request in progress has
- * verified already (only while that request lasts: nothing is cached across requests).
- */
-function verifiedOnce(tokens: TokenService): {
-  tokens: TokenService;
-  during(c: Context, run: () => Promise<unknown>): Promise<void>;
-} {
-  const inFlight = new Map<string, { principal: Promise<Principal>; requests: number }>();
-  const verify = (token: string) => inFlight.get(token)?.principal ?? tokens.verify(token);
-  const view = new Proxy(tokens, {
-    get(target, property) {
-      if (property === "verify") return verify;
-      const value = Reflect.get(target, property, target);
-      return typeof value === "function" ? value.bind(target) : value;
-    },
-  });
-  return {
-    tokens: view,
-    async during(c, run) {
-      const token = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
-      if (token === undefined) {
-        await run();
-        return;
-      }
-      let entry = inFlight.get(token);
-      if (!entry) {
-        entry = { principal: tokens.verify(token), requests: 0 };
-        // Rejections reach the caller through bearerAuth; this copy must not go unhandled.
-        entry.principal.catch(() => {});
-        inFlight.set(token, entry);
-      }
-      entry.requests++;
-      try {
-        await run();
-      } finally {
-        if (--entry.requests === 0 && inFlight.get(token) === entry) inFlight.delete(token);
-      }
-    },
-  };
 }

@@ -11,10 +11,12 @@ export type AuthEnv = { Variables: { principal: Principal; securityLog?: Securit
 
 /**
  * Requires a bearer token, checked against the account's current state on every request
- * (in-memory, see services/user_state.ts); sets `principal`.
+ * (in-memory, see services/user_state.ts); sets `principal`, once per request.
  */
 export function bearerAuth(tokens: TokenService): MiddlewareHandler<AuthEnv> {
   return async function bearerAuth(c, next) {
+    // Verified earlier in this request (before its body was read): once is enough.
+    if ((c.var as { principal?: Principal }).principal) return next();
     const header = c.req.header("authorization") ?? "";
     const match = /^Bearer\s+(\S+)$/i.exec(header);
     if (!match) {
