@@ -151,7 +151,10 @@ Deno.test({
       await gw.registerMeter("meter-rogue", user.id);
 
       await t.step("a certificate whose CN is a registered meter needs no password", async () => {
-        const conn = await tryConnect(url, { ...(await tls("meter-tls")), clientId: "tls-1" });
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-tls")),
+          clientId: "meter-tls/1",
+        });
         assert.equal(conn.code, 0);
         const ts = isoAgo(60_000);
         await conn.client.publishAsync(
@@ -165,20 +168,28 @@ Deno.test({
       });
 
       await t.step("a certificate for an unregistered meter is refused", async () => {
-        const conn = await tryConnect(url, { ...(await tls("meter-unknown")), clientId: "tls-2" });
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-unknown")),
+          clientId: "meter-unknown/2",
+        });
         assert.equal(conn.code, 5);
         await conn.end();
       });
 
       await t.step("a certificate from another CA proves nothing", async () => {
-        const conn = await tryConnect(url, { ...(await tls("meter-rogue")), clientId: "tls-3" });
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-rogue")),
+          clientId: "meter-rogue/3",
+        });
         assert.notEqual(conn.code, 0);
         await conn.end();
       });
 
       await t.step("without a certificate, the signed password works over TLS", async () => {
-        const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), Date.now());
-        const conn = await tryConnect(url, { ca, ...creds, clientId: "tls-4" });
+        const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), {
+          clientId: "meter-tls/4",
+        });
+        const conn = await tryConnect(url, { ca, ...creds });
         assert.equal(conn.code, 0);
         await conn.end();
       });
