@@ -91,10 +91,20 @@ const JUNK_CODES = new Set<ErrorCode>(["invalid_payload", "payload_too_large", "
 /** How long the PUBACK of junk is held once a device is past half its junk limit. */
 const JUNK_THROTTLE_MS = 1_000;
 
+/** aedes' own errors that are not the device's junk (no `code` either, unlike socket errors). */
+const NOT_JUNK = new Set([
+  "keep alive timeout",
+  "Client queue limit reached",
+  "connect did not arrive in time",
+]);
+
 const METER = Symbol("meter");
 const RAW = Symbol("raw-connect");
+const COUNTED = Symbol("junk-counted");
 type MeterClient = Client & {
   [METER]?: string;
+  /** Its last error was counted as junk already (a forbidden publish). */
+  [COUNTED]?: boolean;
   /** The CONNECT's own client id and clean flag (aedes replaces an empty id with its own). */
   [RAW]?: { clientId: string; clean: boolean };
 };
@@ -334,7 +344,11 @@ export class EmbeddedBroker implements AsyncDisposable {
       const meterId = client?.[METER];
       if (!meterId || packet.topic !== readingsTopic(meterId)) {
         metrics.inc("mqtt_connection_errors_total", { reason: "forbidden_topic" });
-        if (client && meterId) this.#countJunk(client, meterId, "forbidden_topic");
+        if (client && meterId) {
+          // The error below closes the connection and comes back as a clientError.
+          client[COUNTED] = true;
+          this.#countJunk(client, meterId, "forbidden_topic");
+        }
         return done(new Error(`Publishing to "${packet.topic}" is not allowed`));
       }
       metrics.inc("mqtt_messages_received_total", { topic: "meters/+/readings" });
@@ -372,8 +386,10 @@ export class EmbeddedBroker implements AsyncDisposable {
     aedes.on("clientError", (client: MeterClient, error: Error) => {
       metrics.inc("mqtt_connection_errors_total", { reason: "client_error" });
       logger.debug("mqtt client error", { meter_id: client[METER], error });
-      // Malformed packets from an authenticated device count as junk.
-      if (client[METER] && !client.closed) this.#countJunk(client, client[METER], "client_error");
+      // Malformed packets (parser errors carry no `code`) from a device count as junk.
+      const junk = client[METER] && !client[COUNTED] && !(error as { code?: string }).code &&
+        !NOT_JUNK.has(error.message);
+      if (junk) this.#countJunk(client, client[METER]!, "malformed_packet");
     });
     aedes.on("connectionError", (_client: Client, error: Error) => {
       metrics.inc("mqtt_connection_errors_total", { reason: "connection_error" });

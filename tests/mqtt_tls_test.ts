@@ -3,6 +3,7 @@ import { Buffer } from "node:buffer";
 import { connect, type IClientOptions } from "mqtt";
 import { connectCredentials, readingPayload } from "../mqtt/device_credentials.ts";
 import { isoAgo, startTestGateway } from "./_gateway.ts";
+import { within } from "./_mosquitto.ts";
 
 const HAS_OPENSSL = await new Deno.Command("openssl", { args: ["version"], stdout: "null" })
   .output().then((o) => o.success, () => false);
@@ -137,6 +138,8 @@ Deno.test({
           MQTT_TLS_CERT: `${dir}/server.crt`,
           MQTT_TLS_KEY: `${dir}/server.key`,
           MQTT_TLS_CA: `${dir}/ca.crt`,
+          MQTT_MAX_CONNECTIONS_PER_ADDRESS: "3",
+          MQTT_CONNECT_TIMEOUT: "3s",
         },
       });
       const url = `mqtts://127.0.0.1:${gw.gateway.broker!.ports.mqtts}`;
@@ -167,6 +170,15 @@ Deno.test({
         await conn.end();
       });
 
+      await t.step("a certificate's meter may not use another meter's client id", async () => {
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-tls")),
+          clientId: "meter-rogue",
+        });
+        assert.equal(conn.code, 2, "identifier rejected");
+        await conn.end();
+      });
+
       await t.step("a certificate for an unregistered meter is refused", async () => {
         const conn = await tryConnect(url, {
           ...(await tls("meter-unknown")),
@@ -193,6 +205,36 @@ Deno.test({
         assert.equal(conn.code, 0);
         await conn.end();
       });
+
+      await t.step(
+        "idle TCP sockets on the TLS port are capped per address and closed after the deadline",
+        async () => {
+          const port = gw.gateway.broker!.ports.mqtts!;
+          const open = async () => {
+            const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+            const closed = (async () => {
+              try {
+                while (await conn.read(new Uint8Array(64)) !== null) { /* drain */ }
+              } catch { /* reset */ }
+            })();
+            return { conn, closed };
+          };
+          const idle = [await open(), await open(), await open()];
+          const extra = await open();
+          await within(extra.closed, "the 4th socket from one address is closed at once", 2_500);
+          extra.conn.close();
+          // No TLS handshake, no CONNECT: closed after MQTT_CONNECT_TIMEOUT (3 s).
+          await within(Promise.all(idle.map((s) => s.closed)), "idle sockets closed", 10_000);
+          for (const s of idle) s.conn.close();
+          // A device still connects.
+          const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), {
+            clientId: "meter-tls/after",
+          });
+          const conn = await tryConnect(url, { ca, ...creds });
+          assert.equal(conn.code, 0);
+          await conn.end();
+        },
+      );
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
