@@ -219,6 +219,12 @@ Deno.test({
             })();
             return { conn, closed };
           };
+          // A device authenticated by its certificate is not subject to the deadline.
+          const device = await tryConnect(url, {
+            ...(await tls("meter-tls")),
+            clientId: "meter-tls/long",
+          });
+          assert.equal(device.code, 0);
           const idle = [await open(), await open(), await open()];
           const extra = await open();
           await within(extra.closed, "the 4th socket from one address is closed at once", 2_500);
@@ -226,6 +232,14 @@ Deno.test({
           // No TLS handshake, no CONNECT: closed after MQTT_CONNECT_TIMEOUT (3 s).
           await within(Promise.all(idle.map((s) => s.closed)), "idle sockets closed", 10_000);
           for (const s of idle) s.conn.close();
+          assert.ok(device.client.connected, "the authenticated device outlived the deadline");
+          const ts = isoAgo(2 * 60_000);
+          await device.client.publishAsync(
+            "meters/meter-tls/readings",
+            readingPayload("meter-tls", Buffer.from(secret_hex, "hex"), ts, "1"),
+            { qos: 1 },
+          );
+          await device.end();
           // A device still connects.
           const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), {
             clientId: "meter-tls/after",
