@@ -66,7 +66,8 @@ const AGE_MARGIN_MS = 10 * 60_000;
 const IMPORT_CHUNK = 1000;
 const MAX_RATE_LIMIT_WAITS = 10;
 const SUBSCRIBE_CHUNK = 500;
-const CONNECT_CONCURRENCY = 64;
+// Below the embedded broker's default MQTT_MAX_CONNECTIONS_PER_ADDRESS (64 connecting at once).
+const CONNECT_CONCURRENCY = 32;
 const CSV_HEADER = ["meter_id", "key_id", "algorithm", "secret_hex", "error_code", "error_message"];
 
 interface Meter {

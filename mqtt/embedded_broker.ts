@@ -179,6 +179,15 @@ export class EmbeddedBroker implements AsyncDisposable {
     });
     const broker = new EmbeddedBroker(options, limits, aedes, store);
     broker.#wire();
+    const fds = await descriptorLimit();
+    if (fds !== null && fds < limits.maxConnections) {
+      // Still safe (accepting pauses and resumes), but connections beyond it are refused.
+      options.logger.warn("MQTT_MAX_CONNECTIONS is above the process's descriptor limit", {
+        max_connections: limits.maxConnections,
+        descriptor_limit: fds,
+        hint: "raise the limit (ulimit -n, LimitNOFILE=) or lower MQTT_MAX_CONNECTIONS",
+      });
+    }
     try {
       // Small acks must not wait for Nagle's algorithm (measured: +40 ms per ack without this).
       const handle = (socket: Socket) => {
@@ -447,6 +456,17 @@ export class EmbeddedBroker implements AsyncDisposable {
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
+  }
+}
+
+/** The soft limit on open files (Linux), or `null` when unknown. */
+async function descriptorLimit(): Promise<number | null> {
+  try {
+    const limits = await Deno.readTextFile("/proc/self/limits");
+    const match = /^Max open files\s+(\d+)/m.exec(limits);
+    return match ? Number(match[1]) : null;
+  } catch {
+    return null;
   }
 }
 
