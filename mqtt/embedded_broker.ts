@@ -330,10 +330,14 @@ export class EmbeddedBroker implements AsyncDisposable {
           const fresh = this.#stamps.commit(meterId, clientId, seconds, at);
           if (fresh !== "ok") return refuse(4, `${fresh}_password`);
         }
+        const conn = client.conn as unknown as Socket;
+        // Closed meanwhile (e.g. past the CONNECT deadline): reserve nothing, its close is gone.
+        if (client.closed || conn.destroyed) {
+          return done(Object.assign(new Error("Connection closed"), { returnCode: 3 }), false);
+        }
         if (this.#sessions.open(meterId, clientId, clean, at) === "full") {
           return refuse(2, "sessions_full");
         }
-        const conn = client.conn as unknown as Socket;
         conn.once("close", () => this.#sessions.closed(meterId, clientId, clock.now()));
         for (const guard of this.#guards) guard.authenticated(conn);
         client[METER] = meterId;

@@ -535,4 +535,18 @@ Deno.test("a device that keeps sending junk is slowed down, disconnected and ref
     }
     await assert.rejects(connectDevice(port, m), refusedWith(SERVER_UNAVAILABLE));
   });
+
+  await t.step("so do malformed packets", async () => {
+    const third = await registerMeter(gw, "junk-third", user.id);
+    for (let i = 0; i < 6; i++) {
+      const d = await connectDevice(port, third);
+      // Packet type 0 is reserved: the parser fails and aedes drops the connection.
+      (d.client.stream as unknown as { write(b: Uint8Array): void }).write(
+        new Uint8Array([0x00, 0x00]),
+      );
+      await within(d.closed, `connection ${i} closed`);
+      await d.client.endAsync(true);
+    }
+    await assert.rejects(connectDevice(port, third), refusedWith(SERVER_UNAVAILABLE));
+  });
 });
