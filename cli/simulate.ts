@@ -66,7 +66,8 @@ const AGE_MARGIN_MS = 10 * 60_000;
 const IMPORT_CHUNK = 1000;
 const MAX_RATE_LIMIT_WAITS = 10;
 const SUBSCRIBE_CHUNK = 500;
-const CONNECT_CONCURRENCY = 64;
+// Below the embedded broker's default MQTT_MAX_CONNECTIONS_PER_ADDRESS (64 connecting at once).
+const CONNECT_CONCURRENCY = 32;
 const CSV_HEADER = ["meter_id", "key_id", "algorithm", "secret_hex", "error_code", "error_message"];
 
 interface Meter {
@@ -596,11 +597,14 @@ async function run(o: Options): Promise<number> {
     const options: IClientOptions = {
       protocolVersion: 4,
       clean: true,
-      clientId: embedded ? `${group[0].id}-sim-${tag}` : `gridtokenx-sim-${tag}-${c}`,
+      // The embedded broker binds client ids to the meter: `<meter_id>/<suffix>`.
+      clientId: embedded ? `${group[0].id}/sim-${tag}` : `gridtokenx-sim-${tag}-${c}`,
       connectTimeout: 15_000,
       reconnectPeriod: 1_000,
       ...(embedded
-        ? connectCredentials(group[0].id, group[0].secret, Date.now())
+        ? connectCredentials(group[0].id, group[0].secret, {
+          clientId: `${group[0].id}/sim-${tag}`,
+        })
         : { username: o.username, password: o.password }),
     };
     let client: MqttClient;
@@ -620,9 +624,12 @@ async function run(o: Options): Promise<number> {
     client.on("error", () => t.connectionErrors++);
     client.on("reconnect", () => {
       t.reconnects++;
-      // The CONNECT signature must be fresh (the gateway allows 5 minutes of skew).
+      // The CONNECT signature must be fresh (MQTT_CONNECT_MAX_AGE) and newer than the last one.
       if (embedded) {
-        Object.assign(client.options, connectCredentials(group[0].id, group[0].secret, Date.now()));
+        Object.assign(
+          client.options,
+          connectCredentials(group[0].id, group[0].secret, { clientId: client.options.clientId! }),
+        );
       }
     });
     const topics = conn.meters.map((m) => `meters/${m.id}/acks`);

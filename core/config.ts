@@ -102,6 +102,16 @@ const envSchema = z.object({
   MQTT_INFLIGHT_MAX: int(5000, 1, 65535),
   MQTT_ACK_CONNECTIONS: int(4, 1, 64),
   MQTT_MAX_PAYLOAD: int(4096, 64, 1024 * 1024),
+  MQTT_MAX_CONNECTIONS: int(10_000),
+  MQTT_MAX_CONNECTIONS_PER_ADDRESS: int(64),
+  MQTT_CONNECT_TIMEOUT: duration("5s"),
+  MQTT_SESSIONS_PER_METER: int(4, 1, 1000),
+  MQTT_SESSION_QUEUE_MAX: int(1000),
+  MQTT_CONNECT_MAX_AGE: duration("60s"),
+  MQTT_CONNECT_MAX_SKEW: duration("30s"),
+  MQTT_JUNK_LIMIT: int(20),
+  MQTT_JUNK_WINDOW: duration("1m"),
+  MQTT_JUNK_BACKOFF: duration("5m"),
 });
 
 /** Validated configuration of one gateway process. */
@@ -153,6 +163,20 @@ export interface Config {
     /** Connections that publish acks (external broker). */
     ackConnections: number;
     maxPayload: number;
+    /** Embedded broker: limits against hostile clients (see BrokerLimits). */
+    limits: {
+      maxConnections: number;
+      maxConnectionsPerAddress: number;
+      connectTimeoutMs: number;
+      sessionsPerMeter: number;
+      sessionQueueMax: number;
+      sessionExpiryMs: number;
+      connectMaxAgeMs: number;
+      connectMaxSkewMs: number;
+      junkLimit: number;
+      junkWindowMs: number;
+      junkBanMs: number;
+    };
   };
   httpBodyLimit: number;
   importBodyLimit: number;
@@ -282,6 +306,19 @@ export function loadConfig(
       inflightMax: e.MQTT_INFLIGHT_MAX,
       ackConnections: e.MQTT_ACK_CONNECTIONS,
       maxPayload: e.MQTT_MAX_PAYLOAD,
+      limits: {
+        maxConnections: e.MQTT_MAX_CONNECTIONS,
+        maxConnectionsPerAddress: e.MQTT_MAX_CONNECTIONS_PER_ADDRESS,
+        connectTimeoutMs: e.MQTT_CONNECT_TIMEOUT,
+        sessionsPerMeter: e.MQTT_SESSIONS_PER_METER,
+        sessionQueueMax: e.MQTT_SESSION_QUEUE_MAX,
+        sessionExpiryMs: e.MQTT_SESSION_EXPIRY,
+        connectMaxAgeMs: e.MQTT_CONNECT_MAX_AGE,
+        connectMaxSkewMs: e.MQTT_CONNECT_MAX_SKEW,
+        junkLimit: e.MQTT_JUNK_LIMIT,
+        junkWindowMs: e.MQTT_JUNK_WINDOW,
+        junkBanMs: e.MQTT_JUNK_BACKOFF,
+      },
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,

@@ -13,9 +13,12 @@ export function canonicalMessage(meterId: string, timestamp: string, kwh: string
   return `GRIDTOKENX_METER_READING\nmeter_id: ${meterId}\ntimestamp: ${timestamp}\nkwh_amount: ${kwh}`;
 }
 
-/** The message signed as the MQTT CONNECT password (DESIGN.md §8a). */
-export function connectMessage(meterId: string, unixSeconds: string): string {
-  return `GRIDTOKENX_MQTT_CONNECT\nmeter_id: ${meterId}\ntimestamp: ${unixSeconds}`;
+/**
+ * The message signed as the MQTT CONNECT password (DESIGN.md §8a); bound to the client id so a
+ * captured password cannot open another session.
+ */
+export function connectMessage(meterId: string, clientId: string, unixSeconds: string): string {
+  return `GRIDTOKENX_MQTT_CONNECT\nmeter_id: ${meterId}\nclient_id: ${clientId}\ntimestamp: ${unixSeconds}`;
 }
 
 /** Decodes a hex or base64url (padding optional) signature; `null` when neither fits. */

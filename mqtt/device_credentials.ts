@@ -1,15 +1,28 @@
 import { canonicalMessage, connectMessage, signHmac } from "../core/signature.ts";
 
-/** MQTT CONNECT credentials of an HMAC device: username = meter id, password = `<s>.<sig>`. */
+/** Options of {@linkcode connectCredentials}. */
+export interface ConnectCredentialsOptions {
+  /** The client id the device connects with: `<meter_id>` or `<meter_id>/<suffix>`. */
+  clientId: string;
+  /** The signing time (default: now). */
+  nowMs?: number;
+}
+
+/**
+ * MQTT CONNECT credentials of an HMAC device: username = meter id, password = `<s>.<sig>` over
+ * the connect message, which names the client id; returned with that client id.
+ */
 export function connectCredentials(
   meterId: string,
   secret: Uint8Array,
-  nowMs: number,
-): { username: string; password: string } {
-  const seconds = String(Math.floor(nowMs / 1000));
+  options: ConnectCredentialsOptions,
+): { username: string; password: string; clientId: string } {
+  const { clientId } = options;
+  const seconds = String(Math.floor((options.nowMs ?? Date.now()) / 1000));
   return {
     username: meterId,
-    password: `${seconds}.${signHmac(secret, connectMessage(meterId, seconds))}`,
+    password: `${seconds}.${signHmac(secret, connectMessage(meterId, clientId, seconds))}`,
+    clientId,
   };
 }
 

@@ -5,6 +5,7 @@ import type { Clock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { Logger } from "../core/logger.ts";
 import { Metrics } from "../core/metrics.ts";
+import { SecurityLog } from "../core/security_log.ts";
 import { describeStore, openStore, type StoreSpec } from "../db/open_store.ts";
 import { type Prunable, RetentionWorker } from "./retention.ts";
 import type { Store } from "../db/store.ts";
@@ -258,6 +259,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         clock,
         logger,
         metrics,
+        securityLog: new SecurityLog({ logger, clock }),
+        limits: config.mqtt.limits,
       }).catch((error) => {
         throw (error as { code?: string }).code === "EADDRINUSE"
           ? new Error(

@@ -176,11 +176,12 @@ async function connectDevices(port: number, meters: Meter[]): Promise<MqttClient
     await pool(meters.map((meter, m) => ({ meter, m })), 50, async ({ meter, m }) => {
       clients[m] = await connectAsync(`mqtt://127.0.0.1:${port}`, {
         protocolVersion: 4,
-        clientId: `${meter.id}-${crypto.randomUUID().slice(0, 8)}`,
         clean: true,
         reconnectPeriod: 0,
         connectTimeout: 10_000,
-        ...connectCredentials(meter.id, meter.secret, Date.now()),
+        ...connectCredentials(meter.id, meter.secret, {
+          clientId: `${meter.id}/${crypto.randomUUID().slice(0, 8)}`,
+        }),
       });
     });
   } catch (error) {

@@ -54,12 +54,13 @@ async function connectDevice(
   meter: Meter,
   options: { nowMs?: number; username?: string; password?: string; clientId?: string } = {},
 ): Promise<Device> {
-  const creds = connectCredentials(meter.id, hex(meter.secret), options.nowMs ?? Date.now());
+  const clientId = options.clientId ?? `${meter.id}/${crypto.randomUUID().slice(0, 8)}`;
+  const creds = connectCredentials(meter.id, hex(meter.secret), { clientId, nowMs: options.nowMs });
   const client = connect({
     host: "127.0.0.1",
     port,
     protocolVersion: 4,
-    clientId: options.clientId ?? `${meter.id}-${crypto.randomUUID().slice(0, 8)}`,
+    clientId,
     username: options.username ?? creds.username,
     password: options.password ?? creds.password,
     reconnectPeriod: 0,
@@ -156,6 +157,12 @@ class WsWatcher implements AsyncDisposable {
   }
 }
 
+/** Waits until the unix second after the one `ms` fell in (CONNECT timestamps are seconds). */
+async function nextSecond(ms: number): Promise<void> {
+  const wait = (Math.floor(ms / 1000) + 1) * 1000 - Date.now();
+  if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait + 10));
+}
+
 /** Runs a shell script with the given environment; returns its output (stdout, stderr, code). */
 async function sh(
   script: string,
@@ -177,25 +184,28 @@ async function sh(
 }
 
 // The README's recipe for a device without any SDK: openssl signs, mosquitto_pub publishes.
-// CONNECT password = "<unix seconds>.<HMAC hex of the connect message>".
+// CONNECT password = "<unix seconds>.<HMAC hex of the connect message>"; the message names the
+// client id ($CID), which must be the meter id or "<meter id>/<suffix>".
 const CONNECT_PASSWORD = `
 NOW=$(date +%s)
-PASS="$NOW.$(printf 'GRIDTOKENX_MQTT_CONNECT\\nmeter_id: %s\\ntimestamp: %s' "$METER" "$NOW" \\
-  | openssl dgst -sha256 -mac HMAC -macopt hexkey:$SECRET | awk '{print $NF}')"
+PASS="$NOW.$(printf 'GRIDTOKENX_MQTT_CONNECT\\nmeter_id: %s\\nclient_id: %s\\ntimestamp: %s' \\
+  "$METER" "$CID" "$NOW" | openssl dgst -sha256 -mac HMAC -macopt hexkey:$SECRET | awk '{print $NF}')"
 `;
 const PUBLISH_SCRIPT = `set -eu
+CID="$METER/pub"
 ${CONNECT_PASSWORD}
 SIG=$(printf 'GRIDTOKENX_METER_READING\\nmeter_id: %s\\ntimestamp: %s\\nkwh_amount: %s' \\
   "$METER" "$TS" "$KWH" | openssl dgst -sha256 -mac HMAC -macopt hexkey:$SECRET | awk '{print $NF}')
-mosquitto_pub -h 127.0.0.1 -p "$PORT" -i "$METER-pub" -u "$METER" -P "$PASS" -q 1 \\
+mosquitto_pub -h 127.0.0.1 -p "$PORT" -i "$CID" -u "$METER" -P "$PASS" -q 1 \\
   -t "meters/$METER/readings" \\
   -m "{\\"kwh_amount\\":\\"$KWH\\",\\"reading_timestamp\\":\\"$TS\\",\\"device_signature\\":\\"$SIG\\"}"
 `;
 // A persistent session (-c) for the acks: -E returns once the SUBACK came; the second run then
 // receives what was queued for the session meanwhile (-C 1: one message; -W: a guard).
 const ACKS_SESSION_SCRIPT = `set -eu
+CID="$METER/acks"
 ${CONNECT_PASSWORD}
-mosquitto_sub -h 127.0.0.1 -p "$PORT" -i "$METER-acks" -c -u "$METER" -P "$PASS" -q 1 \\
+mosquitto_sub -h 127.0.0.1 -p "$PORT" -i "$CID" -c -u "$METER" -P "$PASS" -q 1 \\
   -t "meters/$METER/acks" $MODE
 `;
 
@@ -239,6 +249,7 @@ Deno.test({
         );
         const session = { ...env, METER: meter.id, SECRET: meter.secret };
         const subscribed = await sh(ACKS_SESSION_SCRIPT, { ...session, MODE: "-E" });
+        const subscribedAt = Date.now();
         assert.equal(subscribed.code, 0, `mosquitto_sub -E: ${subscribed.stderr}`);
 
         const ts = isoAgo(2 * MINUTE);
@@ -249,6 +260,8 @@ Deno.test({
         assert.ok(row, "stored before the PUBACK");
         assert.equal(row.source, "mqtt");
 
+        // The same client id reconnects: its CONNECT must carry a later timestamp than the last.
+        await nextSecond(subscribedAt);
         const acks = await sh(ACKS_SESSION_SCRIPT, { ...session, MODE: "-C 1 -W 20" });
         assert.equal(acks.code, 0, `mosquitto_sub -C 1: ${acks.stderr}`);
         const ack = JSON.parse(acks.stdout.trim()) as AckMessage;
@@ -320,11 +333,11 @@ Deno.test("device CONNECT authentication and the topic ACL of the embedded broke
   });
 
   await t.step("a tampered CONNECT signature is not authorised", async () => {
-    const good = connectCredentials(a.id, hex(a.secret), Date.now()).password;
+    const good = connectCredentials(a.id, hex(a.secret), { clientId: a.id }).password;
     const [seconds, sig] = good.split(".");
     const flipped = sig.slice(0, -1) + (sig.endsWith("0") ? "1" : "0");
     await assert.rejects(
-      connectDevice(port, a, { password: `${seconds}.${flipped}` }),
+      connectDevice(port, a, { clientId: a.id, password: `${seconds}.${flipped}` }),
       refusedWith(NOT_AUTHORIZED),
     );
   });
@@ -448,7 +461,8 @@ Deno.test("device CONNECT authentication and the topic ACL of the embedded broke
 });
 
 Deno.test("every kind of invalid payload gets a rejected ack with its code, a PUBACK, and nothing stored", async (t) => {
-  await using gw = await startTestGateway();
+  // Far more junk than a device may send (MQTT_JUNK_LIMIT, tested in mqtt_hardening_test.ts).
+  await using gw = await startTestGateway({ env: { MQTT_JUNK_LIMIT: "1000" } });
   const port = mqttPort(gw);
   const user = await gw.createUser("payloads@mqtt.test");
   const meter = await registerMeter(gw, "payload-meter", user.id);
@@ -713,7 +727,8 @@ Deno.test("the embedded broker's PUBACK means the reading is already stored", as
 Deno.test("1,000 meters connect at once to the embedded broker, each publishes, all are stored, no connection errors", async () => {
   const N = 1_000;
   const BATCH = 100;
-  await using gw = await startTestGateway();
+  // All from 127.0.0.1, like meters behind one NAT: more than the default 64 connecting at once.
+  await using gw = await startTestGateway({ env: { MQTT_MAX_CONNECTIONS_PER_ADDRESS: "1000" } });
   const port = mqttPort(gw);
   const user = await gw.createUser("fleet@mqtt.test");
   const started = performance.now();
@@ -790,8 +805,7 @@ Deno.test("a device with more readings in flight than its actor's mailbox holds 
   const meter = "mailbox-1";
   const secret = Buffer.from((await gw.registerMeter(meter, user.id)).secret_hex, "hex");
   const client = connect(`mqtt://127.0.0.1:${gw.gateway.broker!.ports.mqtt}`, {
-    ...connectCredentials(meter, secret, Date.now()),
-    clientId: "mailbox-device",
+    ...connectCredentials(meter, secret, { clientId: `${meter}/device` }),
     reconnectPeriod: 0,
   });
   await new Promise((resolve, reject) => {

@@ -3,6 +3,7 @@ import { Buffer } from "node:buffer";
 import { connect, type IClientOptions } from "mqtt";
 import { connectCredentials, readingPayload } from "../mqtt/device_credentials.ts";
 import { isoAgo, startTestGateway } from "./_gateway.ts";
+import { within } from "./_mosquitto.ts";
 
 const HAS_OPENSSL = await new Deno.Command("openssl", { args: ["version"], stdout: "null" })
   .output().then((o) => o.success, () => false);
@@ -137,6 +138,8 @@ Deno.test({
           MQTT_TLS_CERT: `${dir}/server.crt`,
           MQTT_TLS_KEY: `${dir}/server.key`,
           MQTT_TLS_CA: `${dir}/ca.crt`,
+          MQTT_MAX_CONNECTIONS_PER_ADDRESS: "3",
+          MQTT_CONNECT_TIMEOUT: "3s",
         },
       });
       const url = `mqtts://127.0.0.1:${gw.gateway.broker!.ports.mqtts}`;
@@ -151,7 +154,10 @@ Deno.test({
       await gw.registerMeter("meter-rogue", user.id);
 
       await t.step("a certificate whose CN is a registered meter needs no password", async () => {
-        const conn = await tryConnect(url, { ...(await tls("meter-tls")), clientId: "tls-1" });
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-tls")),
+          clientId: "meter-tls/1",
+        });
         assert.equal(conn.code, 0);
         const ts = isoAgo(60_000);
         await conn.client.publishAsync(
@@ -164,24 +170,85 @@ Deno.test({
         await conn.end();
       });
 
+      await t.step("a certificate's meter may not use another meter's client id", async () => {
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-tls")),
+          clientId: "meter-rogue",
+        });
+        assert.equal(conn.code, 2, "identifier rejected");
+        await conn.end();
+      });
+
       await t.step("a certificate for an unregistered meter is refused", async () => {
-        const conn = await tryConnect(url, { ...(await tls("meter-unknown")), clientId: "tls-2" });
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-unknown")),
+          clientId: "meter-unknown/2",
+        });
         assert.equal(conn.code, 5);
         await conn.end();
       });
 
       await t.step("a certificate from another CA proves nothing", async () => {
-        const conn = await tryConnect(url, { ...(await tls("meter-rogue")), clientId: "tls-3" });
+        const conn = await tryConnect(url, {
+          ...(await tls("meter-rogue")),
+          clientId: "meter-rogue/3",
+        });
         assert.notEqual(conn.code, 0);
         await conn.end();
       });
 
       await t.step("without a certificate, the signed password works over TLS", async () => {
-        const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), Date.now());
-        const conn = await tryConnect(url, { ca, ...creds, clientId: "tls-4" });
+        const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), {
+          clientId: "meter-tls/4",
+        });
+        const conn = await tryConnect(url, { ca, ...creds });
         assert.equal(conn.code, 0);
         await conn.end();
       });
+
+      await t.step(
+        "idle TCP sockets on the TLS port are capped per address and closed after the deadline",
+        async () => {
+          const port = gw.gateway.broker!.ports.mqtts!;
+          const open = async () => {
+            const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+            const closed = (async () => {
+              try {
+                while (await conn.read(new Uint8Array(64)) !== null) { /* drain */ }
+              } catch { /* reset */ }
+            })();
+            return { conn, closed };
+          };
+          // A device authenticated by its certificate is not subject to the deadline.
+          const device = await tryConnect(url, {
+            ...(await tls("meter-tls")),
+            clientId: "meter-tls/long",
+          });
+          assert.equal(device.code, 0);
+          const idle = [await open(), await open(), await open()];
+          const extra = await open();
+          await within(extra.closed, "the 4th socket from one address is closed at once", 2_500);
+          extra.conn.close();
+          // No TLS handshake, no CONNECT: closed after MQTT_CONNECT_TIMEOUT (3 s).
+          await within(Promise.all(idle.map((s) => s.closed)), "idle sockets closed", 10_000);
+          for (const s of idle) s.conn.close();
+          assert.ok(device.client.connected, "the authenticated device outlived the deadline");
+          const ts = isoAgo(2 * 60_000);
+          await device.client.publishAsync(
+            "meters/meter-tls/readings",
+            readingPayload("meter-tls", Buffer.from(secret_hex, "hex"), ts, "1"),
+            { qos: 1 },
+          );
+          await device.end();
+          // A device still connects.
+          const creds = connectCredentials("meter-tls", Buffer.from(secret_hex, "hex"), {
+            clientId: "meter-tls/after",
+          });
+          const conn = await tryConnect(url, { ca, ...creds });
+          assert.equal(conn.code, 0);
+          await conn.end();
+        },
+      );
     } finally {
       await Deno.remove(dir, { recursive: true });
     }

@@ -87,8 +87,7 @@ Deno.test({
       const device = "outage-mqtt";
       const deviceSecret = Buffer.from((await gw.registerMeter(device, user.id)).secret_hex, "hex");
       const client = connect(`mqtt://127.0.0.1:${gw.gateway.broker!.ports.mqtt}`, {
-        ...connectCredentials(device, deviceSecret, Date.now()),
-        clientId: "outage-device",
+        ...connectCredentials(device, deviceSecret, { clientId: `${device}/device` }),
         reconnectPeriod: 0,
       });
       await new Promise((resolve, reject) => {
