@@ -21,7 +21,6 @@ import { TokenService } from "./tokens.ts";
 import { UserService } from "./users.ts";
 import { UserStateCache } from "./user_state.ts";
 import type { ScryptParams } from "../core/password.ts";
-import { SecurityLog } from "../core/security_log.ts";
 
 /** Adapters and secrets chosen by the composition root. */
 export interface GatewayDeps {
@@ -259,7 +258,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         clock,
         logger,
         metrics,
-        securityLog: new SecurityLog({ logger, clock }),
+        securityLog: security,
         limits: config.mqtt.limits,
       }).catch((error) => {
         throw (error as { code?: string }).code === "EADDRINUSE"

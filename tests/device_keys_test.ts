@@ -58,12 +58,17 @@ function ed25519Device(meterId: string, userId: string, publicKey: string): Devi
 }
 
 /** The CONNACK return code of an MQTT CONNECT to the embedded broker (0: accepted). */
-async function connectCode(port: number, username: string, password: string): Promise<number> {
+async function connectCode(
+  port: number,
+  username: string,
+  password: string,
+  clientId: string,
+): Promise<number> {
   const client = connect({
     host: "127.0.0.1",
     port,
     protocolVersion: 4,
-    clientId: `${username}-${crypto.randomUUID().slice(0, 8)}`,
+    clientId,
     username,
     password,
     reconnectPeriod: 0,
@@ -142,11 +147,14 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
   await t.step("a forged MQTT CONNECT password for that key is not authorised", async () => {
     const port = gw.gateway.broker!.ports.mqtt;
     const seconds = String(Math.floor(Date.now() / 1000));
-    assert.equal(await connectCode(port, "stored-weak", `${seconds}.${FORGED}`), 5);
+    assert.equal(
+      await connectCode(port, "stored-weak", `${seconds}.${FORGED}`, "stored-weak"),
+      5,
+    );
     // The registry refuses it too (the path of every transport).
     const verdict = await gw.gateway.registry.authenticate(
       "stored-weak",
-      connectMessage("stored-weak", seconds),
+      connectMessage("stored-weak", "stored-weak", seconds),
       FORGED,
     );
     assert.equal(verdict?.kind === "reject" && verdict.code, "bad_signature");
@@ -169,9 +177,10 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
     });
     assert.equal(res.status, 201, JSON.stringify(res.body));
     const seconds = String(Math.floor(Date.now() / 1000));
-    const sig = sign(null, Buffer.from(connectMessage("stored-sound", seconds)), privateKey);
+    const hello = connectMessage("stored-sound", "stored-sound", seconds);
+    const sig = sign(null, Buffer.from(hello), privateKey).toString("hex");
     const port = gw.gateway.broker!.ports.mqtt;
-    assert.equal(await connectCode(port, "stored-sound", `${seconds}.${sig.toString("hex")}`), 0);
+    assert.equal(await connectCode(port, "stored-sound", `${seconds}.${sig}`, "stored-sound"), 0);
   });
 });
 
