@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { ConfigError } from "./errors.ts";
 import { parseDuration } from "./duration.ts";
+import { looksRandom } from "./secret_strength.ts";
 import { passwordSchema } from "./user.ts";
 
 const duration = (fallback: string) =>
@@ -21,10 +22,6 @@ const int = (fallback: number, min = 1, max = Number.MAX_SAFE_INTEGER) =>
 
 const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 
-// A secret with fewer distinct characters (bytes) than this is a placeholder, not a key: 32
-// random bytes have ~31 distinct ones, 32 random characters of base64 ~25.
-const MIN_DISTINCT = 8;
-
 /** Every environment variable the gateway reads, with its default. */
 const envSchema = z.object({
   HOST: z.string().min(1).default("0.0.0.0"),
@@ -33,16 +30,13 @@ const envSchema = z.object({
   ADMIN_EMAIL: z.string().email().default("admin@gridtokenx.local"),
   ADMIN_PASSWORD: passwordSchema.optional(),
   JWT_SECRET: z.string().min(32, "must be at least 32 characters")
-    .refine(
-      (s) => new Set(s).size >= MIN_DISTINCT,
-      `must be random: it has fewer than ${MIN_DISTINCT} distinct characters`,
-    )
+    .refine(looksRandom, "must be random: it is mostly a repeated pattern or too few characters")
     .optional(),
   JWT_TTL: duration("1h"),
   DEVICE_KEY_ENCRYPTION_KEY: z.string().regex(/^[0-9a-fA-F]{64}$/, "must be 64 hex characters")
     .refine(
-      (hex) => new Set(hexBytes(hex)).size >= MIN_DISTINCT,
-      `must be random: it has fewer than ${MIN_DISTINCT} distinct bytes`,
+      (hex) => looksRandom(hexBytes(hex)),
+      "must be random: its bytes are mostly a repeated pattern (generate one with openssl rand -hex 32)",
     )
     .optional(),
   LOGIN_BACKOFF_AFTER: int(5, 1, 1000),
@@ -53,7 +47,8 @@ const envSchema = z.object({
   DEVICE_KEY_ROTATION_GRACE: duration("24h"),
   GATEWAY_INSTANCE_ID: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
   LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
-  KWH_MAX: z.coerce.number().positive().default(100),
+  // kWh are kept as integer ten-thousandths: beyond 1e9 they would not stay exact in a double.
+  KWH_MAX: z.coerce.number().positive().max(1e9).default(100),
   READING_MAX_AGE: duration("7d"),
   READING_MAX_FUTURE: duration("5m"),
   DEDUPE_WINDOW: duration("15m"),

@@ -15,12 +15,14 @@ import {
   jsonBody,
   jsonResponse,
   MeterParam,
+  noteSchema,
+  userIdSchema,
 } from "./schemas.ts";
 import { validationHook } from "./validation.ts";
 
 const RegisterSchema = z.strictObject({
   meter_id: meterIdSchema,
-  user_id: z.string().min(1).max(64),
+  user_id: userIdSchema,
   algorithm: z.enum(["hmac-sha256", "ed25519"]).default("hmac-sha256"),
   public_key: z.string().min(1).max(512).optional(),
 }).openapi("DeviceRegistration");
@@ -40,7 +42,7 @@ const ImportResultSchema = z.object({
 }).openapi("DeviceImportResult");
 
 const ListQuery = z.object({
-  user_id: z.string().max(64).optional(),
+  user_id: userIdSchema.optional(),
   limit: z.coerce.number().int().min(1).max(1000).default(100),
   cursor: z.string().max(512).optional(),
 });
@@ -53,7 +55,7 @@ const RotateSchema = z.strictObject({
         "DEVICE_KEY_ROTATION_GRACE. 0 ends it at once (a leaked key).",
     }),
 }).openapi("DeviceRotation");
-const RevokeSchema = z.strictObject({ reason: z.string().max(500).optional() });
+const RevokeSchema = z.strictObject({ reason: noteSchema.optional() });
 
 const security = [{ bearer: [] }];
 const tags = ["devices"];

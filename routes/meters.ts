@@ -22,6 +22,7 @@ import {
   jsonResponse,
   MeterParam,
   ReadingSchema,
+  userIdSchema,
 } from "./schemas.ts";
 import type { Clock } from "../core/clock.ts";
 import { validationHook } from "./validation.ts";
@@ -36,10 +37,17 @@ const SubmissionSchema = readingSubmissionSchema.meta({
   },
 });
 
+// Query bounds between 1970 and 9999 (UTC): readings are never outside, and every store can
+// represent them (PostgreSQL refuses year 0 and years past 9999 in ISO form).
+const MIN_QUERY_MS = 0;
+const MAX_QUERY_MS = Date.UTC(10000, 0, 1);
 const isoDate = z.string().max(40).regex(RFC3339, "must be an RFC 3339 date-time").refine(
   isRealDateTime,
   "names a day or time that does not exist",
-);
+).refine((text) => {
+  const ms = Date.parse(text);
+  return ms >= MIN_QUERY_MS && ms < MAX_QUERY_MS;
+}, "must lie between 1970 and 9999 (UTC)");
 
 const ListQuery = z.object({
   meter_id: meterIdSchema.optional(),
@@ -118,7 +126,7 @@ const stats = createRoute({
   tags,
   security,
   summary: "Totals of the caller's readings (admins: all, or one user's)",
-  request: { query: z.object({ user_id: z.string().max(64).optional() }) },
+  request: { query: z.object({ user_id: userIdSchema.optional() }) },
   responses: { 200: jsonResponse(StatsSchema, "Totals"), ...commonErrors },
 });
 

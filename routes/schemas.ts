@@ -74,8 +74,24 @@ export function userView(user: User): z.infer<typeof UserSchema> {
   };
 }
 
+/**
+ * A user id as input: ids are UUIDs, so anything outside this set (a NUL byte, say, which
+ * PostgreSQL text refuses) is a 400 here, not a 500 from the store.
+ */
+export const userIdSchema = z.string().regex(
+  /^[A-Za-z0-9._:-]{1,64}$/,
+  "must be a user id (1-64 of A-Z a-z 0-9 . _ : -)",
+);
+
+/** Free text kept in the store (reasons, notes): printable, no control characters. */
+export const noteSchema = z.string().max(500).regex(
+  // deno-lint-ignore no-control-regex -- the point is to refuse them
+  /^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F]*$/,
+  "must not contain control characters",
+);
+
 export const UserIdParam = z.object({
-  id: z.string().min(1).max(128).openapi({ param: { name: "id", in: "path" } }),
+  id: userIdSchema.openapi({ param: { name: "id", in: "path" } }),
 });
 
 /** The body of responses that carry an access token. */

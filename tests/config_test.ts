@@ -42,6 +42,17 @@ Deno.test("loadConfig() refuses placeholder secrets and names the variable", () 
     [{ JWT_SECRET: "a".repeat(32) }, "JWT_SECRET", /JWT_SECRET: must be random/],
     [{ JWT_SECRET: "ab".repeat(32) }, "JWT_SECRET", /JWT_SECRET: must be random/],
     [
+      { JWT_SECRET: "change-me-change-me-change-me-32" },
+      "JWT_SECRET",
+      /JWT_SECRET: must be random/,
+    ],
+    [
+      { DEVICE_KEY_ENCRYPTION_KEY: "0123456789abcdef".repeat(4) },
+      "DEVICE_KEY_ENCRYPTION_KEY",
+      /DEVICE_KEY_ENCRYPTION_KEY: must be random/,
+    ],
+    [{ KWH_MAX: "1e12" }, "KWH_MAX", /KWH_MAX: /],
+    [
       { DEVICE_KEY_ENCRYPTION_KEY: "00".repeat(32) },
       "DEVICE_KEY_ENCRYPTION_KEY",
       /DEVICE_KEY_ENCRYPTION_KEY: must be random/,

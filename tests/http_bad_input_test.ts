@@ -213,18 +213,54 @@ Deno.test("malformed, oversized and hostile requests get 4xx JSON errors and bre
       { token: gw.adminToken },
     );
     assertError(rotate, 400, "invalid_payload");
-    // A hostile user_id is just an unknown user to an admin, and forbidden to anyone else.
+    // A hostile user_id is not a user id, for admins and users alike.
     const odd = encodeURIComponent("' OR 1=1 --");
-    const adminStats = await gw.request("GET", `/api/meters/stats?user_id=${odd}`, {
-      token: gw.adminToken,
-    });
-    equal(adminStats.status, 200);
-    equal(adminStats.body.reading_count, 0);
-    const userStats = await gw.request("GET", `/api/meters/stats?user_id=${odd}`, {
-      token: user.token,
-    });
-    assertError(userStats, 403, "forbidden");
+    for (const token of [gw.adminToken, user.token]) {
+      const stats = await gw.request("GET", `/api/meters/stats?user_id=${odd}`, { token });
+      assertError(stats, 400, "invalid_payload");
+    }
   });
+
+  await t.step(
+    "NUL bytes and dates no store can hold are 400, never 500 (PostgreSQL refuses both)",
+    async () => {
+      const nul = encodeURIComponent("\u0000");
+      const gets = [
+        `/api/meters/stats?user_id=${nul}`,
+        `/api/admin/users/${nul}`,
+        `/api/admin/devices?user_id=${nul}`,
+        "/api/meters/readings?from=0000-01-01T00:00:00Z",
+        `/api/meters/readings?to=${encodeURIComponent("9999-12-31T23:59:59-23:59")}`,
+        "/api/meters/bad-meter-1/stats/hourly?start=0000-01-01T00:00:00Z&end=0000-01-02T00:00:00Z",
+      ];
+      for (const path of gets) {
+        assertError(
+          await gw.request("GET", path, { token: gw.adminToken }),
+          400,
+          "invalid_payload",
+          path,
+        );
+      }
+      const register = await gw.request("POST", "/api/admin/devices/register", {
+        token: gw.adminToken,
+        body: { meter_id: "bad-nul-1", user_id: "\u0000", algorithm: "hmac-sha256" },
+      });
+      assertError(register, 400, "invalid_payload");
+      const revoke = await gw.request("POST", "/api/admin/devices/bad-meter-1/revoke", {
+        token: gw.adminToken,
+        body: { reason: "oops\u0000" },
+      });
+      assertError(revoke, 400, "invalid_payload");
+      // Refused before anything changed: the meter still takes readings.
+      const listed = await gw.request("GET", "/api/admin/devices?limit=1000", {
+        token: gw.adminToken,
+      });
+      const device = listed.body.items.find((d: { meter_id: string }) =>
+        d.meter_id === "bad-meter-1"
+      );
+      equal(device.status, "active");
+    },
+  );
 
   /** A valid reading whose meter id ends in a Latin-1 "é" (0xe9) instead of "1". */
   const latin1Reading = () => {
