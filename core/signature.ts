@@ -85,9 +85,22 @@ function readEd25519PublicKey(text: string): { key: KeyObject; raw: Uint8Array }
       if (key.asymmetricKeyType !== "ed25519") return null;
       return { key, raw: rawOf(key) };
     }
-    const raw = /^[0-9a-fA-F]{64}$/.test(text)
-      ? Buffer.from(text, "hex")
-      : Buffer.from(text.replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_"), "base64url");
+    // Strictly one of the encodings: Buffer's base64 decoder silently skips characters that do
+    // not belong, so a key with junk (or spaces) inside would otherwise register.
+    let raw: Buffer;
+    if (/^[0-9a-fA-F]{64}$/.test(text)) raw = Buffer.from(text, "hex");
+    else if (/^[A-Za-z0-9+/_-]{43}=?$/.test(text)) {
+      raw = Buffer.from(
+        text.replace(/=$/, "").replace(/\+/g, "-").replace(/\//g, "_"),
+        "base64url",
+      );
+      // The last character carries 2 unused bits: only their zero form is canonical.
+      if (
+        raw.toString("base64url") !== text.replace(/=$/, "").replace(/\+/g, "-").replace(/\//g, "_")
+      ) {
+        return null;
+      }
+    } else return null;
     if (raw.length !== 32) return null;
     const key = createPublicKey({
       key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") },

@@ -312,6 +312,29 @@ Deno.test("weak public keys: small order and non-canonical encodings are refused
       const pem = publicKey.export({ format: "pem", type: "spki" }).toString();
       assert.ok("key" in vetEd25519PublicKey(pem));
       assert.ok("key" in vetEd25519PublicKey(raw));
+      const b64 = Buffer.from(raw, "base64url").toString("base64");
+      assert.ok("key" in vetEd25519PublicKey(b64), b64);
+      assert.ok("key" in vetEd25519PublicKey(Buffer.from(raw, "base64url").toString("hex")));
+    }
+  });
+
+  await t.step("an encoding with junk, spaces or non-zero spare bits is refused", () => {
+    const { publicKey } = generateKeyPairSync("ed25519");
+    const raw = ed25519Raw(publicKey); // 43 characters of base64url
+    const junk = [
+      `${raw.slice(0, 20)}!!!$$$${raw.slice(20)}`,
+      `${raw.slice(0, 20)} ${raw.slice(20)}`,
+      `${raw.slice(0, 20)}\n${raw.slice(20)}`,
+      ` ${raw}`,
+      `${raw}==`,
+      // The last character's 2 spare bits set: decodes to the same bytes, but is not canonical.
+      raw.slice(0, 42) + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".indexOf(raw[42]) | 1
+      ],
+    ].filter((text) => text !== raw);
+    for (const text of junk) {
+      assert.equal(parseEd25519PublicKey(text), null, JSON.stringify(text));
+      assert.ok("problem" in vetEd25519PublicKey(text), JSON.stringify(text));
     }
   });
 });
