@@ -7,37 +7,12 @@ import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { connectAsync, type MqttClient } from "mqtt";
 import { connectCredentials, readingPayload } from "../mqtt/device_credentials.ts";
-import { embeddedMqttPort, GatewayProcess } from "./_gateway_process.ts";
+import { call, embeddedMqttPort, GatewayProcess, login } from "./_gateway_process.ts";
 import { binariesAvailable, within } from "./_mosquitto.ts";
 
 const ADMIN_EMAIL = "root@mqtt-fd.test";
 const ADMIN_PASSWORD = "mqtt-fd-admin-password";
 const RECOVERY_TIMEOUT_MS = 30_000;
-
-// deno-lint-ignore no-explicit-any
-type Json = any;
-
-async function call(
-  base: string,
-  method: string,
-  path: string,
-  options: { token?: string; body?: unknown } = {},
-): Promise<{ status: number; body: Json }> {
-  const res = await fetch(base + path, {
-    method,
-    headers: {
-      ...(options.token ? { authorization: `Bearer ${options.token}` } : {}),
-      ...(options.body === undefined ? {} : { "content-type": "application/json" }),
-    },
-    body: options.body === undefined ? undefined : JSON.stringify(options.body),
-  });
-  const text = await res.text();
-  try {
-    return { status: res.status, body: JSON.parse(text) };
-  } catch {
-    return { status: res.status, body: text };
-  }
-}
 
 interface Meter {
   id: string;
@@ -64,11 +39,7 @@ async function startGateway(
       stderr: "piped",
     }).output();
     assert.equal(limit.code, 0, new TextDecoder().decode(limit.stderr));
-    const login = await call(gw.url, "POST", "/api/auth/login", {
-      body: { email: ADMIN_EMAIL, password: ADMIN_PASSWORD },
-    });
-    assert.equal(login.status, 200, JSON.stringify(login.body));
-    const token = login.body.access_token;
+    const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
     const user = await call(gw.url, "POST", "/api/admin/users", {
       token,
       body: { email: "owner@mqtt-fd.test", password: "owner-password", role: "user" },
