@@ -25,11 +25,7 @@ function register(gw: TestGateway, body: Record<string, unknown>) {
   return gw.request("POST", "/api/admin/devices/register", { token: gw.adminToken, body });
 }
 
-/** Stores a device directly, bypassing registration (as a record written before the fix). */
-function storeGatewayDevice(gw: TestGateway, device: DeviceRecord): Promise<void> {
-  return storeDevice(gw.gateway.store, device);
-}
-
+/** An Ed25519 device to store directly, bypassing registration (as written before the fix). */
 function ed25519Device(meterId: string, userId: string, publicKey: string): DeviceRecord {
   const public_key = Buffer.from(publicKey, "hex").toString("base64url");
   return deviceRecord(meterId, userId, { algorithm: "ed25519", public_key });
@@ -106,7 +102,7 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
   });
 
   await t.step("a forged reading against a stored identity key is 401 bad_signature", async () => {
-    await storeGatewayDevice(gw, ed25519Device("stored-weak", owner.id, IDENTITY));
+    await storeDevice(gw.gateway.store, ed25519Device("stored-weak", owner.id, IDENTITY));
     for (const kwh of ["1.5", "99"]) {
       const res = await gw.request("POST", "/api/meters/submit-reading", {
         token: owner.token,
@@ -141,7 +137,7 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
   await t.step("a sound stored key still verifies readings and CONNECT", async () => {
     const { publicKey, privateKey } = generateKeyPairSync("ed25519");
     const raw = Buffer.from(ed25519Raw(publicKey), "base64url").toString("hex");
-    await storeGatewayDevice(gw, ed25519Device("stored-sound", owner.id, raw));
+    await storeDevice(gw.gateway.store, ed25519Device("stored-sound", owner.id, raw));
     const ts = isoAgo(3_600_000);
     const message = canonicalMessage("stored-sound", ts, "2.5");
     const res = await gw.request("POST", "/api/meters/submit-reading", {
@@ -165,8 +161,8 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
 Deno.test("over HTTP, a secret sealed under another KEK is 503 naming the cause", async () => {
   await using gw = await startTestGateway();
   const owner = await gw.createUser("kek@example.com");
-  await storeGatewayDevice(
-    gw,
+  await storeDevice(
+    gw.gateway.store,
     hmacDevice("other-kek", owner.id, new Uint8Array(32).fill(9), SECRET),
   );
   const ts = isoAgo(3_600_000);
