@@ -110,6 +110,30 @@ const envSchema = z.object({
 });
 
 /** Validated configuration of one gateway process. */
+/** Limits of the embedded broker against hostile or broken clients, from the environment. */
+export interface MqttLimits {
+  /** Open connections per listener. */
+  maxConnections: number;
+  /** Connections from one address that have not authenticated yet, per listener. */
+  maxConnectionsPerAddress: number;
+  /** From accept until CONNECT must have been authenticated. */
+  connectTimeoutMs: number;
+  /** Sessions (live, or persistent and offline) per meter. */
+  sessionsPerMeter: number;
+  /** Messages queued per persistent session. */
+  sessionQueueMax: number;
+  /** How long an offline persistent session is kept. */
+  sessionExpiryMs: number;
+  /** Oldest CONNECT password timestamp accepted. */
+  connectMaxAgeMs: number;
+  /** How far in the future a CONNECT password timestamp may be (device clock skew). */
+  connectMaxSkewMs: number;
+  /** Junk messages within `junkWindowMs` that disconnect a device for `junkBanMs`. */
+  junkLimit: number;
+  junkWindowMs: number;
+  junkBanMs: number;
+}
+
 export interface Config {
   host: string;
   port: number;
@@ -158,20 +182,8 @@ export interface Config {
     /** Connections that publish acks (external broker). */
     ackConnections: number;
     maxPayload: number;
-    /** Embedded broker: limits against hostile clients (see BrokerLimits). */
-    limits: {
-      maxConnections: number;
-      maxConnectionsPerAddress: number;
-      connectTimeoutMs: number;
-      sessionsPerMeter: number;
-      sessionQueueMax: number;
-      sessionExpiryMs: number;
-      connectMaxAgeMs: number;
-      connectMaxSkewMs: number;
-      junkLimit: number;
-      junkWindowMs: number;
-      junkBanMs: number;
-    };
+    /** Embedded broker: limits against hostile clients. */
+    limits: MqttLimits;
   };
   httpBodyLimit: number;
   importBodyLimit: number;

@@ -5,6 +5,7 @@ import { createServer as createNetServer, type Server, type Socket } from "node:
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { ActorRegistry } from "../actors/registry.ts";
 import type { Clock } from "../core/clock.ts";
+import type { MqttLimits } from "../core/config.ts";
 import type { ErrorCode } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
@@ -45,27 +46,7 @@ export interface EmbeddedBrokerOptions {
 }
 
 /** Limits of the embedded broker against hostile or broken clients. */
-export interface BrokerLimits {
-  /** Open connections per listener. */
-  maxConnections: number;
-  /** Connections from one address that have not authenticated yet, per listener. */
-  maxConnectionsPerAddress: number;
-  /** From accept until CONNECT must have been authenticated. */
-  connectTimeoutMs: number;
-  /** Sessions (live, or persistent and offline) per meter. */
-  sessionsPerMeter: number;
-  /** Messages queued per persistent session. */
-  sessionQueueMax: number;
-  /** How long an offline persistent session is kept. */
-  sessionExpiryMs: number;
-  /** Oldest CONNECT password timestamp accepted. */
-  connectMaxAgeMs: number;
-  /** How far in the future a CONNECT password timestamp may be (device clock skew). */
-  connectMaxSkewMs: number;
-  /** Junk messages within `junkWindowMs` that disconnect a device for `junkBanMs`. */
-  junkLimit: number;
-  junkWindowMs: number;
-  junkBanMs: number;
+export interface BrokerLimits extends MqttLimits {
   /** Period of the check that each listener still accepts; 0 turns it off. */
   acceptProbeMs: number;
 }

@@ -1,4 +1,5 @@
 // `main.ts` as a child process, for tests that need the real process (restarts, kill -9).
+import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
@@ -208,4 +209,36 @@ export function embeddedMqttPort(gw: GatewayProcess): number {
   const match = /^embedded:mqtt:\/\/[^:]+:(\d+)/.exec(String(entry?.mqtt));
   if (!match) throw new Error(`no embedded broker port in the log:\n${gw.describe()}`);
   return Number(match[1]);
+}
+
+/** A JSON request against a child gateway; the body is always consumed (text if not JSON). */
+export async function call(
+  base: string,
+  method: string,
+  path: string,
+  options: { token?: string; body?: unknown } = {},
+  // deno-lint-ignore no-explicit-any
+): Promise<{ status: number; body: any }> {
+  const headers: Record<string, string> = {};
+  if (options.token) headers.authorization = `Bearer ${options.token}`;
+  if (options.body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(base + path, {
+    method,
+    headers,
+    body: options.body === undefined ? undefined : JSON.stringify(options.body),
+  });
+  const text = await res.text();
+  let body: unknown = text;
+  try {
+    body = JSON.parse(text);
+  } catch { /* not JSON */ }
+  return { status: res.status, body };
+}
+
+/** Logs in against a child gateway and returns the access token. */
+export async function login(base: string, email: string, password: string): Promise<string> {
+  const res = await call(base, "POST", "/api/auth/login", { body: { email, password } });
+  assert.equal(res.status, 200, `login of ${email}: ${JSON.stringify(res.body)}`);
+  assert.equal(typeof res.body.access_token, "string");
+  return res.body.access_token;
 }

@@ -1,40 +1,9 @@
 // The real process (main.ts) as a subprocess: first start, restarts, kill -9, config errors.
 import assert from "node:assert/strict";
 import { isoAgo, signedReading } from "./_gateway.ts";
-import { GatewayProcess } from "./_gateway_process.ts";
+import { call, GatewayProcess, login } from "./_gateway_process.ts";
 
 const ADMIN_EMAIL = "root@crash.test";
-
-/** A JSON request against a child gateway; the body is always consumed. */
-async function call(
-  base: string,
-  method: string,
-  path: string,
-  options: { token?: string; body?: unknown } = {},
-  // deno-lint-ignore no-explicit-any
-): Promise<{ status: number; body: any }> {
-  const headers: Record<string, string> = {};
-  if (options.token) headers.authorization = `Bearer ${options.token}`;
-  if (options.body !== undefined) headers["content-type"] = "application/json";
-  const res = await fetch(base + path, {
-    method,
-    headers,
-    body: options.body === undefined ? undefined : JSON.stringify(options.body),
-  });
-  const text = await res.text();
-  let body: unknown = text;
-  try {
-    body = JSON.parse(text);
-  } catch { /* not JSON */ }
-  return { status: res.status, body };
-}
-
-async function login(base: string, email: string, password: string): Promise<string> {
-  const res = await call(base, "POST", "/api/auth/login", { body: { email, password } });
-  assert.equal(res.status, 200, `login of ${email}: ${JSON.stringify(res.body)}`);
-  assert.equal(typeof res.body.access_token, "string");
-  return res.body.access_token;
-}
 
 /** A temporary data directory, removed on dispose. */
 async function tempDir(): Promise<{ path: string } & AsyncDisposable> {

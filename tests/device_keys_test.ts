@@ -7,12 +7,11 @@ import { connect } from "mqtt";
 import { ActorRegistry, type ReadingSink } from "../actors/registry.ts";
 import { ManualClock } from "../core/clock.ts";
 import type { DeviceRecord } from "../core/device.ts";
-import { secretContext } from "../core/device_keys.ts";
 import type { Logger } from "../core/logger.ts";
-import { seal } from "../core/secret_box.ts";
 import { SecurityLog } from "../core/security_log.ts";
 import { canonicalMessage, connectMessage, ed25519Raw, signHmac } from "../core/signature.ts";
 import { KvStore } from "../db/kv_store.ts";
+import { deviceRecord, hmacDevice, plainUser, storeDevice } from "./_devices.ts";
 import { isoAgo, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 const IDENTITY = "01" + "00".repeat(31);
@@ -26,35 +25,10 @@ function register(gw: TestGateway, body: Record<string, unknown>) {
   return gw.request("POST", "/api/admin/devices/register", { token: gw.adminToken, body });
 }
 
-/** Stores a device directly, bypassing registration (as a record written before the fix). */
-function storeDevice(gw: TestGateway | KvStore, device: DeviceRecord): Promise<void> {
-  const store = gw instanceof KvStore ? gw : gw.gateway.store;
-  return store.createDevice(device, {
-    id: crypto.randomUUID(),
-    meter_id: device.meter_id,
-    action: "registered",
-    actor: "test",
-    at: device.created_at,
-  });
-}
-
+/** An Ed25519 device to store directly, bypassing registration (as written before the fix). */
 function ed25519Device(meterId: string, userId: string, publicKey: string): DeviceRecord {
-  const now = Date.now();
-  return {
-    meter_id: meterId,
-    user_id: userId,
-    status: "active",
-    created_at: now,
-    updated_at: now,
-    revoked_at: null,
-    keys: [{
-      key_id: "k1",
-      algorithm: "ed25519",
-      public_key: Buffer.from(publicKey, "hex").toString("base64url"),
-      created_at: now,
-      retired_at: null,
-    }],
-  };
+  const public_key = Buffer.from(publicKey, "hex").toString("base64url");
+  return deviceRecord(meterId, userId, { algorithm: "ed25519", public_key });
 }
 
 /** The CONNACK return code of an MQTT CONNECT to the embedded broker (0: accepted). */
@@ -128,7 +102,7 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
   });
 
   await t.step("a forged reading against a stored identity key is 401 bad_signature", async () => {
-    await storeDevice(gw, ed25519Device("stored-weak", owner.id, IDENTITY));
+    await storeDevice(gw.gateway.store, ed25519Device("stored-weak", owner.id, IDENTITY));
     for (const kwh of ["1.5", "99"]) {
       const res = await gw.request("POST", "/api/meters/submit-reading", {
         token: owner.token,
@@ -163,7 +137,7 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
   await t.step("a sound stored key still verifies readings and CONNECT", async () => {
     const { publicKey, privateKey } = generateKeyPairSync("ed25519");
     const raw = Buffer.from(ed25519Raw(publicKey), "base64url").toString("hex");
-    await storeDevice(gw, ed25519Device("stored-sound", owner.id, raw));
+    await storeDevice(gw.gateway.store, ed25519Device("stored-sound", owner.id, raw));
     const ts = isoAgo(3_600_000);
     const message = canonicalMessage("stored-sound", ts, "2.5");
     const res = await gw.request("POST", "/api/meters/submit-reading", {
@@ -187,22 +161,10 @@ Deno.test("weak Ed25519 public keys are refused at registration and never verify
 Deno.test("over HTTP, a secret sealed under another KEK is 503 naming the cause", async () => {
   await using gw = await startTestGateway();
   const owner = await gw.createUser("kek@example.com");
-  const now = Date.now();
-  await storeDevice(gw, {
-    meter_id: "other-kek",
-    user_id: owner.id,
-    status: "active",
-    created_at: now,
-    updated_at: now,
-    revoked_at: null,
-    keys: [{
-      key_id: "k1",
-      algorithm: "hmac-sha256",
-      secret_enc: seal(new Uint8Array(32).fill(9), SECRET, secretContext("other-kek", "k1")),
-      created_at: now,
-      retired_at: null,
-    }],
-  });
+  await storeDevice(
+    gw.gateway.store,
+    hmacDevice("other-kek", owner.id, new Uint8Array(32).fill(9), SECRET),
+  );
   const ts = isoAgo(3_600_000);
   const res = await gw.request("POST", "/api/meters/submit-reading", {
     token: owner.token,
@@ -253,29 +215,8 @@ const SECRET = Buffer.alloc(32, 5);
 /** A registry over a fresh in-memory store whose meter "m1" has its secret sealed under `sealKek`. */
 async function registryWith(sealKek: Uint8Array, logger: Logger, security?: SecurityLog) {
   const store = await KvStore.open(undefined, { dedupeWindowMs: 15 * 60_000 });
-  await store.createUser({
-    id: "u1",
-    email: "u1@x",
-    role: "user",
-    wallet_address: null,
-    created_at: NOW,
-    password_hash: "x",
-  });
-  await storeDevice(store, {
-    meter_id: "m1",
-    user_id: "u1",
-    status: "active",
-    created_at: NOW,
-    updated_at: NOW,
-    revoked_at: null,
-    keys: [{
-      key_id: "k1",
-      algorithm: "hmac-sha256",
-      secret_enc: seal(sealKek, SECRET, secretContext("m1", "k1")),
-      created_at: NOW,
-      retired_at: null,
-    }],
-  });
+  await store.createUser(plainUser("u1", NOW));
+  await storeDevice(store, hmacDevice("m1", "u1", sealKek, SECRET, NOW));
   const sink: ReadingSink = {
     submit: (row) => store.insertReadings([row]).then((r) => r[0]),
   };

@@ -8,7 +8,7 @@ import { Buffer } from "node:buffer";
 import { connectAsync, type MqttClient } from "mqtt";
 import { connectCredentials, readingPayload } from "../mqtt/device_credentials.ts";
 import { mosquittoAvailable, startMosquitto } from "./_mosquitto.ts";
-import { embeddedMqttPort, GatewayProcess } from "./_gateway_process.ts";
+import { call, embeddedMqttPort, GatewayProcess, login } from "./_gateway_process.ts";
 import { createTestSchema } from "./_services.ts";
 
 const ADMIN_EMAIL = "root@mqtt-crash.test";
@@ -29,36 +29,6 @@ const STORE_NAME = ON_POSTGRES ? " (PostgreSQL)" : "";
 
 // deno-lint-ignore no-explicit-any
 type Json = any;
-
-async function call(
-  base: string,
-  method: string,
-  path: string,
-  options: { token?: string; body?: unknown } = {},
-): Promise<{ status: number; body: Json }> {
-  const res = await fetch(base + path, {
-    method,
-    headers: {
-      ...(options.token ? { authorization: `Bearer ${options.token}` } : {}),
-      ...(options.body === undefined ? {} : { "content-type": "application/json" }),
-    },
-    body: options.body === undefined ? undefined : JSON.stringify(options.body),
-  });
-  const text = await res.text();
-  try {
-    return { status: res.status, body: JSON.parse(text) };
-  } catch {
-    return { status: res.status, body: text };
-  }
-}
-
-async function login(base: string): Promise<string> {
-  const res = await call(base, "POST", "/api/auth/login", {
-    body: { email: ADMIN_EMAIL, password: ADMIN_PASSWORD },
-  });
-  assert.equal(res.status, 200, JSON.stringify(res.body));
-  return res.body.access_token;
-}
 
 interface Meter {
   id: string;
@@ -254,7 +224,7 @@ Deno.test(`the embedded broker stores every PUBACKed reading exactly once across
 
   await t.step("5,000 readings stream in; the gateway is killed mid-stream", async () => {
     await using gw = await GatewayProcess.start(env);
-    const token = await login(gw.url);
+    const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
     meters = await provision(gw.url, token, "emb");
     readings = readingsOf(meters);
     const clients = await connectDevices(embeddedMqttPort(gw), meters);
@@ -301,7 +271,7 @@ Deno.test(`the embedded broker stores every PUBACKed reading exactly once across
 
   await t.step("after the restart, every PUBACKed reading is stored exactly once", async () => {
     await using gw = await GatewayProcess.start(env);
-    const token = await login(gw.url);
+    const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
     storedAfterRestart = await listStored(gw.url, token);
     assertOnce(storedAfterRestart, readings);
     for (const index of acked) {
@@ -316,7 +286,7 @@ Deno.test(`the embedded broker stores every PUBACKed reading exactly once across
 
   await t.step("devices resubmit what had no PUBACK; all 5,000 are stored once", async () => {
     await using gw = await GatewayProcess.start(env);
-    const token = await login(gw.url);
+    const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
     const missing = readings.filter((r) => !acked.has(r.index));
     const clients = await connectDevices(embeddedMqttPort(gw), meters);
     const acks = new Map<string, Json[]>();
@@ -423,7 +393,7 @@ Deno.test({
 
       await t.step("5,000 readings go to Mosquitto; the gateway is killed mid-stream", async () => {
         await using gw = await GatewayProcess.start(env);
-        const token = await login(gw.url);
+        const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
         meters = await provision(gw.url, token, "ext");
         readings = readingsOf(meters);
         await waitForIngress(publishers[0], acks);
@@ -485,7 +455,7 @@ Deno.test({
         "restarted with the same client id, the gateway stores all 5,000 once",
         async () => {
           await using gw = await GatewayProcess.start(env);
-          const token = await login(gw.url);
+          const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
           let count = 0;
           await until(() => `${count} of ${TOTAL} stored`, async () => {
             count = await readingCount(gw.url, token);

@@ -7,37 +7,12 @@ import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { connectAsync, type MqttClient } from "mqtt";
 import { connectCredentials, readingPayload } from "../mqtt/device_credentials.ts";
-import { embeddedMqttPort, GatewayProcess } from "./_gateway_process.ts";
+import { call, embeddedMqttPort, GatewayProcess, login } from "./_gateway_process.ts";
 import { binariesAvailable, within } from "./_mosquitto.ts";
 
 const ADMIN_EMAIL = "root@mqtt-fd.test";
 const ADMIN_PASSWORD = "mqtt-fd-admin-password";
 const RECOVERY_TIMEOUT_MS = 30_000;
-
-// deno-lint-ignore no-explicit-any
-type Json = any;
-
-async function call(
-  base: string,
-  method: string,
-  path: string,
-  options: { token?: string; body?: unknown } = {},
-): Promise<{ status: number; body: Json }> {
-  const res = await fetch(base + path, {
-    method,
-    headers: {
-      ...(options.token ? { authorization: `Bearer ${options.token}` } : {}),
-      ...(options.body === undefined ? {} : { "content-type": "application/json" }),
-    },
-    body: options.body === undefined ? undefined : JSON.stringify(options.body),
-  });
-  const text = await res.text();
-  try {
-    return { status: res.status, body: JSON.parse(text) };
-  } catch {
-    return { status: res.status, body: text };
-  }
-}
 
 interface Meter {
   id: string;
@@ -64,11 +39,7 @@ async function startGateway(
       stderr: "piped",
     }).output();
     assert.equal(limit.code, 0, new TextDecoder().decode(limit.stderr));
-    const login = await call(gw.url, "POST", "/api/auth/login", {
-      body: { email: ADMIN_EMAIL, password: ADMIN_PASSWORD },
-    });
-    assert.equal(login.status, 200, JSON.stringify(login.body));
-    const token = login.body.access_token;
+    const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
     const user = await call(gw.url, "POST", "/api/admin/users", {
       token,
       body: { email: "owner@mqtt-fd.test", password: "owner-password", role: "user" },
@@ -138,6 +109,57 @@ async function connectEventually(port: number, meter: Meter): Promise<MqttClient
   }
 }
 
+/** What a flooded test works with. */
+interface Flooded {
+  gw: GatewayProcess;
+  meter: Meter;
+  port: number;
+  /** The device connected before the flood. */
+  first: MqttClient;
+  /** Clients closed when the test ends. */
+  clients: MqttClient[];
+  /** Closes the flood's connections. */
+  endFlood(): void;
+}
+
+/**
+ * Starts the gateway with `nofile` descriptors, connects a first device, floods the MQTT port
+ * with `n` idle connections (a step that checks the first device still gets its PUBACKs), runs
+ * `rest`, and closes everything.
+ */
+async function floodTest(
+  t: Deno.TestContext,
+  nofile: number,
+  env: Record<string, string>,
+  n: number,
+  rest: (flooded: Flooded) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "gw-mqtt-fd-" });
+  const { gw, meter, port } = await startGateway(dir, nofile, env);
+  let conns: Deno.TcpConn[] = [];
+  const clients: MqttClient[] = [];
+  const endFlood = () => {
+    for (const c of conns) c.close();
+    conns = [];
+  };
+  try {
+    const first = await device(port, meter, "first");
+    clients.push(first);
+
+    await t.step("during the flood, the connected device gets its PUBACKs", async () => {
+      conns = await flood(port, n);
+      for (let i = 0; i < 5; i++) await publish(first, meter);
+    });
+
+    await rest({ gw, meter, port, first, clients, endFlood });
+  } finally {
+    endFlood();
+    await Promise.all(clients.map((c) => c.endAsync(true)));
+    await gw.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 const tools = await binariesAvailable(["prlimit"]);
 
 Deno.test({
@@ -146,45 +168,33 @@ Deno.test({
     (tools.ok ? "" : ` (ignored: ${tools.reason})`),
   ignore: !tools.ok,
   async fn(t) {
-    const dir = await Deno.makeTempDir({ prefix: "gw-mqtt-fd-" });
-    const { gw, meter, port } = await startGateway(dir, 256, {
-      // No per-address cap and a long deadline: the flood really holds the descriptors.
-      MQTT_MAX_CONNECTIONS_PER_ADDRESS: "100000",
-      MQTT_CONNECT_TIMEOUT: "5m",
-    });
-    let conns: Deno.TcpConn[] = [];
-    const clients: MqttClient[] = [];
-    try {
-      const first = await device(port, meter, "first");
-      clients.push(first);
+    await floodTest(
+      t,
+      256,
+      {
+        // No per-address cap and a long deadline: the flood really holds the descriptors.
+        MQTT_MAX_CONNECTIONS_PER_ADDRESS: "100000",
+        MQTT_CONNECT_TIMEOUT: "5m",
+      },
+      400,
+      async ({ gw, meter, port, first, clients, endFlood }) => {
+        await t.step("after the flood, a new device connects and publishes", async () => {
+          endFlood();
+          const late = await connectEventually(port, meter);
+          clients.push(late);
+          await publish(late, meter);
+          await publish(first, meter);
+        });
 
-      await t.step("during the flood, the connected device gets its PUBACKs", async () => {
-        conns = await flood(port, 400);
-        for (let i = 0; i < 5; i++) await publish(first, meter);
-      });
-
-      await t.step("after the flood, a new device connects and publishes", async () => {
-        for (const c of conns) c.close();
-        conns = [];
-        const late = await connectEventually(port, meter);
-        clients.push(late);
-        await publish(late, meter);
-        await publish(first, meter);
-      });
-
-      await t.step("the process is alive and logged the stall", async () => {
-        const status = await Promise.race([gw.status, Promise.resolve(null)]);
-        assert.equal(status, null, "still running");
-        const stall = gw.logs().find((e) => String(e.msg).startsWith("mqtt listener stopped"));
-        assert.ok(stall, `a stall was logged:\n${gw.describe().slice(-3000)}`);
-        assert.equal(stall.level, "warn");
-      });
-    } finally {
-      for (const c of conns) c.close();
-      await Promise.all(clients.map((c) => c.endAsync(true)));
-      await gw.stop();
-      await Deno.remove(dir, { recursive: true });
-    }
+        await t.step("the process is alive and logged the stall", async () => {
+          const status = await Promise.race([gw.status, Promise.resolve(null)]);
+          assert.equal(status, null, "still running");
+          const stall = gw.logs().find((e) => String(e.msg).startsWith("mqtt listener stopped"));
+          assert.ok(stall, `a stall was logged:\n${gw.describe().slice(-3000)}`);
+          assert.equal(stall.level, "warn");
+        });
+      },
+    );
   },
 });
 
@@ -194,22 +204,9 @@ Deno.test({
     (tools.ok ? "" : ` (ignored: ${tools.reason})`),
   ignore: !tools.ok,
   async fn(t) {
-    const dir = await Deno.makeTempDir({ prefix: "gw-mqtt-fd-" });
-    const { gw, meter, port } = await startGateway(dir, 1024, {});
-    let conns: Deno.TcpConn[] = [];
-    const clients: MqttClient[] = [];
-    try {
-      const first = await device(port, meter, "first");
-      clients.push(first);
-
-      await t.step("during the flood, the connected device gets its PUBACKs", async () => {
-        conns = await flood(port, 1100);
-        for (let i = 0; i < 5; i++) await publish(first, meter);
-      });
-
+    await floodTest(t, 1024, {}, 1100, async ({ gw, meter, port, clients, endFlood }) => {
       await t.step("a CONNECT with a bad password is refused and logged without it", async () => {
-        for (const c of conns) c.close();
-        conns = [];
+        endFlood();
         const password = "1700000000.deadbeefdeadbeefdeadbeef";
         const refused = await connectAsync(`mqtt://127.0.0.1:${port}`, {
           protocolVersion: 4,
@@ -239,11 +236,6 @@ Deno.test({
           assert.equal(status, null, "still running");
         },
       );
-    } finally {
-      for (const c of conns) c.close();
-      await Promise.all(clients.map((c) => c.endAsync(true)));
-      await gw.stop();
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });

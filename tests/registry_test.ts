@@ -3,12 +3,11 @@ import { Buffer } from "node:buffer";
 import { ActorRegistry, type ReadingSink } from "../actors/registry.ts";
 import type { Submission } from "../actors/meter_actor.ts";
 import { ManualClock } from "../core/clock.ts";
-import { secretContext } from "../core/device_keys.ts";
 import { silentLogger } from "../core/logger.ts";
-import { seal } from "../core/secret_box.ts";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { KvStore } from "../db/kv_store.ts";
 import type { InsertResult } from "../db/store.ts";
+import { hmacDevice, plainUser, storeDevice } from "./_devices.ts";
 
 const KEK = new Uint8Array(32).fill(3);
 const SECRET = Buffer.alloc(32, 9);
@@ -35,37 +34,10 @@ async function setup(
   const store = existing ?? await KvStore.open(undefined, { dedupeWindowMs: WINDOW });
   const clock = new ManualClock(NOW);
   if (!existing) {
-    await store.createUser({
-      id: "u1",
-      email: "u1@x",
-      role: "user",
-      wallet_address: null,
-      created_at: NOW,
-      password_hash: "x",
-    });
+    await store.createUser(plainUser("u1", NOW));
   }
   const addMeter = async (meterId: string) => {
-    await store.createDevice({
-      meter_id: meterId,
-      user_id: "u1",
-      status: "active",
-      created_at: NOW,
-      updated_at: NOW,
-      revoked_at: null,
-      keys: [{
-        key_id: "k1",
-        algorithm: "hmac-sha256",
-        secret_enc: seal(KEK, SECRET, secretContext(meterId, "k1")),
-        created_at: NOW,
-        retired_at: null,
-      }],
-    }, {
-      id: crypto.randomUUID(),
-      meter_id: meterId,
-      action: "registered",
-      actor: "test",
-      at: NOW,
-    });
+    await storeDevice(store, hmacDevice(meterId, "u1", KEK, SECRET, NOW));
   };
   const sink = new StoreSink(store);
   const committed: string[] = [];
