@@ -62,9 +62,39 @@ export class WsHub {
     this.#maxPerUser = options.maxPerUser ?? 16;
   }
 
-  /** Whether `userId` may open another connection. */
+  /** Connections being opened (upgrade answered, socket not open yet), by account. */
+  #reserved = new Map<string, number>();
+
+  /** Whether `userId` may open another connection (open and reserved ones count). */
   canAttach(userId: string): boolean {
-    return (this.#byPrincipal.get(userId)?.size ?? 0) < this.#maxPerUser;
+    return (this.#byPrincipal.get(userId)?.size ?? 0) + (this.#reserved.get(userId) ?? 0) <
+      this.#maxPerUser;
+  }
+
+  /**
+   * Reserves one of `userId`'s connection slots before the upgrade, so that parallel upgrades
+   * cannot all pass the check before any socket is attached; `null` when none is left. The
+   * returned function gives the slot back (idempotent): call it once the socket is attached,
+   * or when the upgrade fails or the socket closes before it opened.
+   */
+  reserve(userId: string): (() => void) | null {
+    if (!this.canAttach(userId)) return null;
+    this.#reserved.set(userId, (this.#reserved.get(userId) ?? 0) + 1);
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      const left = (this.#reserved.get(userId) ?? 1) - 1;
+      if (left > 0) this.#reserved.set(userId, left);
+      else this.#reserved.delete(userId);
+    };
+  }
+
+  /** Slots reserved and not yet given back, over all accounts (tests, metrics). */
+  get reservedCount(): number {
+    let n = 0;
+    for (const v of this.#reserved.values()) n += v;
+    return n;
   }
 
   /** Number of connected clients. */

@@ -769,6 +769,32 @@ Deno.test("one account may hold at most WS_MAX_CONNECTIONS_PER_USER WebSockets",
   await second.assertOnlyPong("the second socket");
 });
 
+Deno.test("parallel upgrades of one account cannot pass the connection cap", async () => {
+  await using gw = await startTestGateway({ env: { WS_MAX_CONNECTIONS_PER_USER: "4" } });
+  const user = await gw.createUser("parallel@ws.test");
+  const attempt = async () => {
+    try {
+      return await WsClient.connect(gw, user.token);
+    } catch {
+      return null; // refused (429 before the upgrade)
+    }
+  };
+  const results = await Promise.all(Array.from({ length: 40 }, attempt));
+  const open = results.filter((c): c is WsClient => c !== null);
+  assert.ok(open.length <= 4, `${open.length} sockets opened, the cap is 4`);
+  assert.ok(open.length >= 1, "at least one socket opened");
+  for (const client of open) await client.assertOnlyPong("an admitted socket");
+  for (const client of open) await client.close();
+  await waitFor(
+    () => gw.gateway.hub.size === 0 && gw.gateway.hub.reservedCount === 0,
+    "every slot was given back",
+  );
+  // No reservation leaked: the full cap can be opened again.
+  const again = [];
+  for (let i = 0; i < 4; i++) again.push(await WsClient.connect(gw, user.token));
+  for (const client of again) await client.close();
+});
+
 /** A hub client that records what it was sent. */
 function recordingClient(userId: string): HubClient & { sent: string[] } {
   const sent: string[] = [];
