@@ -124,19 +124,45 @@ export class UserService {
    */
   async login(email: string, password: string): Promise<User> {
     const key = email.toLowerCase();
-    const waitMs = this.#backoff.attempt(key);
-    if (waitMs > 0) {
-      throw new GatewayError(
-        "rate_limited",
-        "Too many failed logins for this account; wait before trying again",
-        { retryAfter: Math.ceil(waitMs / 1000) },
-      );
+    const user = await this.#attempt(
+      key,
+      "Too many failed logins for this account; wait before trying again",
+      () => this.authenticate(key, password),
+    );
+    // A disabled account answers exactly like a wrong password, and a right guess does not
+    // reset its back-off: nothing tells whether the password was right.
+    if (!user || user.disabled) {
+      throw new GatewayError("unauthorized", "Email or password is wrong");
     }
-    const user = await this.authenticate(key, password);
-    if (!user) throw new GatewayError("unauthorized", "Email or password is wrong");
     this.#backoff.succeeded(key);
-    if (user.disabled) throw new GatewayError("unauthorized", "The account is disabled");
     return user;
+  }
+
+  /**
+   * Runs `check` as one counted attempt of `key`'s back-off. An attempt the server did not
+   * evaluate (overloaded, store failure) is taken back, so a flood that overloads the gateway
+   * cannot lock the account out, nor fill the table with its keys.
+   */
+  async #attempt<T>(key: string, waitMessage: string, check: () => Promise<T>): Promise<T> {
+    const attempt = this.#backoff.attempt(key);
+    if (!attempt.ok) {
+      if (attempt.reason === "full") {
+        throw new GatewayError(
+          "overloaded",
+          "Too many accounts are backing off after failed logins; retry shortly",
+          { retryAfter: Math.ceil(attempt.waitMs / 1000) },
+        );
+      }
+      throw new GatewayError("rate_limited", waitMessage, {
+        retryAfter: Math.ceil(attempt.waitMs / 1000),
+      });
+    }
+    try {
+      return await check();
+    } catch (error) {
+      attempt.undo();
+      throw error;
+    }
   }
 
   // Stores a hash with the current parameters; a concurrent password change wins.
@@ -183,16 +209,17 @@ export class UserService {
     const user = await this.#store.getUser(id);
     if (!user) throw new GatewayError("unauthorized", "The account no longer exists");
     const key = user.email;
-    const waitMs = this.#backoff.attempt(key);
-    if (waitMs > 0) {
-      throw new GatewayError("rate_limited", "Too many wrong passwords; wait before trying again", {
-        retryAfter: Math.ceil(waitMs / 1000),
-      });
-    }
-    const record = await this.#store.getUserByEmail(key);
-    const ok = record !== null &&
-      await this.#withKdf(() => verifyPassword(current, record.password_hash));
-    if (!record || !ok) throw new GatewayError("unauthorized", "The current password is wrong");
+    const record = await this.#attempt(
+      key,
+      "Too many wrong passwords; wait before trying again",
+      async () => {
+        const record = await this.#store.getUserByEmail(key);
+        const ok = record !== null &&
+          await this.#withKdf(() => verifyPassword(current, record.password_hash));
+        return ok ? record : null;
+      },
+    );
+    if (!record) throw new GatewayError("unauthorized", "The current password is wrong");
     this.#backoff.succeeded(key);
     const password_hash = await this.#withKdf(() => hashPassword(next, this.#params));
     const updated = await this.#store.updateUser(id, (u) => ({
