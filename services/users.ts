@@ -222,11 +222,17 @@ export class UserService {
     if (!record) throw new GatewayError("unauthorized", "The current password is wrong");
     this.#backoff.succeeded(key);
     const password_hash = await this.#withKdf(() => hashPassword(next, this.#params));
-    const updated = await this.#store.updateUser(id, (u) => ({
-      ...u,
-      password_hash,
-      token_generation: u.token_generation + 1,
-    }));
+    // Compare-and-set: only the hash that was verified may be replaced, so of two parallel
+    // changes with the same current password exactly one succeeds.
+    const updated = await this.#store.updateUser(id, (u) => {
+      if (u.password_hash !== record.password_hash) {
+        throw new GatewayError(
+          "conflict",
+          "The password was changed meanwhile; log in again with the new one",
+        );
+      }
+      return { ...u, password_hash, token_generation: u.token_generation + 1 };
+    });
     await this.#changed(updated, "password");
     return withoutHash(updated);
   }

@@ -69,7 +69,8 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
       body: { email: "disabled@accounts.test", password: "password-disabled@accounts.test" },
     });
     assert.equal(login.status, 401);
-    assert.match(login.body.error.message, /disabled/);
+    // Exactly like a wrong password: the answer does not confirm the guess.
+    assert.equal(login.body.error.message, "Email or password is wrong");
     await gw.request("PATCH", `/api/admin/users/${user.id}`, {
       token: gw.adminToken,
       body: { disabled: false },
@@ -191,6 +192,24 @@ Deno.test("a password change needs the current password, ends old tokens and ret
   });
   assert.equal(login.status, 200);
   assert.equal(login.headers.get("cache-control"), "no-store");
+});
+
+Deno.test("of two parallel password changes with the same current password one succeeds", async () => {
+  await using gw = await startTestGateway();
+  const email = "parallel@accounts.test";
+  const user = await gw.createUser(email);
+  const change = (next: string) =>
+    gw.request("POST", "/api/auth/password", {
+      token: user.token,
+      body: { current_password: "password-" + email, new_password: next },
+    });
+  const results = await Promise.all([change("first-new-Secret-71"), change("second-new-Secret-72")]);
+  const statuses = results.map((r) => r.status).sort();
+  assert.deepEqual(statuses, [200, 409], JSON.stringify(results.map((r) => r.body)));
+  const loser = results.find((r) => r.status === 409)!;
+  assert.equal(loser.body.error.code, "conflict");
+  const winner = results[0].status === 200 ? "first-new-Secret-71" : "second-new-Secret-72";
+  assert.ok(await gw.login(email, winner), "the winner's password is the one stored");
 });
 
 Deno.test("new passwords need 12 characters and must not be common", async () => {
