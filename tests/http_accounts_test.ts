@@ -238,6 +238,29 @@ Deno.test("new passwords need 12 characters and must not be common", async () =>
   assert.equal((await create("correct horse battery")).status, 201);
 });
 
+Deno.test("tokens signed with the real secret but an absurd lifetime or issue time are refused", async () => {
+  await using gw = await startTestGateway();
+  const readings = (token: string) => gw.request("GET", "/api/meters/readings", { token });
+  const claims = JSON.parse(Buffer.from(gw.adminToken.split(".")[1], "base64url").toString());
+  const now = Math.floor(Date.now() / 1000);
+  const cases: [string, Record<string, unknown>][] = [
+    ["exp 1e300", { ...claims, exp: 1e300 }],
+    ["a lifetime of ten years", { ...claims, iat: now, exp: now + 10 * 365 * 86_400 }],
+    ["iat an hour ahead", { ...claims, iat: now + 3_600, exp: now + 3_700 }],
+    ["no iat", { ...claims, iat: undefined }],
+    ["fractional iat", { ...claims, iat: now - 0.5 }],
+    ["fractional exp", { ...claims, exp: now + 100.5 }],
+  ];
+  for (const [what, payload] of cases) {
+    const res = await readings(await sign(payload, JWT_SECRET, "HS256"));
+    assert.equal(res.status, 401, `${what}: ${JSON.stringify(res.body)}`);
+  }
+  // A token as issue() writes it still passes, and so does one issued 30 s "ahead" (skew).
+  assert.equal((await readings(await sign(claims, JWT_SECRET, "HS256"))).status, 200);
+  const ahead = { ...claims, iat: now + 30, exp: now + 30 + 3_600 };
+  assert.equal((await readings(await sign(ahead, JWT_SECRET, "HS256"))).status, 200);
+});
+
 Deno.test("tokens without exp, with padding or with non-canonical base64url are refused", async () => {
   await using gw = await startTestGateway();
   const readings = (token: string) => gw.request("GET", "/api/meters/readings", { token });
