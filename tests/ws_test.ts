@@ -2,7 +2,6 @@
 import assert from "node:assert/strict";
 import { sign } from "hono/jwt";
 import { LocalBus } from "../bus/local_bus.ts";
-import { ManualClock } from "../core/clock.ts";
 import type { GatewayEvent } from "../core/events.ts";
 import type { Reading } from "../core/reading.ts";
 import { type HubClient, WsHub } from "../routes/ws_hub.ts";
