@@ -78,9 +78,17 @@ const remove = createRoute({
   path: "/{id}",
   tags: ["admin"],
   summary: "Delete a user (admin); its tokens end at once",
+  description: "Refused (409) for the last enabled admin, and while the user owns meters that " +
+    "are not revoked: revoke or re-register them first, so that no active meter keeps " +
+    "crediting readings to a deleted account.",
   security: [{ bearer: [] }],
   request: { params: UserIdParam },
-  responses: { 204: { description: "Deleted" }, 404: notFound, 409: lastAdmin, ...commonErrors },
+  responses: {
+    204: { description: "Deleted" },
+    404: notFound,
+    409: jsonResponse(ErrorSchema, "The last active admin, or the user still owns active meters"),
+    ...commonErrors,
+  },
 });
 
 /** `/api/admin/users`. */

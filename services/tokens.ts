@@ -125,7 +125,8 @@ export class TokenService {
     // now or before (within the skew), living at most the configured TTL.
     if (
       !Number.isSafeInteger(exp) || typeof iat !== "number" || !Number.isSafeInteger(iat) ||
-      iat <= 0 || iat > nowS + CLOCK_SKEW_S || exp - iat > Math.ceil(this.#ttlMs / 1000) + CLOCK_SKEW_S
+      iat <= 0 || iat > nowS + CLOCK_SKEW_S ||
+      exp - iat > Math.ceil(this.#ttlMs / 1000) + CLOCK_SKEW_S
     ) {
       throw new GatewayError(
         "unauthorized",

@@ -195,7 +195,7 @@ export class UserService {
     return withoutHash(record);
   }
 
-  /** Deletes an account; its tokens end. `conflict` for the last active admin. */
+  /** Deletes an account; its tokens end. `conflict` for the last active admin, or while it owns meters that are not revoked. */
   async remove(id: string): Promise<void> {
     await this.#store.deleteUser(id);
     await this.#announce({ user_id: id, change: "deleted", token_generation: null });

@@ -96,6 +96,26 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     assert.equal(get.status, 404);
   });
 
+  await t.step("a user owning active meters is not deleted until they are revoked", async () => {
+    const user = await gw.createUser("owner@accounts.test");
+    await gw.registerMeter("owned-meter-1", user.id);
+    await gw.registerMeter("owned-meter-2", user.id);
+    const del = () => gw.request("DELETE", `/api/admin/users/${user.id}`, { token: gw.adminToken });
+    const refused = await del();
+    assert.equal(refused.status, 409, JSON.stringify(refused.body));
+    assert.equal(refused.body.error.code, "conflict");
+    assert.match(refused.body.error.message, /2 meters .*revoke or re-register/);
+    assert.equal(await me(user.token), 200, "the refused delete changed nothing");
+    for (const meter of ["owned-meter-1", "owned-meter-2"]) {
+      const res = await gw.request("POST", `/api/admin/devices/${meter}/revoke`, {
+        token: gw.adminToken,
+      });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+    }
+    assert.equal((await del()).status, 204);
+    assert.equal(await me(user.token), 401);
+  });
+
   await t.step("logout ends every token of the account", async () => {
     const user = await gw.createUser("logout@accounts.test");
     const other = await gw.login("logout@accounts.test", "password-logout@accounts.test");
@@ -203,7 +223,10 @@ Deno.test("of two parallel password changes with the same current password one s
       token: user.token,
       body: { current_password: "password-" + email, new_password: next },
     });
-  const results = await Promise.all([change("first-new-Secret-71"), change("second-new-Secret-72")]);
+  const results = await Promise.all([
+    change("first-new-Secret-71"),
+    change("second-new-Secret-72"),
+  ]);
   const statuses = results.map((r) => r.status).sort();
   assert.deepEqual(statuses, [200, 409], JSON.stringify(results.map((r) => r.body)));
   const loser = results.find((r) => r.status === 409)!;

@@ -157,7 +157,12 @@ Deno.test("logins refused as overloaded do not count against the account", async
   assert.ok(statuses.filter((s) => s === 503).length >= 5, `victim's statuses: ${statuses}`);
   const evaluated = statuses.filter((s) => s === 401).length;
   assert.ok(evaluated < 5, `only ${evaluated} of the victim's attempts were evaluated`);
-  const res = await loginFrom(gw, "198.51.100.7", "victim@limit.test", "password-victim@limit.test");
+  const res = await loginFrom(
+    gw,
+    "198.51.100.7",
+    "victim@limit.test",
+    "password-victim@limit.test",
+  );
   assert.equal(res.status, 200, JSON.stringify(await res.json()));
 });
 
