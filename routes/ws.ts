@@ -38,7 +38,9 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 export type WsEnv = { Variables: { principal: Principal; release: () => void } };
 
 /**
- * `GET /ws?token=<jwt>`: live committed readings of subscribed meters. Close codes: 1008 too
+ * `GET /ws?token=<jwt>`: live committed readings of subscribed meters (at most 1 000 meters per
+ * connection; `account` and `all` are not counted). Each `subscribed` reply lists the meters
+ * of that request now subscribed, with `meter_count` for the whole connection. Close codes: 1008 too
  * many pending messages, 1009 message too big, 1013 send buffer full, 4001 the access token
  * ended (expired, logout, password change, account changed or deleted; the reason says which).
  */
@@ -150,7 +152,7 @@ export function wsRoutes(
         } else {
           deps.hub.unsubscribe(client, msg);
         }
-        reply({ type: "subscribed", ...deps.hub.subscriptions(client) });
+        reply({ type: "subscribed", ...deps.hub.subscriptions(client, msg.meters) });
       }
 
       return {

@@ -1,3 +1,4 @@
+import { GatewayError } from "../core/errors.ts";
 import type { GatewayEvent, UserChangedEvent } from "../core/events.ts";
 import type { Principal } from "../core/user.ts";
 
@@ -38,7 +39,12 @@ export interface WsHubOptions {
   sendBufferMax: number;
   /** Connections one account may hold at once; default 16. */
   maxPerUser?: number;
+  /** Meters one connection may be subscribed to at once; default 1 000. */
+  maxMetersPerClient?: number;
 }
+
+/** Meters one connection may be subscribed to by default. */
+export const MAX_METERS_PER_CLIENT = 1_000;
 
 /**
  * Routes committed readings from the bus to subscribed WebSocket clients. A client whose send
@@ -48,6 +54,7 @@ export interface WsHubOptions {
 export class WsHub {
   #sendBufferMax: number;
   #maxPerUser: number;
+  #maxMeters: number;
   #clients = new Map<HubClient, Subscriptions>();
   /** Every client by the account it authenticated as (subscribed or not). */
   #byPrincipal = new Map<string, Set<HubClient>>();
@@ -60,6 +67,7 @@ export class WsHub {
   constructor(options: WsHubOptions) {
     this.#sendBufferMax = options.sendBufferMax;
     this.#maxPerUser = options.maxPerUser ?? 16;
+    this.#maxMeters = options.maxMetersPerClient ?? MAX_METERS_PER_CLIENT;
   }
 
   /** Connections being opened (upgrade answered, socket not open yet), by account. */
@@ -119,14 +127,25 @@ export class WsHub {
     removeFrom(this.#byPrincipal, client.principal.user_id, client);
   }
 
-  /** Adds subscriptions; ownership is checked by the caller. */
+  /**
+   * Adds subscriptions; ownership is checked by the caller. Throws `invalid_payload` (adding
+   * nothing) when the client would hold more than the per-connection number of meters.
+   */
   subscribe(
     client: HubClient,
     what: { meters?: string[]; account?: boolean; all?: boolean },
   ): void {
     const subs = this.#clients.get(client);
     if (!subs) return;
-    for (const meter of what.meters ?? []) {
+    const added = new Set((what.meters ?? []).filter((m) => !subs.meters.has(m)));
+    if (subs.meters.size + added.size > this.#maxMeters) {
+      throw new GatewayError(
+        "invalid_payload",
+        `At most ${this.#maxMeters} meters per connection (${subs.meters.size} subscribed, ` +
+          `${added.size} more asked); unsubscribe some, or subscribe to "account" or "all"`,
+      );
+    }
+    for (const meter of added) {
       subs.meters.add(meter);
       addTo(this.#byMeter, meter, client);
     }
@@ -161,11 +180,19 @@ export class WsHub {
     }
   }
 
-  /** What a client is subscribed to. */
-  subscriptions(client: HubClient): { meters: string[]; account: boolean; all: boolean } {
+  /**
+   * What a client is subscribed to: of `named` (the meters of one request), those it now is
+   * subscribed to, and how many meters in all; the reply's size follows the request's, not
+   * the subscription's.
+   */
+  subscriptions(
+    client: HubClient,
+    named: readonly string[] = [],
+  ): { meters: string[]; meter_count: number; account: boolean; all: boolean } {
     const subs = this.#clients.get(client);
     return {
-      meters: [...subs?.meters ?? []],
+      meters: [...new Set(named)].filter((m) => subs?.meters.has(m)),
+      meter_count: subs?.meters.size ?? 0,
       account: subs?.account ?? false,
       all: subs?.all ?? false,
     };

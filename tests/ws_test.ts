@@ -226,6 +226,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
       assert.deepEqual(await client.request({ type: "subscribe", meters: [a1.id] }), {
         type: "subscribed",
         meters: [a1.id],
+        meter_count: 1,
         account: false,
         all: false,
       });
@@ -263,6 +264,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "subscribe", account: true }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: true,
       all: false,
     });
@@ -283,6 +285,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await admin.request({ type: "subscribe", all: true }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: false,
       all: true,
     });
@@ -321,6 +324,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
       assert.deepEqual(await client.request({ type: "unsubscribe", meters: [] }), {
         type: "subscribed",
         meters: [],
+        meter_count: 0,
         account: false,
         all: false,
       });
@@ -370,6 +374,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "subscribe", meters: [a1.id] }), {
       type: "subscribed",
       meters: [a1.id],
+      meter_count: 1,
       account: false,
       all: false,
     });
@@ -443,7 +448,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.equal((await observer.request({ type: "subscribe", all: true })).type, "subscribed");
     assert.deepEqual(
       await client.request({ type: "subscribe", meters: [a1.id, a2.id], account: true }),
-      { type: "subscribed", meters: [a1.id, a2.id], account: true, all: false },
+      { type: "subscribed", meters: [a1.id, a2.id], meter_count: 2, account: true, all: false },
     );
     const first = await submit(gw, alice.token, a1);
     await expectReading(client, first, "before unsubscribe");
@@ -453,6 +458,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "unsubscribe", meters: [a1.id, a2.id] }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: true,
       all: false,
     });
@@ -463,6 +469,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "unsubscribe", account: true }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: false,
       all: false,
     });
@@ -572,7 +579,13 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
   try {
     await writeAll(conn, clientTextFrame(JSON.stringify({ type: "subscribe", all: true })));
     const reply = JSON.parse(await readFrame());
-    assert.deepEqual(reply, { type: "subscribed", meters: [], account: false, all: true });
+    assert.deepEqual(reply, {
+      type: "subscribed",
+      meters: [],
+      meter_count: 0,
+      account: false,
+      all: true,
+    });
     // From here on the raw client never reads again.
     const sizeBefore = hub.size;
     assert.equal(sizeBefore, 2);
@@ -646,6 +659,7 @@ Deno.test("a WebSocket client with more than 16 messages pending is closed with 
   assert.deepEqual(await next.request({ type: "subscribe", meters: ["flood-1"] }), {
     type: "subscribed",
     meters: ["flood-1"],
+    meter_count: 1,
     account: false,
     all: false,
   });
@@ -801,6 +815,35 @@ Deno.test("parallel upgrades of one account cannot pass the connection cap", asy
   const again = [];
   for (let i = 0; i < 4; i++) again.push(await WsClient.connect(gw, user.token));
   for (const client of again) await client.close();
+});
+
+Deno.test("a WebSocket holds at most 1 000 meter subscriptions; replies list only the request's", async () => {
+  await using gw = await startTestGateway();
+  await using client = await WsClient.connect(gw, gw.adminToken);
+  const ids = (from: number, n: number) => Array.from({ length: n }, (_, i) => `cap-${from + i}`);
+  const first = await client.request({ type: "subscribe", meters: ids(0, 1000) });
+  assert.equal(first.type, "subscribed", JSON.stringify(first).slice(0, 200));
+  assert.equal((first as { meter_count?: number }).meter_count, 1000);
+  const over = await client.request({ type: "subscribe", meters: ids(1000, 1) });
+  assert.equal(over.type, "error");
+  assert.equal(over.code, "invalid_payload");
+  assert.match(over.message ?? "", /At most 1000 meters per connection/);
+  // Meters already subscribed are not counted twice; the reply names this request's only.
+  const again = await client.request({ type: "subscribe", meters: ids(0, 2) });
+  assert.deepEqual(again, {
+    type: "subscribed",
+    meters: ["cap-0", "cap-1"],
+    meter_count: 1000,
+    account: false,
+    all: false,
+  });
+  const dropped = await client.request({ type: "unsubscribe", meters: ids(0, 10) });
+  assert.deepEqual(dropped.meters, []);
+  assert.equal((dropped as { meter_count?: number }).meter_count, 990);
+  const added = await client.request({ type: "subscribe", meters: ids(1000, 10) });
+  assert.deepEqual(added.meters, ids(1000, 10));
+  assert.equal((added as { meter_count?: number }).meter_count, 1000);
+  await client.assertOnlyPong("after the refused subscription");
 });
 
 /** A hub client that records what it was sent. */
