@@ -1,6 +1,6 @@
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
 import { GatewayError } from "../core/errors.ts";
-import { emailSchema, passwordSchema, ROLES, walletSchema } from "../core/user.ts";
+import { emailSchema, passwordProblem, passwordSchema, ROLES, walletSchema } from "../core/user.ts";
 import type { TokenService } from "../services/tokens.ts";
 import type { UserService } from "../services/users.ts";
 import { type AuthEnv, bearerAuth, requireRole } from "./middleware.ts";
@@ -99,7 +99,11 @@ export function adminUserRoutes(
   app.use(bearerAuth(deps.tokens), requireRole("admin"));
   return app
     .openapi(create, async (c) => {
-      const user = await deps.users.create(c.req.valid("json"));
+      const input = c.req.valid("json");
+      // The schema checked the password alone; now against the account's email too.
+      const problem = passwordProblem(input.password, { email: input.email });
+      if (problem !== null) throw new GatewayError("invalid_payload", problem);
+      const user = await deps.users.create(input);
       return c.json(userView(user), 201);
     })
     .openapi(get, async (c) => {

@@ -12,7 +12,7 @@ import {
   type ScryptParams,
   verifyPassword,
 } from "../core/password.ts";
-import type { Role, User, UserRecord } from "../core/user.ts";
+import { passwordProblem, type Role, type User, type UserRecord } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import { Semaphore } from "../core/semaphore.ts";
 import type { UserStateCache } from "./user_state.ts";
@@ -208,6 +208,9 @@ export class UserService {
   async changePassword(id: string, current: string, next: string): Promise<User> {
     const user = await this.#store.getUser(id);
     if (!user) throw new GatewayError("unauthorized", "The account no longer exists");
+    // Rules that need the account (its email, the current password): before any hashing.
+    const problem = passwordProblem(next, { email: user.email, current });
+    if (problem !== null) throw new GatewayError("invalid_payload", problem);
     const key = user.email;
     const record = await this.#attempt(
       key,

@@ -11,7 +11,7 @@ import { KvStore } from "../db/kv_store.ts";
 import { TokenService } from "../services/tokens.ts";
 import { UserService } from "../services/users.ts";
 import { UserStateCache } from "../services/user_state.ts";
-import { ADMIN, JWT_SECRET, startTestGateway } from "./_gateway.ts";
+import { ADMIN, JWT_SECRET, passwordFor, startTestGateway } from "./_gateway.ts";
 
 const CHEAP = { N: 1024, r: 8, p: 1 };
 
@@ -24,7 +24,7 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     const second = await gw.createUser("second-admin@accounts.test", "admin");
     const made = await gw.request("POST", "/api/admin/users", {
       token: second.token,
-      body: { email: "made@accounts.test", password: "made-by-second-1", role: "user" },
+      body: { email: "made@accounts.test", password: "built-by-second-1", role: "user" },
     });
     assert.equal(made.status, 201, "the admin's token works before the change");
     const demoted = await gw.request("PATCH", `/api/admin/users/${second.id}`, {
@@ -45,7 +45,7 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     // Logging in again gives a token with the new role.
     const fresh = await gw.login(
       "second-admin@accounts.test",
-      "password-second-admin@accounts.test",
+      passwordFor("second-admin@accounts.test"),
     );
     assert.equal(await me(fresh), 200);
     const forbidden = await gw.request("POST", "/api/admin/users", {
@@ -66,7 +66,7 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     assert.equal(res.body.disabled, true);
     assert.equal(await me(user.token), 401);
     const login = await gw.request("POST", "/api/auth/login", {
-      body: { email: "disabled@accounts.test", password: "password-disabled@accounts.test" },
+      body: { email: "disabled@accounts.test", password: passwordFor("disabled@accounts.test") },
     });
     assert.equal(login.status, 401);
     // Exactly like a wrong password: the answer does not confirm the guess.
@@ -77,7 +77,7 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     });
     assert.equal(await me(user.token), 401, "re-enabling does not revive old tokens");
     assert.equal(
-      await me(await gw.login("disabled@accounts.test", "password-disabled@accounts.test")),
+      await me(await gw.login("disabled@accounts.test", passwordFor("disabled@accounts.test"))),
       200,
     );
   });
@@ -118,13 +118,13 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
 
   await t.step("logout ends every token of the account", async () => {
     const user = await gw.createUser("logout@accounts.test");
-    const other = await gw.login("logout@accounts.test", "password-logout@accounts.test");
+    const other = await gw.login("logout@accounts.test", passwordFor("logout@accounts.test"));
     const res = await gw.request("POST", "/api/auth/logout", { token: user.token });
     assert.equal(res.status, 204);
     assert.equal(await me(user.token), 401);
     assert.equal(await me(other), 401, "the other session ends too");
     assert.equal(
-      await me(await gw.login("logout@accounts.test", "password-logout@accounts.test")),
+      await me(await gw.login("logout@accounts.test", passwordFor("logout@accounts.test"))),
       200,
     );
   });
@@ -221,7 +221,7 @@ Deno.test("of two parallel password changes with the same current password one s
   const change = (next: string) =>
     gw.request("POST", "/api/auth/password", {
       token: user.token,
-      body: { current_password: "password-" + email, new_password: next },
+      body: { current_password: passwordFor(email), new_password: next },
     });
   const results = await Promise.all([
     change("first-new-Secret-71"),
@@ -259,6 +259,44 @@ Deno.test("new passwords need 12 characters and must not be common", async () =>
     assert.equal(res.body.error.code, "invalid_payload");
   }
   assert.equal((await create("correct horse battery")).status, 201);
+});
+
+Deno.test("the red team's weak passwords, the email and the current password are refused", async () => {
+  await using gw = await startTestGateway();
+  const email = "policy-owner@accounts.test";
+  const create = (password: string) =>
+    gw.request("POST", "/api/admin/users", { token: gw.adminToken, body: { email, password } });
+  for (
+    const weak of [
+      "aaaaaaaaaaab",
+      " ".repeat(11) + "a",
+      "123456789013",
+      "abababababab",
+      "passwordpassword1",
+      "Gridtokenx2026",
+      email,
+      "\0".repeat(11) + "\u0001",
+    ]
+  ) {
+    const res = await create(weak);
+    assert.equal(res.status, 400, `${JSON.stringify(weak)}: ${JSON.stringify(res.body)}`);
+    assert.equal(res.body.error.code, "invalid_payload");
+  }
+  const created = await create("a-decent-Phrase-42");
+  assert.equal(created.status, 201, JSON.stringify(created.body));
+  const token = await gw.login(email, "a-decent-Phrase-42");
+  const change = (next: string) =>
+    gw.request("POST", "/api/auth/password", {
+      token,
+      body: { current_password: "a-decent-Phrase-42", new_password: next },
+    });
+  const same = await change("a-decent-Phrase-42");
+  assert.equal(same.status, 400, JSON.stringify(same.body));
+  assert.match(same.body.error.message, /differ from the current/);
+  const withEmail = await change("Policy-Owner-2027!");
+  assert.equal(withEmail.status, 400, JSON.stringify(withEmail.body));
+  assert.match(withEmail.body.error.message, /email/);
+  assert.equal((await change("another-decent-Phrase-43")).status, 200);
 });
 
 Deno.test("tokens signed with the real secret but an absurd lifetime or issue time are refused", async () => {

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { ManualClock } from "../core/clock.ts";
-import { ADMIN, startTestGateway, type TestGateway } from "./_gateway.ts";
+import { ADMIN, passwordFor, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 Deno.test("logins are limited per client address and answered 429 with Retry-After", async () => {
   await using gw = await startTestGateway({ env: { LOGIN_RATE_LIMIT: "3" } });
@@ -161,7 +161,7 @@ Deno.test("logins refused as overloaded do not count against the account", async
     gw,
     "198.51.100.7",
     "victim@limit.test",
-    "password-victim@limit.test",
+    passwordFor("victim@limit.test"),
   );
   assert.equal(res.status, 200, JSON.stringify(await res.json()));
 });
@@ -179,11 +179,11 @@ Deno.test("a disabled account answers like a wrong password and keeps backing of
   const wrong = await loginFrom(gw, "198.51.100.8", email, "a-wrong-guess-1");
   const wrongBody = await wrong.json();
   for (let i = 0; i < 4; i++) {
-    const right = await loginFrom(gw, "198.51.100.8", email, "password-" + email);
+    const right = await loginFrom(gw, "198.51.100.8", email, passwordFor(email));
     assert.equal(right.status, wrong.status);
     assert.deepEqual(await right.json(), wrongBody, "the right password tells nothing");
   }
   // Five failures: the right password did not reset the account's back-off.
-  const held = await loginFrom(gw, "198.51.100.8", email, "password-" + email);
+  const held = await loginFrom(gw, "198.51.100.8", email, passwordFor(email));
   assert.equal(held.status, 429, JSON.stringify(await held.json()));
 });

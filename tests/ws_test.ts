@@ -8,6 +8,7 @@ import { type HubClient, WsHub } from "../routes/ws_hub.ts";
 import {
   isoAgo,
   JWT_SECRET,
+  passwordFor,
   signedReading,
   startTestGateway,
   type TestGateway,
@@ -725,7 +726,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
       (id, token) =>
         gw.request("POST", "/api/auth/password", {
           token,
-          body: { current_password: `password-${id}`, new_password: "a-new-ws-password-1" },
+          body: { current_password: passwordFor(id), new_password: "a-new-ws-password-1" },
         }),
     ],
   ];
@@ -736,7 +737,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
       await using client = await WsClient.connect(gw, user.token);
       await using bystander = await WsClient.connect(gw, gw.adminToken);
       await client.assertOnlyPong("before");
-      // The password case needs the current password: the harness's is password-<email>.
+      // The password case needs the current password: the harness gives passwordFor(email).
       const res = await act(what === "password changed" ? email : user.id, user.token) as {
         status: number;
       };
@@ -751,7 +752,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
   await t.step("a late event does not close a socket opened with a newer token", async () => {
     const user = await gw.createUser("late@ws.test");
     await gw.request("POST", "/api/auth/logout", { token: user.token });
-    const fresh = await gw.login("late@ws.test", "password-late@ws.test");
+    const fresh = await gw.login("late@ws.test", passwordFor("late@ws.test"));
     await using client = await WsClient.connect(gw, fresh);
     // The logout's event again, as if delivered late by another instance's bus.
     await gw.bus.publish({
