@@ -43,7 +43,7 @@ export interface UserServiceOptions {
   /** scrypt parameters of new hashes; older ones are re-hashed at login. Default N=2^17. */
   passwordParams?: ScryptParams;
   /** Per-account login back-off: attempts free, then 1 s, 2 s, 4 s … up to `maxMs`. */
-  loginBackoff?: { free?: number; baseMs?: number; maxMs?: number };
+  loginBackoff?: { free?: number; baseMs?: number; maxMs?: number; maxKeys?: number };
 }
 
 /** Accounts: creation, logins, changes of rights and credentials, and the first admin. */

@@ -459,3 +459,48 @@ Deno.test("failed logins and refused tokens are logged at warn with the address,
     "rate-limited per event and address",
   );
 });
+
+Deno.test("a spray of logins for distinct emails does not flush an account's back-off", async () => {
+  const store = await KvStore.open(undefined, { dedupeWindowMs: 15 * 60_000 });
+  const clock = new ManualClock(Date.now());
+  const bus = new LocalBus();
+  try {
+    const state = new UserStateCache({ load: (id) => store.getUser(id), clock });
+    const users = new UserService({
+      store,
+      clock,
+      bus,
+      state,
+      passwordParams: CHEAP,
+      loginBackoff: { free: 2, baseMs: 60_000, maxKeys: 8 },
+    });
+    await users.create({
+      email: "sprayed@accounts.test",
+      password: "sprayed-Secret-91",
+      role: "user",
+    });
+    for (let i = 0; i < 2; i++) {
+      await assertGatewayError(users.login("sprayed@accounts.test", "wrong-guess"), "unauthorized");
+    }
+    await assertGatewayError(users.login("sprayed@accounts.test", "wrong-guess"), "rate_limited");
+    // 40 distinct emails, 5 times the table's size: the running back-off is kept.
+    for (let i = 0; i < 40; i++) {
+      await assertGatewayError(users.login(`spray-${i}@example.com`, "x"), "unauthorized");
+    }
+    await assertGatewayError(
+      users.login("sprayed@accounts.test", "sprayed-Secret-91"),
+      "rate_limited",
+    );
+  } finally {
+    await bus.close();
+    await store.close();
+  }
+});
+
+async function assertGatewayError(promise: Promise<unknown>, code: string): Promise<void> {
+  await assert.rejects(promise, (error: unknown) => {
+    assert.ok(error instanceof GatewayError, `expected a GatewayError, got ${error}`);
+    assert.equal(error.code, code);
+    return true;
+  });
+}
