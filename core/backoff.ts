@@ -9,9 +9,19 @@ export interface BackoffOptions {
   baseMs?: number;
   /** The longest wait in ms; default 15 min. */
   maxMs?: number;
-  /** Keys remembered; default 100 000 (quiet ones are forgotten first). */
+  /**
+   * Keys remembered; default 100 000. When full, keys not backing off are forgotten first; a
+   * key whose wait is still running is never forgotten, so new keys are refused instead.
+   */
   maxKeys?: number;
 }
+
+/** The outcome of {@linkcode Backoff.attempt}. */
+export type BackoffAttempt =
+  /** Counted; `undo` takes it back when it was never evaluated (overload, store failure). */
+  | { ok: true; undo: () => void }
+  /** `backoff`: this key must wait; `full`: the table holds only running back-offs. */
+  | { ok: false; reason: "backoff" | "full"; waitMs: number };
 
 interface Entry {
   attempts: number;
@@ -33,6 +43,8 @@ export class Backoff {
   #maxMs: number;
   #maxKeys: number;
   #entries = new Map<string, Entry>();
+  /** Set when the table was found full of running back-offs: no new key before this instant. */
+  #fullUntil = 0;
 
   constructor(options: BackoffOptions) {
     this.#clock = options.clock;
@@ -42,12 +54,17 @@ export class Backoff {
     this.#maxKeys = options.maxKeys ?? 100_000;
   }
 
+  /** Keys remembered (tests). */
+  get size(): number {
+    return this.#entries.size;
+  }
+
   /**
-   * Starts an attempt for `key`: returns 0 and counts it, or the ms to wait when it is too
-   * early. Attempts are counted when they start, so parallel ones cannot slip past the limit;
-   * call {@linkcode succeeded} when one succeeds.
+   * Starts an attempt for `key`: counts it, or says how long to wait. Attempts are counted when
+   * they start, so parallel ones cannot slip past the limit; call {@linkcode succeeded} when
+   * one succeeds, and the attempt's `undo` when it could not be evaluated.
    */
-  attempt(key: string): number {
+  attempt(key: string): BackoffAttempt {
     const now = this.#clock.now();
     let entry = this.#entries.get(key);
     if (entry && now - entry.last >= 2 * this.#maxMs) {
@@ -55,19 +72,41 @@ export class Backoff {
       this.#entries.delete(key);
       entry = undefined;
     }
-    if (entry && now < entry.until) return entry.until - now;
+    if (entry && now < entry.until) {
+      return { ok: false, reason: "backoff", waitMs: entry.until - now };
+    }
+    const created = !entry;
     if (!entry) {
-      if (this.#entries.size >= this.#maxKeys) this.#forget(now);
+      if (this.#entries.size >= this.#maxKeys && !this.#makeRoom(now)) {
+        return { ok: false, reason: "full", waitMs: Math.max(1, this.#fullUntil - now) };
+      }
       entry = { attempts: 0, last: now, until: 0 };
       this.#entries.set(key, entry);
     }
+    const before = { last: entry.last, until: entry.until };
     entry.attempts++;
     entry.last = now;
     const over = entry.attempts - this.#free;
     if (over >= 0) {
       entry.until = now + Math.min(this.#maxMs, this.#baseMs * 2 ** Math.min(over, 40));
     }
-    return 0;
+    const counted = entry;
+    let undone = false;
+    const undo = () => {
+      if (undone || this.#entries.get(key) !== counted) return;
+      undone = true;
+      counted.attempts--;
+      if (created && counted.attempts === 0) {
+        this.#entries.delete(key);
+        return;
+      }
+      // The wait this attempt started is taken back unless a later attempt set its own.
+      if (counted.until === now + this.#waitFor(counted.attempts + 1)) {
+        counted.until = before.until;
+        counted.last = before.last;
+      }
+    };
+    return { ok: true, undo };
   }
 
   /** Forgets the attempts of `key` (a successful login). */
@@ -75,15 +114,30 @@ export class Backoff {
     this.#entries.delete(key);
   }
 
-  #forget(now: number): void {
+  #waitFor(attempts: number): number {
+    const over = attempts - this.#free;
+    return over < 0 ? -Infinity : Math.min(this.#maxMs, this.#baseMs * 2 ** Math.min(over, 40));
+  }
+
+  /**
+   * Frees room for a new key: forgets quiet keys, then keys not backing off (oldest first, down
+   * to half the table, so the scan is paid rarely). Running back-offs are kept; when only those
+   * remain, returns false and refuses new keys until the first of them ends.
+   */
+  #makeRoom(now: number): boolean {
+    if (now < this.#fullUntil) return false;
+    let soonest = Infinity;
+    const target = this.#maxKeys >> 1;
     for (const [k, e] of this.#entries) {
       if (now - e.last >= 2 * this.#maxMs) this.#entries.delete(k);
     }
-    if (this.#entries.size < this.#maxKeys) return;
-    let drop = this.#entries.size >> 1;
-    for (const k of this.#entries.keys()) {
-      if (drop-- <= 0) break;
-      this.#entries.delete(k);
+    for (const [k, e] of this.#entries) {
+      if (this.#entries.size <= target) break;
+      if (now >= e.until) this.#entries.delete(k);
+      else soonest = Math.min(soonest, e.until);
     }
+    if (this.#entries.size < this.#maxKeys) return true;
+    this.#fullUntil = soonest;
+    return false;
   }
 }

@@ -77,9 +77,94 @@ const SEQUENCES = [
   "qazwsxedcrfvtgbyhnujmikolp".repeat(2),
 ];
 
+// Words the list above is built from: a password whose letters are only these, repeated, is
+// as weak as the list's entries ("passwordpassword1", "Monkey!Monkey!").
+const WORDS = [
+  "password",
+  "passw",
+  "pass",
+  "qwerty",
+  "qwertyuiop",
+  "asdf",
+  "asdfghjkl",
+  "zxcvbnm",
+  "qazwsx",
+  "iloveyou",
+  "love",
+  "letmein",
+  "welcome",
+  "admin",
+  "administrator",
+  "changeme",
+  "trustno",
+  "football",
+  "baseball",
+  "basketball",
+  "superman",
+  "starwars",
+  "monkey",
+  "dragon",
+  "sunshine",
+  "princess",
+  "michael",
+  "jennifer",
+  "computer",
+  "internet",
+  "whatever",
+  "secret",
+  "master",
+  "hello",
+  "shadow",
+  "abc",
+  "abcd",
+  "login",
+  "user",
+  "test",
+  "guest",
+  "root",
+  "default",
+];
+/** The product's own name, which a password of its users must not contain. */
+export const PRODUCT_NAME = "gridtokenx";
+
+// Letters-only forms of the list's entries ("p@ssw0rd1234" → "psswrd").
+const COMMON_CORES = new Set([...COMMON].map(lettersOnly).filter((c) => c.length >= 4));
+const WORD_REPEAT = new RegExp(`^(${WORDS.join("|")})\\1*$`);
+
+/** The letters of `text`, lower-cased, without digits, spaces or symbols. */
+export function lettersOnly(text: string): string {
+  return text.toLowerCase().replace(/[^\p{L}]/gu, "");
+}
+
 /** Whether `password` is on the embedded list or is one keyboard or digit run (case ignored). */
 export function isCommonPassword(password: string): boolean {
   const folded = password.toLowerCase();
   if (COMMON.has(folded)) return true;
-  return SEQUENCES.some((run) => run.includes(folded));
+  if (SEQUENCES.some((run) => run.includes(folded))) return true;
+  // Digits and symbols around a common core do not make it strong: "Password!2026".
+  const core = lettersOnly(password);
+  return core.length > 0 && (COMMON_CORES.has(core) || WORD_REPEAT.test(core));
+}
+
+/**
+ * How many characters of `password` lie in keyboard or digit runs of 4 or more (forwards or
+ * backwards, case ignored), taking the longest run at each position.
+ */
+export function runCoverage(password: string): number {
+  const folded = password.toLowerCase();
+  let covered = 0;
+  for (let i = 0; i < folded.length;) {
+    let longest = 0;
+    for (let end = folded.length; end - i >= 4 && end - i > longest; end--) {
+      const part = folded.slice(i, end);
+      if (SEQUENCES.some((run) => run.includes(part))) longest = end - i;
+    }
+    if (longest >= 4) {
+      covered += longest;
+      i += longest;
+    } else {
+      i++;
+    }
+  }
+  return covered;
 }

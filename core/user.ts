@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { isCommonPassword } from "./common_passwords.ts";
+import { isCommonPassword, lettersOnly, PRODUCT_NAME, runCoverage } from "./common_passwords.ts";
 
 /** Every role, least restricted first. */
 export const ROLES = ["admin", "operator", "user"] as const;
@@ -61,17 +61,63 @@ export interface Principal {
 export const emailSchema = z.string().trim().toLowerCase().max(254).email();
 /** Shortest password accepted (NIST SP 800-63B allows 8; we ask for 12 since nothing else is asked). */
 export const PASSWORD_MIN_LENGTH = 12;
+/** Fewest different characters a password must have. */
+export const PASSWORD_MIN_DISTINCT = 6;
+
+/** What is known of the account a password is for: its email, its current password. */
+export interface PasswordContext {
+  email?: string;
+  current?: string;
+}
 
 /**
- * A password of 12 to 256 characters that is not all one character, not blank and not one of
- * the commonly used passwords of core/common_passwords.ts.
+ * Why `password` is refused, or `null` when it is acceptable: 12 to 256 characters, no control
+ * characters, at least 6 different characters, not one short pattern repeated, not mostly a
+ * keyboard or digit run, not common (also once digits and symbols are stripped), not containing
+ * the product's name, nor (where known) the account's email or its local part, and different
+ * from the current password.
  */
-export const passwordSchema = z.string()
-  .min(PASSWORD_MIN_LENGTH, `Passwords need at least ${PASSWORD_MIN_LENGTH} characters`)
-  .max(256)
-  .refine((pw) => pw.trim().length > 0, "A password of only spaces is not accepted")
-  .refine((pw) => new Set(pw).size > 1, "A password of one repeated character is not accepted")
-  .refine((pw) => !isCommonPassword(pw), "This password is too common; choose another");
+export function passwordProblem(password: string, context: PasswordContext = {}): string | null {
+  if (password.length < PASSWORD_MIN_LENGTH) {
+    return `Passwords need at least ${PASSWORD_MIN_LENGTH} characters`;
+  }
+  if (password.length > 256) return "Passwords have at most 256 characters";
+  if (/\p{Cc}/u.test(password)) return "A password must not contain control characters";
+  if (password.trim().length === 0) return "A password of only spaces is not accepted";
+  if (new Set(password).size < PASSWORD_MIN_DISTINCT) {
+    return `A password needs at least ${PASSWORD_MIN_DISTINCT} different characters`;
+  }
+  const folded = password.toLowerCase();
+  if (/^(.+?)\1+$/su.test(folded)) return "A password must not be a short pattern repeated";
+  if (runCoverage(password) * 2 >= password.length) {
+    return "A password must not be mostly a keyboard or digit sequence";
+  }
+  if (folded.includes(PRODUCT_NAME) || lettersOnly(password).includes(PRODUCT_NAME)) {
+    return "A password must not contain the product's name";
+  }
+  if (isCommonPassword(password)) return "This password is too common; choose another";
+  if (context.email !== undefined) {
+    const email = context.email.trim().toLowerCase();
+    const local = email.split("@")[0];
+    const localLetters = lettersOnly(local);
+    if (
+      folded.includes(email) || (local.length >= 3 && folded.includes(local)) ||
+      (localLetters.length >= 3 && lettersOnly(password).includes(localLetters))
+    ) {
+      return "A password must not contain the account's email or its name part";
+    }
+  }
+  if (context.current !== undefined && password === context.current) {
+    return "The new password must differ from the current one";
+  }
+  return null;
+}
+
+/** A password that {@linkcode passwordProblem} accepts (without the account's context). */
+export const passwordSchema = z.string().superRefine((pw, ctx) => {
+  const problem = passwordProblem(pw);
+  if (problem !== null) ctx.addIssue({ code: "custom", message: problem });
+});
 /** Solana base58 or EVM hex addresses. */
 export const walletSchema = z.string().regex(
   /^([1-9A-HJ-NP-Za-km-z]{32,44}|0x[0-9a-fA-F]{40})$/,

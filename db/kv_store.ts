@@ -4,16 +4,17 @@ import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import { insertSorted, nearestColliding } from "../core/rules.ts";
 import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
-import type {
-  DeviceChange,
-  HourlyStat,
-  InsertResult,
-  Page,
-  ReadingQuery,
-  ReadingStats,
-  Store,
-  StoreOptions,
-  UserChange,
+import {
+  type DeviceChange,
+  type HourlyStat,
+  type InsertResult,
+  ownsDevices,
+  type Page,
+  type ReadingQuery,
+  type ReadingStats,
+  type Store,
+  type StoreOptions,
+  type UserChange,
 } from "./store.ts";
 
 /*
@@ -179,6 +180,13 @@ export class KvStore implements Store {
       const current = await this.#kv.get<UserRecord>(["users", id]);
       if (current.value === null) throw new GatewayError("not_found", `User "${id}" not found`);
       const user = withUserDefaults(current.value);
+      // createDevice rewrites the owner's record in its commit: a device registered after this
+      // listing makes the check of `current` below fail, and the retry counts it.
+      let active = 0;
+      for await (const entry of this.#kv.list<DeviceRecord>({ prefix: ["devices_by_user", id] })) {
+        if (entry.value.status !== "revoked") active++;
+      }
+      if (active > 0) throw ownsDevices(active);
       const op = this.#kv.atomic()
         .check(current)
         .delete(["users", id])
@@ -224,14 +232,34 @@ export class KvStore implements Store {
 
   // ---- devices -----------------------------------------------------------------------------
 
-  async createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void> {
-    const op = this.#kv.atomic()
-      .check({ key: ["devices", device.meter_id], versionstamp: null })
-      .set(["devices", device.meter_id], device)
-      .set(["devices_by_user", device.user_id, device.meter_id], device);
-    const res = await commit(setAudit(op, audit));
-    if (!res.ok) {
-      throw new GatewayError("conflict", `meter ${device.meter_id} is already registered`);
+  async createDevice(
+    device: DeviceRecord,
+    audit: AuditEntry,
+    options: { ownerMustExist?: boolean } = {},
+  ): Promise<void> {
+    for (let attempt = 0;; attempt++) {
+      const owner = await this.#kv.get<UserRecord>(["users", device.user_id]);
+      if (owner.value === null && options.ownerMustExist) {
+        throw new GatewayError("not_found", `User "${device.user_id}" does not exist`);
+      }
+      const op = this.#kv.atomic()
+        .check({ key: ["devices", device.meter_id], versionstamp: null })
+        .check(owner)
+        .set(["devices", device.meter_id], device)
+        .set(["devices_by_user", device.user_id, device.meter_id], device);
+      // Rewriting the owner (unchanged) gives it a new versionstamp, so a deleteUser that
+      // listed the devices before this commit fails its check and looks again.
+      if (owner.value !== null) op.set(["users", device.user_id], owner.value);
+      if ((await commit(setAudit(op, audit))).ok) return;
+      if ((await this.#kv.get(["devices", device.meter_id])).versionstamp !== null) {
+        throw new GatewayError("conflict", `meter ${device.meter_id} is already registered`);
+      }
+      if (attempt === MAX_ATTEMPTS) {
+        throw new GatewayError(
+          "unavailable",
+          `User "${device.user_id}" is changing too often; retry`,
+        );
+      }
     }
   }
 

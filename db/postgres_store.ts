@@ -7,15 +7,16 @@ import type { ReadingRow, ReadingSource } from "../core/reading.ts";
 import { collides, insertSorted, nearestColliding } from "../core/rules.ts";
 import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 import { migrate, type TimescaleOptions, timescaleSchema } from "./migrate.ts";
-import type {
-  DeviceChange,
-  InsertResult,
-  Page,
-  ReadingQuery,
-  ReadingStats,
-  Store,
-  StoreOptions,
-  UserChange,
+import {
+  type DeviceChange,
+  type InsertResult,
+  ownsDevices,
+  type Page,
+  type ReadingQuery,
+  type ReadingStats,
+  type Store,
+  type StoreOptions,
+  type UserChange,
 } from "./store.ts";
 
 /*
@@ -275,6 +276,11 @@ export class PostgresStore implements Store {
       if (row === undefined) throw new GatewayError("not_found", `User "${id}" not found`);
       const user = toUser(row);
       if (isActiveAdmin(user)) await checkAnotherAdmin(tx, id);
+      // The row lock above waits for any createDevice holding this user's row (FOR KEY SHARE),
+      // so a device registered concurrently is counted here, or refused there.
+      const [{ n }] = await tx<{ n: number }[]>`
+        SELECT count(*)::int AS n FROM devices WHERE user_id = ${id} AND status <> 'revoked'`;
+      if (n > 0) throw ownsDevices(n);
       await tx`DELETE FROM users WHERE id = ${id}`;
       return user;
     }));
@@ -287,8 +293,17 @@ export class PostgresStore implements Store {
 
   // ---- devices -----------------------------------------------------------------------------
 
-  async createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void> {
+  async createDevice(
+    device: DeviceRecord,
+    audit: AuditEntry,
+    options: { ownerMustExist?: boolean } = {},
+  ): Promise<void> {
     await guard(this.#sql.begin(async (tx) => {
+      // Holds the owner's row against a concurrent deleteUser until this commits.
+      const owner = await tx`SELECT 1 FROM users WHERE id = ${device.user_id} FOR KEY SHARE`;
+      if (owner.length === 0 && options.ownerMustExist) {
+        throw new GatewayError("not_found", `User "${device.user_id}" does not exist`);
+      }
       const inserted = await tx`
         INSERT INTO devices (meter_id, user_id, status, created_at, updated_at, revoked_at, keys)
         VALUES (${device.meter_id}, ${device.user_id}, ${device.status},

@@ -1,4 +1,5 @@
 import type { AuditEntry, DeviceRecord } from "../core/device.ts";
+import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 
@@ -87,13 +88,23 @@ export interface Store {
    */
   updateUser(id: string, change: UserChange): Promise<UserRecord>;
   /**
-   * Deletes a user; throws `not_found` for an unknown id and `conflict` for the last active
-   * admin. Returns the deleted record.
+   * Deletes a user; throws `not_found` for an unknown id, and `conflict` for the last active
+   * admin or while the user owns devices that are not revoked (atomically: a device created
+   * for the user concurrently makes the delete fail, or is itself refused). Returns the
+   * deleted record.
    */
   deleteUser(id: string): Promise<UserRecord>;
 
-  /** Registers a device and writes its audit entry; throws `GatewayError("conflict")` if known. */
-  createDevice(device: DeviceRecord, audit: AuditEntry): Promise<void>;
+  /**
+   * Registers a device and writes its audit entry; throws `GatewayError("conflict")` if known.
+   * With `ownerMustExist`, throws `not_found` when `device.user_id` names no user (also when
+   * the user is deleted concurrently); without it a device may precede its owner (imports).
+   */
+  createDevice(
+    device: DeviceRecord,
+    audit: AuditEntry,
+    options?: { ownerMustExist?: boolean },
+  ): Promise<void>;
   getDevice(meterId: string): Promise<DeviceRecord | null>;
   /**
    * Changes a device atomically (rotation, revocation): `change` gets the current record and
@@ -127,4 +138,14 @@ export interface Store {
   /** Cheap liveness probe of the backend. */
   ping(): Promise<void>;
   close(): Promise<void>;
+}
+
+/** The `conflict` of deleting a user that still owns `n` devices that are not revoked. */
+export function ownsDevices(n: number): GatewayError {
+  return new GatewayError(
+    "conflict",
+    `The user owns ${n} meter${n === 1 ? "" : "s"} that ${n === 1 ? "is" : "are"} not revoked; ` +
+      `revoke or re-register ${n === 1 ? "it" : "them"} first`,
+    { details: { devices: n } },
+  );
 }

@@ -1,6 +1,6 @@
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
 import { GatewayError } from "../core/errors.ts";
-import { emailSchema, passwordSchema, ROLES, walletSchema } from "../core/user.ts";
+import { emailSchema, passwordProblem, passwordSchema, ROLES, walletSchema } from "../core/user.ts";
 import type { TokenService } from "../services/tokens.ts";
 import type { UserService } from "../services/users.ts";
 import { type AuthEnv, bearerAuth, requireRole } from "./middleware.ts";
@@ -78,9 +78,17 @@ const remove = createRoute({
   path: "/{id}",
   tags: ["admin"],
   summary: "Delete a user (admin); its tokens end at once",
+  description: "Refused (409) for the last enabled admin, and while the user owns meters that " +
+    "are not revoked: revoke or re-register them first, so that no active meter keeps " +
+    "crediting readings to a deleted account.",
   security: [{ bearer: [] }],
   request: { params: UserIdParam },
-  responses: { 204: { description: "Deleted" }, 404: notFound, 409: lastAdmin, ...commonErrors },
+  responses: {
+    204: { description: "Deleted" },
+    404: notFound,
+    409: jsonResponse(ErrorSchema, "The last active admin, or the user still owns active meters"),
+    ...commonErrors,
+  },
 });
 
 /** `/api/admin/users`. */
@@ -91,7 +99,11 @@ export function adminUserRoutes(
   app.use(bearerAuth(deps.tokens), requireRole("admin"));
   return app
     .openapi(create, async (c) => {
-      const user = await deps.users.create(c.req.valid("json"));
+      const input = c.req.valid("json");
+      // The schema checked the password alone; now against the account's email too.
+      const problem = passwordProblem(input.password, { email: input.email });
+      if (problem !== null) throw new GatewayError("invalid_payload", problem);
+      const user = await deps.users.create(input);
       return c.json(userView(user), 201);
     })
     .openapi(get, async (c) => {

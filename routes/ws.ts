@@ -35,10 +35,12 @@ const MAX_PENDING_MESSAGES = 16;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Variables of the WebSocket route: the principal its token names. */
-export type WsEnv = { Variables: { principal: Principal } };
+export type WsEnv = { Variables: { principal: Principal; release: () => void } };
 
 /**
- * `GET /ws?token=<jwt>`: live committed readings of subscribed meters. Close codes: 1008 too
+ * `GET /ws?token=<jwt>`: live committed readings of subscribed meters (at most 1 000 meters per
+ * connection; `account` and `all` are not counted). Each `subscribed` reply lists the meters
+ * of that request now subscribed, with `meter_count` for the whole connection. Close codes: 1008 too
  * many pending messages, 1009 message too big, 1013 send buffer full, 4001 the access token
  * ended (expired, logout, password change, account changed or deleted; the reason says which).
  */
@@ -69,15 +71,23 @@ export function wsRoutes(
       if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
         throw new GatewayError("invalid_payload", "Expected a WebSocket upgrade request");
       }
-      if (!deps.hub.canAttach(principal.user_id)) {
+      // The slot is taken now, not when the socket opens: parallel upgrades all see it.
+      const release = deps.hub.reserve(principal.user_id);
+      if (!release) {
         throw new GatewayError("rate_limited", "Too many WebSocket connections for this account", {
           retryAfter: 10,
         });
       }
-      await next();
+      c.set("release", release);
+      try {
+        await next();
+      } finally {
+        if (c.res.status !== 101) release();
+      }
     },
     upgradeWebSocket((c) => {
       const principal = c.var.principal;
+      const release = c.var.release;
       const token = c.req.query("token") ??
         /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1] ?? "";
       const address = clientAddress(c);
@@ -142,7 +152,7 @@ export function wsRoutes(
         } else {
           deps.hub.unsubscribe(client, msg);
         }
-        reply({ type: "subscribed", ...deps.hub.subscriptions(client) });
+        reply({ type: "subscribed", ...deps.hub.subscriptions(client, msg.meters) });
       }
 
       return {
@@ -157,6 +167,7 @@ export function wsRoutes(
             },
           };
           deps.hub.attach(client);
+          release();
           armExpiry();
           // A change of the account between the check above and attach() had no socket to
           // close: check once more, now that later changes will find this one.
@@ -195,7 +206,12 @@ export function wsRoutes(
             .catch(fail)
             .finally(() => pending--);
         },
+        onError() {
+          // Failed before it opened: no close may follow.
+          if (!client) release();
+        },
         onClose() {
+          release();
           closed = true;
           clearTimeout(expiry);
           clearTimeout(closing);

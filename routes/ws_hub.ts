@@ -1,3 +1,4 @@
+import { GatewayError } from "../core/errors.ts";
 import type { GatewayEvent, UserChangedEvent } from "../core/events.ts";
 import type { Principal } from "../core/user.ts";
 
@@ -38,7 +39,12 @@ export interface WsHubOptions {
   sendBufferMax: number;
   /** Connections one account may hold at once; default 16. */
   maxPerUser?: number;
+  /** Meters one connection may be subscribed to at once; default 1 000. */
+  maxMetersPerClient?: number;
 }
+
+/** Meters one connection may be subscribed to by default. */
+export const MAX_METERS_PER_CLIENT = 1_000;
 
 /**
  * Routes committed readings from the bus to subscribed WebSocket clients. A client whose send
@@ -48,6 +54,7 @@ export interface WsHubOptions {
 export class WsHub {
   #sendBufferMax: number;
   #maxPerUser: number;
+  #maxMeters: number;
   #clients = new Map<HubClient, Subscriptions>();
   /** Every client by the account it authenticated as (subscribed or not). */
   #byPrincipal = new Map<string, Set<HubClient>>();
@@ -60,11 +67,42 @@ export class WsHub {
   constructor(options: WsHubOptions) {
     this.#sendBufferMax = options.sendBufferMax;
     this.#maxPerUser = options.maxPerUser ?? 16;
+    this.#maxMeters = options.maxMetersPerClient ?? MAX_METERS_PER_CLIENT;
   }
 
-  /** Whether `userId` may open another connection. */
+  /** Connections being opened (upgrade answered, socket not open yet), by account. */
+  #reserved = new Map<string, number>();
+
+  /** Whether `userId` may open another connection (open and reserved ones count). */
   canAttach(userId: string): boolean {
-    return (this.#byPrincipal.get(userId)?.size ?? 0) < this.#maxPerUser;
+    return (this.#byPrincipal.get(userId)?.size ?? 0) + (this.#reserved.get(userId) ?? 0) <
+      this.#maxPerUser;
+  }
+
+  /**
+   * Reserves one of `userId`'s connection slots before the upgrade, so that parallel upgrades
+   * cannot all pass the check before any socket is attached; `null` when none is left. The
+   * returned function gives the slot back (idempotent): call it once the socket is attached,
+   * or when the upgrade fails or the socket closes before it opened.
+   */
+  reserve(userId: string): (() => void) | null {
+    if (!this.canAttach(userId)) return null;
+    this.#reserved.set(userId, (this.#reserved.get(userId) ?? 0) + 1);
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      const left = (this.#reserved.get(userId) ?? 1) - 1;
+      if (left > 0) this.#reserved.set(userId, left);
+      else this.#reserved.delete(userId);
+    };
+  }
+
+  /** Slots reserved and not yet given back, over all accounts (tests, metrics). */
+  get reservedCount(): number {
+    let n = 0;
+    for (const v of this.#reserved.values()) n += v;
+    return n;
   }
 
   /** Number of connected clients. */
@@ -89,14 +127,25 @@ export class WsHub {
     removeFrom(this.#byPrincipal, client.principal.user_id, client);
   }
 
-  /** Adds subscriptions; ownership is checked by the caller. */
+  /**
+   * Adds subscriptions; ownership is checked by the caller. Throws `invalid_payload` (adding
+   * nothing) when the client would hold more than the per-connection number of meters.
+   */
   subscribe(
     client: HubClient,
     what: { meters?: string[]; account?: boolean; all?: boolean },
   ): void {
     const subs = this.#clients.get(client);
     if (!subs) return;
-    for (const meter of what.meters ?? []) {
+    const added = new Set((what.meters ?? []).filter((m) => !subs.meters.has(m)));
+    if (subs.meters.size + added.size > this.#maxMeters) {
+      throw new GatewayError(
+        "invalid_payload",
+        `At most ${this.#maxMeters} meters per connection (${subs.meters.size} subscribed, ` +
+          `${added.size} more asked); unsubscribe some, or subscribe to "account" or "all"`,
+      );
+    }
+    for (const meter of added) {
       subs.meters.add(meter);
       addTo(this.#byMeter, meter, client);
     }
@@ -131,11 +180,19 @@ export class WsHub {
     }
   }
 
-  /** What a client is subscribed to. */
-  subscriptions(client: HubClient): { meters: string[]; account: boolean; all: boolean } {
+  /**
+   * What a client is subscribed to: of `named` (the meters of one request), those it now is
+   * subscribed to, and how many meters in all; the reply's size follows the request's, not
+   * the subscription's.
+   */
+  subscriptions(
+    client: HubClient,
+    named: readonly string[] = [],
+  ): { meters: string[]; meter_count: number; account: boolean; all: boolean } {
     const subs = this.#clients.get(client);
     return {
-      meters: [...subs?.meters ?? []],
+      meters: [...new Set(named)].filter((m) => subs?.meters.has(m)),
+      meter_count: subs?.meters.size ?? 0,
       account: subs?.account ?? false,
       all: subs?.all ?? false,
     };

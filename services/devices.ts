@@ -127,7 +127,10 @@ export class DeviceService {
       revoked_at: null,
       keys: [key],
     };
-    await this.#store.createDevice(device, this.#audit(device, "registered", actor, key.key_id));
+    // The owner checked above must still exist when the device is stored (a concurrent delete).
+    await this.#store.createDevice(device, this.#audit(device, "registered", actor, key.key_id), {
+      ownerMustExist: true,
+    });
     await this.#announce(input.meter_id, "registered");
     return issued;
   }

@@ -29,6 +29,9 @@ export interface TokenServiceOptions {
   wallClock?: Clock;
 }
 
+/** Seconds a token's issue time may lie ahead of this instance's clock (clock drift). */
+const CLOCK_SKEW_S = 60;
+
 // Three base64url parts without padding; canonical form is checked separately.
 const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 
@@ -40,7 +43,6 @@ const JWT_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 export class TokenService {
   #secret: string;
   #ttlMs: number;
-  #clock: Clock;
   #state: UserStateCache;
   #wallClock: Clock;
   /** The security log of the gateway, for the routes that check tokens. */
@@ -49,7 +51,6 @@ export class TokenService {
   constructor(options: TokenServiceOptions) {
     this.#secret = options.secret;
     this.#ttlMs = options.ttlMs;
-    this.#clock = options.clock;
     this.#state = options.state;
     this.security = options.security;
     this.#wallClock = options.wallClock ?? { now: () => Date.now() };
@@ -62,7 +63,8 @@ export class TokenService {
 
   /** Issues a token for `user` under its current token generation. */
   async issue(user: User): Promise<AccessToken> {
-    const now = Math.floor(this.#clock.now() / 1000);
+    // The clock verify() measures against: a token is never born in its future.
+    const now = Math.floor(this.#wallClock.now() / 1000);
     const ttl = Math.floor(this.#ttlMs / 1000);
     const token = await sign(
       {
@@ -105,7 +107,7 @@ export class TokenService {
     } catch {
       throw invalid();
     }
-    const { sub, role, gen, exp } = payload;
+    const { sub, role, gen, exp, iat } = payload;
     if (
       typeof sub !== "string" || !ROLES.includes(role as Principal["role"]) ||
       typeof gen !== "number" || !Number.isSafeInteger(gen) || gen < 0
@@ -115,8 +117,21 @@ export class TokenService {
     if (typeof exp !== "number" || !Number.isFinite(exp)) {
       throw new GatewayError("unauthorized", "The access token has no expiry");
     }
+    const nowS = this.#wallClock.now() / 1000;
     if (exp * 1000 <= this.#wallClock.now()) {
       throw new GatewayError("unauthorized", "The access token has expired");
+    }
+    // Even with the real secret, a token is only what issue() writes: whole seconds, issued
+    // now or before (within the skew), living at most the configured TTL.
+    if (
+      !Number.isSafeInteger(exp) || typeof iat !== "number" || !Number.isSafeInteger(iat) ||
+      iat <= 0 || iat > nowS + CLOCK_SKEW_S ||
+      exp - iat > Math.ceil(this.#ttlMs / 1000) + CLOCK_SKEW_S
+    ) {
+      throw new GatewayError(
+        "unauthorized",
+        "The access token's issue time or lifetime is not acceptable",
+      );
     }
     const state = await this.#state.get(sub);
     if (state === null) throw new GatewayError("unauthorized", "The account no longer exists");

@@ -12,7 +12,7 @@ import {
   type ScryptParams,
   verifyPassword,
 } from "../core/password.ts";
-import type { Role, User, UserRecord } from "../core/user.ts";
+import { passwordProblem, type Role, type User, type UserRecord } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import { Semaphore } from "../core/semaphore.ts";
 import type { UserStateCache } from "./user_state.ts";
@@ -43,7 +43,7 @@ export interface UserServiceOptions {
   /** scrypt parameters of new hashes; older ones are re-hashed at login. Default N=2^17. */
   passwordParams?: ScryptParams;
   /** Per-account login back-off: attempts free, then 1 s, 2 s, 4 s … up to `maxMs`. */
-  loginBackoff?: { free?: number; baseMs?: number; maxMs?: number };
+  loginBackoff?: { free?: number; baseMs?: number; maxMs?: number; maxKeys?: number };
 }
 
 /** Accounts: creation, logins, changes of rights and credentials, and the first admin. */
@@ -124,19 +124,45 @@ export class UserService {
    */
   async login(email: string, password: string): Promise<User> {
     const key = email.toLowerCase();
-    const waitMs = this.#backoff.attempt(key);
-    if (waitMs > 0) {
-      throw new GatewayError(
-        "rate_limited",
-        "Too many failed logins for this account; wait before trying again",
-        { retryAfter: Math.ceil(waitMs / 1000) },
-      );
+    const user = await this.#attempt(
+      key,
+      "Too many failed logins for this account; wait before trying again",
+      () => this.authenticate(key, password),
+    );
+    // A disabled account answers exactly like a wrong password, and a right guess does not
+    // reset its back-off: nothing tells whether the password was right.
+    if (!user || user.disabled) {
+      throw new GatewayError("unauthorized", "Email or password is wrong");
     }
-    const user = await this.authenticate(key, password);
-    if (!user) throw new GatewayError("unauthorized", "Email or password is wrong");
     this.#backoff.succeeded(key);
-    if (user.disabled) throw new GatewayError("unauthorized", "The account is disabled");
     return user;
+  }
+
+  /**
+   * Runs `check` as one counted attempt of `key`'s back-off. An attempt the server did not
+   * evaluate (overloaded, store failure) is taken back, so a flood that overloads the gateway
+   * cannot lock the account out, nor fill the table with its keys.
+   */
+  async #attempt<T>(key: string, waitMessage: string, check: () => Promise<T>): Promise<T> {
+    const attempt = this.#backoff.attempt(key);
+    if (!attempt.ok) {
+      if (attempt.reason === "full") {
+        throw new GatewayError(
+          "overloaded",
+          "Too many accounts are backing off after failed logins; retry shortly",
+          { retryAfter: Math.ceil(attempt.waitMs / 1000) },
+        );
+      }
+      throw new GatewayError("rate_limited", waitMessage, {
+        retryAfter: Math.ceil(attempt.waitMs / 1000),
+      });
+    }
+    try {
+      return await check();
+    } catch (error) {
+      attempt.undo();
+      throw error;
+    }
   }
 
   // Stores a hash with the current parameters; a concurrent password change wins.
@@ -169,7 +195,7 @@ export class UserService {
     return withoutHash(record);
   }
 
-  /** Deletes an account; its tokens end. `conflict` for the last active admin. */
+  /** Deletes an account; its tokens end. `conflict` for the last active admin, or while it owns meters that are not revoked. */
   async remove(id: string): Promise<void> {
     await this.#store.deleteUser(id);
     await this.#announce({ user_id: id, change: "deleted", token_generation: null });
@@ -182,24 +208,34 @@ export class UserService {
   async changePassword(id: string, current: string, next: string): Promise<User> {
     const user = await this.#store.getUser(id);
     if (!user) throw new GatewayError("unauthorized", "The account no longer exists");
+    // Rules that need the account (its email, the current password): before any hashing.
+    const problem = passwordProblem(next, { email: user.email, current });
+    if (problem !== null) throw new GatewayError("invalid_payload", problem);
     const key = user.email;
-    const waitMs = this.#backoff.attempt(key);
-    if (waitMs > 0) {
-      throw new GatewayError("rate_limited", "Too many wrong passwords; wait before trying again", {
-        retryAfter: Math.ceil(waitMs / 1000),
-      });
-    }
-    const record = await this.#store.getUserByEmail(key);
-    const ok = record !== null &&
-      await this.#withKdf(() => verifyPassword(current, record.password_hash));
-    if (!record || !ok) throw new GatewayError("unauthorized", "The current password is wrong");
+    const record = await this.#attempt(
+      key,
+      "Too many wrong passwords; wait before trying again",
+      async () => {
+        const record = await this.#store.getUserByEmail(key);
+        const ok = record !== null &&
+          await this.#withKdf(() => verifyPassword(current, record.password_hash));
+        return ok ? record : null;
+      },
+    );
+    if (!record) throw new GatewayError("unauthorized", "The current password is wrong");
     this.#backoff.succeeded(key);
     const password_hash = await this.#withKdf(() => hashPassword(next, this.#params));
-    const updated = await this.#store.updateUser(id, (u) => ({
-      ...u,
-      password_hash,
-      token_generation: u.token_generation + 1,
-    }));
+    // Compare-and-set: only the hash that was verified may be replaced, so of two parallel
+    // changes with the same current password exactly one succeeds.
+    const updated = await this.#store.updateUser(id, (u) => {
+      if (u.password_hash !== record.password_hash) {
+        throw new GatewayError(
+          "conflict",
+          "The password was changed meanwhile; log in again with the new one",
+        );
+      }
+      return { ...u, password_hash, token_generation: u.token_generation + 1 };
+    });
     await this.#changed(updated, "password");
     return withoutHash(updated);
   }

@@ -199,7 +199,7 @@ Deno.test("operator commands provision, list, rotate and revoke devices on a run
       "--email",
       "owner@example.com",
       "--password",
-      "owner-password-1",
+      "holder-Secret-81",
       "--wallet",
       "0x1234567890abcdef1234567890abcdef12345678",
     ], env);

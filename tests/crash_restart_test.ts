@@ -40,7 +40,7 @@ Deno.test("the first start generates an admin password once and keeps secrets be
       firstToken = await login(gw.url, ADMIN_EMAIL, password);
       const created = await call(gw.url, "POST", "/api/admin/users", {
         token: firstToken,
-        body: { email: "someone@crash.test", password: "someone-password", role: "user" },
+        body: { email: "someone@crash.test", password: "holder-Secret-83", role: "user" },
       });
       assert.equal(created.status, 201, "the generated account is an admin");
       const wrong = await call(gw.url, "POST", "/api/auth/login", {
@@ -182,10 +182,10 @@ Deno.test("readings acknowledged with 201 survive kill -9 exactly once", async (
   const adminToken = await login(first.url, ADMIN_EMAIL, env.ADMIN_PASSWORD);
   const user = await call(first.url, "POST", "/api/admin/users", {
     token: adminToken,
-    body: { email: "owner@crash.test", password: "owner-password", role: "user" },
+    body: { email: "owner@crash.test", password: "holder-Secret-82", role: "user" },
   });
   assert.equal(user.status, 201, JSON.stringify(user.body));
-  const userToken = await login(first.url, "owner@crash.test", "owner-password");
+  const userToken = await login(first.url, "owner@crash.test", "holder-Secret-82");
   const meters: { id: string; secret: string }[] = [];
   for (let i = 0; i < 6; i++) {
     const res = await call(first.url, "POST", "/api/admin/devices/register", {
@@ -247,7 +247,7 @@ Deno.test("readings acknowledged with 201 survive kill -9 exactly once", async (
 
   // ---- after the restart
   await using second = await GatewayProcess.start(env);
-  const token = await login(second.url, "owner@crash.test", "owner-password");
+  const token = await login(second.url, "owner@crash.test", "holder-Secret-82");
   const listed = await listAll(second.url, token);
   const count = new Map<string, number>();
   for (const item of listed) count.set(item.id as string, (count.get(item.id as string) ?? 0) + 1);

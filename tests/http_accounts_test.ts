@@ -11,7 +11,7 @@ import { KvStore } from "../db/kv_store.ts";
 import { TokenService } from "../services/tokens.ts";
 import { UserService } from "../services/users.ts";
 import { UserStateCache } from "../services/user_state.ts";
-import { ADMIN, JWT_SECRET, startTestGateway } from "./_gateway.ts";
+import { ADMIN, JWT_SECRET, passwordFor, startTestGateway } from "./_gateway.ts";
 
 const CHEAP = { N: 1024, r: 8, p: 1 };
 
@@ -24,7 +24,7 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     const second = await gw.createUser("second-admin@accounts.test", "admin");
     const made = await gw.request("POST", "/api/admin/users", {
       token: second.token,
-      body: { email: "made@accounts.test", password: "made-by-second-1", role: "user" },
+      body: { email: "made@accounts.test", password: "built-by-second-1", role: "user" },
     });
     assert.equal(made.status, 201, "the admin's token works before the change");
     const demoted = await gw.request("PATCH", `/api/admin/users/${second.id}`, {
@@ -45,7 +45,7 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     // Logging in again gives a token with the new role.
     const fresh = await gw.login(
       "second-admin@accounts.test",
-      "password-second-admin@accounts.test",
+      passwordFor("second-admin@accounts.test"),
     );
     assert.equal(await me(fresh), 200);
     const forbidden = await gw.request("POST", "/api/admin/users", {
@@ -66,17 +66,18 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     assert.equal(res.body.disabled, true);
     assert.equal(await me(user.token), 401);
     const login = await gw.request("POST", "/api/auth/login", {
-      body: { email: "disabled@accounts.test", password: "password-disabled@accounts.test" },
+      body: { email: "disabled@accounts.test", password: passwordFor("disabled@accounts.test") },
     });
     assert.equal(login.status, 401);
-    assert.match(login.body.error.message, /disabled/);
+    // Exactly like a wrong password: the answer does not confirm the guess.
+    assert.equal(login.body.error.message, "Email or password is wrong");
     await gw.request("PATCH", `/api/admin/users/${user.id}`, {
       token: gw.adminToken,
       body: { disabled: false },
     });
     assert.equal(await me(user.token), 401, "re-enabling does not revive old tokens");
     assert.equal(
-      await me(await gw.login("disabled@accounts.test", "password-disabled@accounts.test")),
+      await me(await gw.login("disabled@accounts.test", passwordFor("disabled@accounts.test"))),
       200,
     );
   });
@@ -95,15 +96,35 @@ Deno.test("a changed, disabled or deleted account's tokens are refused at once",
     assert.equal(get.status, 404);
   });
 
+  await t.step("a user owning active meters is not deleted until they are revoked", async () => {
+    const user = await gw.createUser("owner@accounts.test");
+    await gw.registerMeter("owned-meter-1", user.id);
+    await gw.registerMeter("owned-meter-2", user.id);
+    const del = () => gw.request("DELETE", `/api/admin/users/${user.id}`, { token: gw.adminToken });
+    const refused = await del();
+    assert.equal(refused.status, 409, JSON.stringify(refused.body));
+    assert.equal(refused.body.error.code, "conflict");
+    assert.match(refused.body.error.message, /2 meters .*revoke or re-register/);
+    assert.equal(await me(user.token), 200, "the refused delete changed nothing");
+    for (const meter of ["owned-meter-1", "owned-meter-2"]) {
+      const res = await gw.request("POST", `/api/admin/devices/${meter}/revoke`, {
+        token: gw.adminToken,
+      });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+    }
+    assert.equal((await del()).status, 204);
+    assert.equal(await me(user.token), 401);
+  });
+
   await t.step("logout ends every token of the account", async () => {
     const user = await gw.createUser("logout@accounts.test");
-    const other = await gw.login("logout@accounts.test", "password-logout@accounts.test");
+    const other = await gw.login("logout@accounts.test", passwordFor("logout@accounts.test"));
     const res = await gw.request("POST", "/api/auth/logout", { token: user.token });
     assert.equal(res.status, 204);
     assert.equal(await me(user.token), 401);
     assert.equal(await me(other), 401, "the other session ends too");
     assert.equal(
-      await me(await gw.login("logout@accounts.test", "password-logout@accounts.test")),
+      await me(await gw.login("logout@accounts.test", passwordFor("logout@accounts.test"))),
       200,
     );
   });
@@ -193,6 +214,27 @@ Deno.test("a password change needs the current password, ends old tokens and ret
   assert.equal(login.headers.get("cache-control"), "no-store");
 });
 
+Deno.test("of two parallel password changes with the same current password one succeeds", async () => {
+  await using gw = await startTestGateway();
+  const email = "parallel@accounts.test";
+  const user = await gw.createUser(email);
+  const change = (next: string) =>
+    gw.request("POST", "/api/auth/password", {
+      token: user.token,
+      body: { current_password: passwordFor(email), new_password: next },
+    });
+  const results = await Promise.all([
+    change("first-new-Secret-71"),
+    change("second-new-Secret-72"),
+  ]);
+  const statuses = results.map((r) => r.status).sort();
+  assert.deepEqual(statuses, [200, 409], JSON.stringify(results.map((r) => r.body)));
+  const loser = results.find((r) => r.status === 409)!;
+  assert.equal(loser.body.error.code, "conflict");
+  const winner = results[0].status === 200 ? "first-new-Secret-71" : "second-new-Secret-72";
+  assert.ok(await gw.login(email, winner), "the winner's password is the one stored");
+});
+
 Deno.test("new passwords need 12 characters and must not be common", async () => {
   await using gw = await startTestGateway();
   const create = (password: string) =>
@@ -217,6 +259,67 @@ Deno.test("new passwords need 12 characters and must not be common", async () =>
     assert.equal(res.body.error.code, "invalid_payload");
   }
   assert.equal((await create("correct horse battery")).status, 201);
+});
+
+Deno.test("the red team's weak passwords, the email and the current password are refused", async () => {
+  await using gw = await startTestGateway();
+  const email = "policy-owner@accounts.test";
+  const create = (password: string) =>
+    gw.request("POST", "/api/admin/users", { token: gw.adminToken, body: { email, password } });
+  for (
+    const weak of [
+      "aaaaaaaaaaab",
+      " ".repeat(11) + "a",
+      "123456789013",
+      "abababababab",
+      "passwordpassword1",
+      "Gridtokenx2026",
+      email,
+      "\0".repeat(11) + "\u0001",
+    ]
+  ) {
+    const res = await create(weak);
+    assert.equal(res.status, 400, `${JSON.stringify(weak)}: ${JSON.stringify(res.body)}`);
+    assert.equal(res.body.error.code, "invalid_payload");
+  }
+  const created = await create("a-decent-Phrase-42");
+  assert.equal(created.status, 201, JSON.stringify(created.body));
+  const token = await gw.login(email, "a-decent-Phrase-42");
+  const change = (next: string) =>
+    gw.request("POST", "/api/auth/password", {
+      token,
+      body: { current_password: "a-decent-Phrase-42", new_password: next },
+    });
+  const same = await change("a-decent-Phrase-42");
+  assert.equal(same.status, 400, JSON.stringify(same.body));
+  assert.match(same.body.error.message, /differ from the current/);
+  const withEmail = await change("Policy-Owner-2027!");
+  assert.equal(withEmail.status, 400, JSON.stringify(withEmail.body));
+  assert.match(withEmail.body.error.message, /email/);
+  assert.equal((await change("another-decent-Phrase-43")).status, 200);
+});
+
+Deno.test("tokens signed with the real secret but an absurd lifetime or issue time are refused", async () => {
+  await using gw = await startTestGateway();
+  const readings = (token: string) => gw.request("GET", "/api/meters/readings", { token });
+  const claims = JSON.parse(Buffer.from(gw.adminToken.split(".")[1], "base64url").toString());
+  const now = Math.floor(Date.now() / 1000);
+  const cases: [string, Record<string, unknown>][] = [
+    ["exp 1e300", { ...claims, exp: 1e300 }],
+    ["a lifetime of ten years", { ...claims, iat: now, exp: now + 10 * 365 * 86_400 }],
+    ["iat an hour ahead", { ...claims, iat: now + 3_600, exp: now + 3_700 }],
+    ["no iat", { ...claims, iat: undefined }],
+    ["fractional iat", { ...claims, iat: now - 0.5 }],
+    ["fractional exp", { ...claims, exp: now + 100.5 }],
+  ];
+  for (const [what, payload] of cases) {
+    const res = await readings(await sign(payload, JWT_SECRET, "HS256"));
+    assert.equal(res.status, 401, `${what}: ${JSON.stringify(res.body)}`);
+  }
+  // A token as issue() writes it still passes, and so does one issued 30 s "ahead" (skew).
+  assert.equal((await readings(await sign(claims, JWT_SECRET, "HS256"))).status, 200);
+  const ahead = { ...claims, iat: now + 30, exp: now + 30 + 3_600 };
+  assert.equal((await readings(await sign(ahead, JWT_SECRET, "HS256"))).status, 200);
 });
 
 Deno.test("tokens without exp, with padding or with non-canonical base64url are refused", async () => {
@@ -356,3 +459,48 @@ Deno.test("failed logins and refused tokens are logged at warn with the address,
     "rate-limited per event and address",
   );
 });
+
+Deno.test("a spray of logins for distinct emails does not flush an account's back-off", async () => {
+  const store = await KvStore.open(undefined, { dedupeWindowMs: 15 * 60_000 });
+  const clock = new ManualClock(Date.now());
+  const bus = new LocalBus();
+  try {
+    const state = new UserStateCache({ load: (id) => store.getUser(id), clock });
+    const users = new UserService({
+      store,
+      clock,
+      bus,
+      state,
+      passwordParams: CHEAP,
+      loginBackoff: { free: 2, baseMs: 60_000, maxKeys: 8 },
+    });
+    await users.create({
+      email: "sprayed@accounts.test",
+      password: "sprayed-Secret-91",
+      role: "user",
+    });
+    for (let i = 0; i < 2; i++) {
+      await assertGatewayError(users.login("sprayed@accounts.test", "wrong-guess"), "unauthorized");
+    }
+    await assertGatewayError(users.login("sprayed@accounts.test", "wrong-guess"), "rate_limited");
+    // 40 distinct emails, 5 times the table's size: the running back-off is kept.
+    for (let i = 0; i < 40; i++) {
+      await assertGatewayError(users.login(`spray-${i}@example.com`, "x"), "unauthorized");
+    }
+    await assertGatewayError(
+      users.login("sprayed@accounts.test", "sprayed-Secret-91"),
+      "rate_limited",
+    );
+  } finally {
+    await bus.close();
+    await store.close();
+  }
+});
+
+async function assertGatewayError(promise: Promise<unknown>, code: string): Promise<void> {
+  await assert.rejects(promise, (error: unknown) => {
+    assert.ok(error instanceof GatewayError, `expected a GatewayError, got ${error}`);
+    assert.equal(error.code, code);
+    return true;
+  });
+}

@@ -5,7 +5,14 @@ import { deepEqual, equal, match, ok } from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { sign } from "hono/jwt";
 import { ManualClock } from "../core/clock.ts";
-import { ADMIN, isoAgo, signedReading, startTestGateway, type TestGateway } from "./_gateway.ts";
+import {
+  ADMIN,
+  isoAgo,
+  JWT_SECRET,
+  signedReading,
+  startTestGateway,
+  type TestGateway,
+} from "./_gateway.ts";
 
 type Res = Awaited<ReturnType<TestGateway["request"]>>;
 
@@ -47,11 +54,15 @@ Deno.test("malformed, oversized and hostile requests get 4xx JSON errors and bre
   const base = Date.now();
   const good = signedReading("bad-meter-1", secret_hex, isoAgo(60 * MINUTE, base), "9.5");
 
-  // An access token that expired an hour ago: issued while the gateway's clock is 2 h behind.
-  const realNow = clock.now();
-  clock.set(realNow - 2 * 60 * MINUTE);
-  const expiredToken = await gw.login(ADMIN.email, ADMIN.password);
-  clock.set(realNow);
+  // An access token that expired an hour ago (tokens are issued on the wall clock): the
+  // admin's own claims, issued 2 h ago.
+  const claims = JSON.parse(Buffer.from(gw.adminToken.split(".")[1], "base64url").toString());
+  const issuedS = Math.floor(Date.now() / 1000) - 2 * 3_600;
+  const expiredToken = await sign(
+    { ...claims, iat: issuedS, exp: issuedS + 3_600 },
+    JWT_SECRET,
+    "HS256",
+  );
 
   const submitRaw = (raw: BodyInit, contentType?: string, token = user.token) =>
     gw.request("POST", "/api/meters/submit-reading", {

@@ -9,7 +9,13 @@ import { KvStore } from "../db/kv_store.ts";
 import type { Store } from "../db/store.ts";
 import { healthRoutes } from "../routes/health.ts";
 import { DeviceService } from "../services/devices.ts";
-import { isoAgo, signedReading, startTestGateway, type TestGateway } from "./_gateway.ts";
+import {
+  isoAgo,
+  passwordFor,
+  signedReading,
+  startTestGateway,
+  type TestGateway,
+} from "./_gateway.ts";
 
 type Res = Awaited<ReturnType<TestGateway["request"]>>;
 
@@ -98,7 +104,7 @@ function ms(iso: string): number {
 Deno.test("a user logs in, registers a meter, submits a signed reading and sees it listed and counted", async (t) => {
   await using gw = await startTestGateway();
   const email = "walker@flow.test";
-  const password = "walker-password-1";
+  const password = "stroller-Secret-71";
   let userId = "";
   let userToken = "";
   let secret = "";
@@ -366,7 +372,7 @@ Deno.test("after a restart a replayed reading gets 409 with the same id and user
       "a second gateway on the same directory reports the replay as a duplicate",
       async (t2) => {
         await using gw = await startTestGateway({ dir });
-        const token = await gw.login(email, "password-" + email);
+        const token = await gw.login(email, passwordFor(email));
         const replay = await submit(gw, token, body);
         assertError(replay, 409, "duplicate");
         equal(replay.body.error.details?.id, firstId);

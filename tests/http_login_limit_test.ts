@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { ManualClock } from "../core/clock.ts";
-import { ADMIN, startTestGateway, type TestGateway } from "./_gateway.ts";
+import { ADMIN, passwordFor, startTestGateway, type TestGateway } from "./_gateway.ts";
 
 Deno.test("logins are limited per client address and answered 429 with Retry-After", async () => {
   await using gw = await startTestGateway({ env: { LOGIN_RATE_LIMIT: "3" } });
@@ -134,4 +134,56 @@ Deno.test("device registrations are limited per account, not per address", async
   assert.match((await third.json()).error.message, /per account/);
   // Another account behind the first address is not held by the operator's use.
   assert.equal((await register(gw.adminToken, "lim-4", "203.0.113.1")).status, 201);
+});
+
+Deno.test("logins refused as overloaded do not count against the account", async () => {
+  const clock = new ManualClock(Date.now());
+  await using gw = await startTestGateway({ clock, env: { LOGIN_RATE_LIMIT: "100000" } });
+  await gw.createUser("victim@limit.test");
+  const junk = Array.from(
+    { length: 150 },
+    (_, i) => loginFrom(gw, `203.0.113.${i % 250}`, `junk-${i}@example.com`, "wrong-password"),
+  );
+  // Sent after the junk has filled the password-check queue: answered 503, never evaluated.
+  const mine = Array.from(
+    { length: 8 },
+    () => loginFrom(gw, "198.51.100.7", "victim@limit.test", "a-wrong-guess"),
+  );
+  const results = await Promise.all([...junk, ...mine]);
+  const statuses = await Promise.all(
+    results.slice(150).map(async (r) => (await r.body?.cancel(), r.status)),
+  );
+  for (const r of results.slice(0, 150)) await r.body?.cancel();
+  assert.ok(statuses.filter((s) => s === 503).length >= 5, `victim's statuses: ${statuses}`);
+  const evaluated = statuses.filter((s) => s === 401).length;
+  assert.ok(evaluated < 5, `only ${evaluated} of the victim's attempts were evaluated`);
+  const res = await loginFrom(
+    gw,
+    "198.51.100.7",
+    "victim@limit.test",
+    passwordFor("victim@limit.test"),
+  );
+  assert.equal(res.status, 200, JSON.stringify(await res.json()));
+});
+
+Deno.test("a disabled account answers like a wrong password and keeps backing off", async () => {
+  const clock = new ManualClock(Date.now());
+  await using gw = await startTestGateway({ clock, env: { LOGIN_RATE_LIMIT: "100000" } });
+  const email = "disabled@limit.test";
+  const user = await gw.createUser(email);
+  const patched = await gw.request("PATCH", `/api/admin/users/${user.id}`, {
+    token: gw.adminToken,
+    body: { disabled: true },
+  });
+  assert.equal(patched.status, 200);
+  const wrong = await loginFrom(gw, "198.51.100.8", email, "a-wrong-guess-1");
+  const wrongBody = await wrong.json();
+  for (let i = 0; i < 4; i++) {
+    const right = await loginFrom(gw, "198.51.100.8", email, passwordFor(email));
+    assert.equal(right.status, wrong.status);
+    assert.deepEqual(await right.json(), wrongBody, "the right password tells nothing");
+  }
+  // Five failures: the right password did not reset the account's back-off.
+  const held = await loginFrom(gw, "198.51.100.8", email, passwordFor(email));
+  assert.equal(held.status, 429, JSON.stringify(await held.json()));
 });

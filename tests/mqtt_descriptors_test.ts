@@ -42,7 +42,7 @@ async function startGateway(
     const token = await login(gw.url, ADMIN_EMAIL, ADMIN_PASSWORD);
     const user = await call(gw.url, "POST", "/api/admin/users", {
       token,
-      body: { email: "owner@mqtt-fd.test", password: "owner-password", role: "user" },
+      body: { email: "owner@mqtt-fd.test", password: "holder-Secret-82", role: "user" },
     });
     assert.equal(user.status, 201, JSON.stringify(user.body));
     const res = await call(gw.url, "POST", "/api/admin/devices/register", {

@@ -7,6 +7,7 @@ import {
   SCRYPT_DEFAULT,
   verifyPassword,
 } from "../core/password.ts";
+import { passwordProblem } from "../core/user.ts";
 
 Deno.test("hashPassword() uses scrypt N=2^17, r=8, p=1 by default, within scrypt's maxmem", async () => {
   assert.deepEqual(SCRYPT_DEFAULT, { N: 2 ** 17, r: 8, p: 1 });
@@ -43,4 +44,49 @@ Deno.test("malformed or absurd hashes verify nothing and cost nothing", async ()
   const dummy = dummyHash({ N: 1024, r: 8, p: 1 });
   assert.deepEqual(hashParams(dummy), { N: 1024, r: 8, p: 1 });
   assert.equal(await verifyPassword("anything", dummy), false);
+});
+
+Deno.test("passwordProblem() refuses weak passwords with a clear reason", async (t) => {
+  const email = "jane.doe@example.com";
+  const cases: [string, string, RegExp][] = [
+    ["aaaaaaaaaaab", "two different characters", /at least 6 different characters/],
+    [" ".repeat(11) + "a", "spaces and one letter", /at least 6 different characters/],
+    ["123456789013", "almost a digit run", /keyboard or digit sequence/],
+    ["abababababab", "a repeated pair", /at least 6 different characters/],
+    ["abcdefabcdef", "a repeated pattern", /short pattern repeated/],
+    ["passwordpassword1", "a common word repeated", /too common/],
+    ["Password!2026", "a common core in digits and symbols", /too common/],
+    ["Gridtokenx2026", "the product's name", /product's name/],
+    ["my-Grid_TokenX-pass", "the product's name, split", /product's name/],
+    ["\0".repeat(11) + "\u0001", "control characters", /control characters/],
+    ["tab\there-ok-yes", "a tab", /control characters/],
+    ["qwertyuiop12", "a keyboard row", /keyboard or digit sequence|too common/],
+    [email, "the email itself", /email/],
+    ["x-Jane.Doe-pw!", "the email's local part", /email/],
+    ["JaneDoe-2026!", "the local part's letters", /email/],
+  ];
+  for (const [password, what, reason] of cases) {
+    await t.step(`${what}: ${JSON.stringify(password)}`, () => {
+      const problem = passwordProblem(password, { email });
+      assert.ok(problem !== null, `${JSON.stringify(password)} was accepted`);
+      assert.match(problem, reason);
+    });
+  }
+  await t.step("a new password equal to the current one", () => {
+    const current = "a fine old passphrase";
+    assert.match(passwordProblem(current, { current }) ?? "", /differ from the current/);
+  });
+  await t.step("good passwords pass", () => {
+    for (
+      const good of [
+        "correct horse battery",
+        "brand-new-password-1",
+        "Tr0ub4dor&3-xkcd",
+        "8#4!92@7&1^6",
+        "a-new-ws-password-1",
+      ]
+    ) {
+      assert.equal(passwordProblem(good, { email, current: "something else" }), null, good);
+    }
+  });
 });

@@ -2,11 +2,17 @@
 import assert from "node:assert/strict";
 import { sign } from "hono/jwt";
 import { LocalBus } from "../bus/local_bus.ts";
-import { ManualClock } from "../core/clock.ts";
 import type { GatewayEvent } from "../core/events.ts";
 import type { Reading } from "../core/reading.ts";
 import { type HubClient, WsHub } from "../routes/ws_hub.ts";
-import { isoAgo, signedReading, startTestGateway, type TestGateway } from "./_gateway.ts";
+import {
+  isoAgo,
+  JWT_SECRET,
+  passwordFor,
+  signedReading,
+  startTestGateway,
+  type TestGateway,
+} from "./_gateway.ts";
 
 /** Upper bound for any single awaited event; a guard against hangs, not a synchronisation. */
 const EVENT_TIMEOUT_MS = 10_000;
@@ -221,6 +227,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
       assert.deepEqual(await client.request({ type: "subscribe", meters: [a1.id] }), {
         type: "subscribed",
         meters: [a1.id],
+        meter_count: 1,
         account: false,
         all: false,
       });
@@ -258,6 +265,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "subscribe", account: true }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: true,
       all: false,
     });
@@ -278,6 +286,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await admin.request({ type: "subscribe", all: true }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: false,
       all: true,
     });
@@ -316,6 +325,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
       assert.deepEqual(await client.request({ type: "unsubscribe", meters: [] }), {
         type: "subscribed",
         meters: [],
+        meter_count: 0,
         account: false,
         all: false,
       });
@@ -365,6 +375,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "subscribe", meters: [a1.id] }), {
       type: "subscribed",
       meters: [a1.id],
+      meter_count: 1,
       account: false,
       all: false,
     });
@@ -438,7 +449,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.equal((await observer.request({ type: "subscribe", all: true })).type, "subscribed");
     assert.deepEqual(
       await client.request({ type: "subscribe", meters: [a1.id, a2.id], account: true }),
-      { type: "subscribed", meters: [a1.id, a2.id], account: true, all: false },
+      { type: "subscribed", meters: [a1.id, a2.id], meter_count: 2, account: true, all: false },
     );
     const first = await submit(gw, alice.token, a1);
     await expectReading(client, first, "before unsubscribe");
@@ -448,6 +459,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "unsubscribe", meters: [a1.id, a2.id] }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: true,
       all: false,
     });
@@ -458,6 +470,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     assert.deepEqual(await client.request({ type: "unsubscribe", account: true }), {
       type: "subscribed",
       meters: [],
+      meter_count: 0,
       account: false,
       all: false,
     });
@@ -567,7 +580,13 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
   try {
     await writeAll(conn, clientTextFrame(JSON.stringify({ type: "subscribe", all: true })));
     const reply = JSON.parse(await readFrame());
-    assert.deepEqual(reply, { type: "subscribed", meters: [], account: false, all: true });
+    assert.deepEqual(reply, {
+      type: "subscribed",
+      meters: [],
+      meter_count: 0,
+      account: false,
+      all: true,
+    });
     // From here on the raw client never reads again.
     const sizeBefore = hub.size;
     assert.equal(sizeBefore, 2);
@@ -641,6 +660,7 @@ Deno.test("a WebSocket client with more than 16 messages pending is closed with 
   assert.deepEqual(await next.request({ type: "subscribe", meters: ["flood-1"] }), {
     type: "subscribed",
     meters: ["flood-1"],
+    meter_count: 1,
     account: false,
     all: false,
   });
@@ -660,14 +680,17 @@ Deno.test("20 WebSocket messages sent back to back get the close code 1008 with 
 });
 
 Deno.test("a WebSocket is closed with 4001 when its access token expires", async () => {
-  const clock = new ManualClock(Date.now());
-  await using gw = await startTestGateway({ clock });
+  await using gw = await startTestGateway();
   const user = await gw.createUser("expiry@ws.test");
-  // A token issued as if 1 h minus 3 s ago: it expires 3 s from now.
-  const now = clock.now();
-  clock.set(now - 3_600_000 + 3_000);
-  const token = await gw.login("expiry@ws.test", "password-expiry@ws.test");
-  clock.set(now);
+  // The same token issued as if 1 h minus 3 s ago: it expires 3 s from now (tokens are issued
+  // and checked on the wall clock).
+  const claims = JSON.parse(atob(user.token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+  const now = Math.floor(Date.now() / 1000);
+  const token = await sign(
+    { ...claims, iat: now - 3_600 + 3, exp: now + 3 },
+    JWT_SECRET,
+    "HS256",
+  );
   await using client = await WsClient.connect(gw, token);
   await client.assertOnlyPong("before expiry");
   const event = await withTimeout(client.closed, "the close at expiry");
@@ -703,7 +726,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
       (id, token) =>
         gw.request("POST", "/api/auth/password", {
           token,
-          body: { current_password: `password-${id}`, new_password: "a-new-ws-password-1" },
+          body: { current_password: passwordFor(id), new_password: "a-new-ws-password-1" },
         }),
     ],
   ];
@@ -714,7 +737,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
       await using client = await WsClient.connect(gw, user.token);
       await using bystander = await WsClient.connect(gw, gw.adminToken);
       await client.assertOnlyPong("before");
-      // The password case needs the current password: the harness's is password-<email>.
+      // The password case needs the current password: the harness gives passwordFor(email).
       const res = await act(what === "password changed" ? email : user.id, user.token) as {
         status: number;
       };
@@ -729,7 +752,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
   await t.step("a late event does not close a socket opened with a newer token", async () => {
     const user = await gw.createUser("late@ws.test");
     await gw.request("POST", "/api/auth/logout", { token: user.token });
-    const fresh = await gw.login("late@ws.test", "password-late@ws.test");
+    const fresh = await gw.login("late@ws.test", passwordFor("late@ws.test"));
     await using client = await WsClient.connect(gw, fresh);
     // The logout's event again, as if delivered late by another instance's bus.
     await gw.bus.publish({
@@ -767,6 +790,61 @@ Deno.test("one account may hold at most WS_MAX_CONNECTIONS_PER_USER WebSockets",
   await using third = await WsClient.connect(gw, user.token);
   await third.assertOnlyPong("a place freed by a close");
   await second.assertOnlyPong("the second socket");
+});
+
+Deno.test("parallel upgrades of one account cannot pass the connection cap", async () => {
+  await using gw = await startTestGateway({ env: { WS_MAX_CONNECTIONS_PER_USER: "4" } });
+  const user = await gw.createUser("parallel@ws.test");
+  const attempt = async () => {
+    try {
+      return await WsClient.connect(gw, user.token);
+    } catch {
+      return null; // refused (429 before the upgrade)
+    }
+  };
+  const results = await Promise.all(Array.from({ length: 40 }, attempt));
+  const open = results.filter((c): c is WsClient => c !== null);
+  assert.ok(open.length <= 4, `${open.length} sockets opened, the cap is 4`);
+  assert.ok(open.length >= 1, "at least one socket opened");
+  for (const client of open) await client.assertOnlyPong("an admitted socket");
+  for (const client of open) await client.close();
+  await waitFor(
+    () => gw.gateway.hub.size === 0 && gw.gateway.hub.reservedCount === 0,
+    "every slot was given back",
+  );
+  // No reservation leaked: the full cap can be opened again.
+  const again = [];
+  for (let i = 0; i < 4; i++) again.push(await WsClient.connect(gw, user.token));
+  for (const client of again) await client.close();
+});
+
+Deno.test("a WebSocket holds at most 1 000 meter subscriptions; replies list only the request's", async () => {
+  await using gw = await startTestGateway();
+  await using client = await WsClient.connect(gw, gw.adminToken);
+  const ids = (from: number, n: number) => Array.from({ length: n }, (_, i) => `cap-${from + i}`);
+  const first = await client.request({ type: "subscribe", meters: ids(0, 1000) });
+  assert.equal(first.type, "subscribed", JSON.stringify(first).slice(0, 200));
+  assert.equal((first as { meter_count?: number }).meter_count, 1000);
+  const over = await client.request({ type: "subscribe", meters: ids(1000, 1) });
+  assert.equal(over.type, "error");
+  assert.equal(over.code, "invalid_payload");
+  assert.match(over.message ?? "", /At most 1000 meters per connection/);
+  // Meters already subscribed are not counted twice; the reply names this request's only.
+  const again = await client.request({ type: "subscribe", meters: ids(0, 2) });
+  assert.deepEqual(again, {
+    type: "subscribed",
+    meters: ["cap-0", "cap-1"],
+    meter_count: 1000,
+    account: false,
+    all: false,
+  });
+  const dropped = await client.request({ type: "unsubscribe", meters: ids(0, 10) });
+  assert.deepEqual(dropped.meters, []);
+  assert.equal((dropped as { meter_count?: number }).meter_count, 990);
+  const added = await client.request({ type: "subscribe", meters: ids(1000, 10) });
+  assert.deepEqual(added.meters, ids(1000, 10));
+  assert.equal((added as { meter_count?: number }).meter_count, 1000);
+  await client.assertOnlyPong("after the refused subscription");
 });
 
 /** A hub client that records what it was sent. */

@@ -212,6 +212,70 @@ export function storeContract(
     },
   );
 
+  test("a user who owns devices that are not revoked cannot be deleted", async (t, store) => {
+    const dave = user("dave");
+    await store.createUser(dave);
+    const revoke = (meterId: string, at: number) =>
+      store.updateDevice(meterId, (d) => ({
+        device: { ...d, status: "revoked", revoked_at: at, updated_at: at },
+        audit: audit(meterId, "revoked", at),
+      }));
+
+    await t.step("two active meters: conflict, naming the count; nothing changes", async () => {
+      await store.createDevice(device("dave-1", dave.id), audit("dave-1", "registered", T0));
+      await store.createDevice(device("dave-2", dave.id), audit("dave-2", "registered", T0));
+      await assert.rejects(store.deleteUser(dave.id), (error: unknown) => {
+        assert.ok(error instanceof GatewayError);
+        assert.equal(error.code, "conflict");
+        assert.match(error.message, /2 meters/);
+        return true;
+      });
+      assert.equal((await store.getUser(dave.id))?.id, dave.id);
+    });
+
+    await t.step("once every meter is revoked the user can be deleted", async () => {
+      await revoke("dave-1", T0 + MIN);
+      await assertGatewayError(store.deleteUser(dave.id), "conflict");
+      await revoke("dave-2", T0 + MIN);
+      assert.equal((await store.deleteUser(dave.id)).id, dave.id);
+    });
+
+    await t.step("ownerMustExist: a device for a missing user is refused", async () => {
+      await assertGatewayError(
+        store.createDevice(device("nobody-1", "id-nobody"), audit("nobody-1", "registered", T0), {
+          ownerMustExist: true,
+        }),
+        "not_found",
+      );
+      assert.equal(await store.getDevice("nobody-1"), null);
+    });
+
+    await t.step(
+      "a delete racing registrations: never a deleted owner with an active meter",
+      async () => {
+        for (let round = 0; round < 10; round++) {
+          const eve = user(`eve-${round}`);
+          await store.createUser(eve);
+          const meter = `eve-${round}-m`;
+          const results = await Promise.allSettled([
+            store.createDevice(device(meter, eve.id), audit(meter, "registered", T0), {
+              ownerMustExist: true,
+            }),
+            store.deleteUser(eve.id),
+          ]);
+          const [created, deleted] = results;
+          assert.ok(
+            created.status === "rejected" || deleted.status === "rejected",
+            `round ${round}: both the registration and the delete succeeded`,
+          );
+          const owner = await store.getUser(eve.id);
+          const stored = await store.getDevice(meter);
+          assert.ok(owner !== null || stored === null, `round ${round}: an orphaned active meter`);
+        }
+      },
+    );
+  });
+
   test("devices are registered, updated and listed, with an audit trail", async (t, store) => {
     const m1 = device("meter-1", "user-1");
 
