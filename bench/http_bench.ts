@@ -34,7 +34,7 @@ const api = (path: string, body?: unknown, token?: string) => gatewayApi(gw, pat
 const { access_token: token } = await api("/api/auth/login", ADMIN);
 const user = await api("/api/admin/users", {
   email: "prosumer@bench.local",
-  password: "prosumer-password",
+  password: "solar-bench-9w4k2",
   role: "user",
 }, token);
 const secrets = new Map<string, Buffer>();

@@ -1031,7 +1031,7 @@ Options:
   const { access_token: token } = await api(gw, "/api/auth/login", ADMIN);
   const user = await api(gw, "/api/admin/users", {
     email: "prosumer@bench.local",
-    password: "prosumer-password",
+    password: "solar-bench-9w4k2",
     role: "user",
   }, token);
   const tProvision = performance.now();
