@@ -66,6 +66,7 @@ async function main(): Promise<void> {
       maxConnectionsPerAddress: config.http.maxConnectionsPerAddress,
       headerTimeoutMs: config.http.headerTimeoutMs,
       idleTimeoutMs: config.http.idleTimeoutMs,
+      requestTimeoutMs: config.http.requestTimeoutMs,
       logger,
       clock: systemClock,
       metrics: gateway.metrics,

@@ -66,10 +66,12 @@ const envSchema = z.object({
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   HTTP_BODY_BUDGET: int(64 * 1024 * 1024, 1024),
   HTTP_MAX_CONNECTIONS: int(512, 1, 1_000_000),
-  HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(128, 1, 1_000_000),
+  // A small share of the listener: a few hosts holding their share each must not fill it.
+  HTTP_MAX_CONNECTIONS_PER_ADDRESS: int(32, 1, 1_000_000),
   // Zero would close every connection before its first request.
   HTTP_HEADER_TIMEOUT: duration("10s").pipe(z.number().min(100, "must be at least 100ms")),
   HTTP_IDLE_TIMEOUT: duration("60s").pipe(z.number().min(100, "must be at least 100ms")),
+  HTTP_REQUEST_TIMEOUT: duration("60s").pipe(z.number().min(100, "must be at least 100ms")),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
@@ -195,6 +197,7 @@ export interface Config {
     maxConnectionsPerAddress: number;
     headerTimeoutMs: number;
     idleTimeoutMs: number;
+    requestTimeoutMs: number;
   };
   wsSendBufferMax: number;
   /** WebSocket connections one account may hold at once. */
@@ -335,6 +338,7 @@ export function loadConfig(
       maxConnectionsPerAddress: e.HTTP_MAX_CONNECTIONS_PER_ADDRESS,
       headerTimeoutMs: e.HTTP_HEADER_TIMEOUT,
       idleTimeoutMs: e.HTTP_IDLE_TIMEOUT,
+      requestTimeoutMs: e.HTTP_REQUEST_TIMEOUT,
     },
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
     wsMaxPerUser: e.WS_MAX_CONNECTIONS_PER_USER,

@@ -32,6 +32,11 @@ export interface HttpListenerOptions {
   headerTimeoutMs: number;
   /** A keep-alive connection with no request in progress is closed after this many ms. */
   idleTimeoutMs: number;
+  /**
+   * From a request's head to the end of its response: a body that never arrives, or a client
+   * that never reads its answer, would otherwise hold the connection for good.
+   */
+  requestTimeoutMs: number;
   logger: Logger;
   clock: Clock;
   metrics?: Metrics;
@@ -47,7 +52,7 @@ export interface HttpListenerStats {
   open: number;
   accepted: number;
   refused: { max_connections: number; max_per_address: number };
-  timedOut: { header: number; idle: number };
+  timedOut: { header: number; idle: number; request: number };
   acceptErrors: number;
 }
 
@@ -123,7 +128,7 @@ export class HttpListener implements AsyncDisposable {
     open: 0,
     accepted: 0,
     refused: { max_connections: 0, max_per_address: 0 },
-    timedOut: { header: 0, idle: 0 },
+    timedOut: { header: 0, idle: 0, request: 0 },
     acceptErrors: 0,
   };
   #listener: Deno.Listener;
@@ -195,6 +200,11 @@ export class HttpListener implements AsyncDisposable {
       () => s.timedOut.idle,
     );
     metrics.counterOf(
+      "gateway_http_request_timeouts_total",
+      "HTTP connections closed because a request's body or response took over HTTP_REQUEST_TIMEOUT",
+      () => s.timedOut.request,
+    );
+    metrics.counterOf(
       "gateway_http_accept_errors_total",
       "Failed HTTP accepts (e.g. EMFILE: out of descriptors); accepting pauses and retries",
       () => s.acceptErrors,
@@ -211,14 +221,17 @@ export class HttpListener implements AsyncDisposable {
         conn = await this.#listener.accept();
       } catch (error) {
         if (this.#closing) break;
-        // EMFILE/ENFILE/ENOMEM leave the listener usable: wait for descriptors to free up.
-        // Pending connections stay in the kernel's backlog meanwhile.
         this.stats.acceptErrors++;
+        const exhausted = outOfResources(error);
         this.#security.warn("accept_failed", "*", {
           listener: "http",
           error: (error as { code?: string }).code ?? (error as Error).message,
-          retry_in_ms: pause,
+          ...(exhausted ? { retry_in_ms: pause } : {}),
         });
+        // A connection reset before it was accepted (ECONNABORTED, ENOTCONN) is that client's
+        // problem: accept the next one at once. Only EMFILE/ENFILE/ENOMEM/ENOBUFS mean waiting
+        // for resources to free up; pending connections stay in the kernel's backlog meanwhile.
+        if (!exhausted) continue;
         await this.#sleep(pause);
         pause = Math.min(max, pause * 2);
         continue;
@@ -278,11 +291,16 @@ export class HttpListener implements AsyncDisposable {
     if (this.#closing && this.#connections.size === 0) this.#drained.resolve();
   }
 
-  #arm(c: Connection, kind: "header" | "idle"): void {
+  #arm(c: Connection, kind: "header" | "idle" | "request"): void {
     clearTimeout(c.timer);
-    const ms = kind === "header" ? this.#options.headerTimeoutMs : this.#options.idleTimeoutMs;
+    const o = this.#options;
+    const ms = kind === "header"
+      ? o.headerTimeoutMs
+      : kind === "idle"
+      ? o.idleTimeoutMs
+      : o.requestTimeoutMs;
     c.timer = setTimeout(() => {
-      if (c.inFlight > 0 || c.upgraded) return;
+      if (c.upgraded || (kind === "request") !== (c.inFlight > 0)) return;
       this.stats.timedOut[kind]++;
       c.close();
     }, ms);
@@ -300,8 +318,8 @@ export class HttpListener implements AsyncDisposable {
         break; // malformed request head, reset by the peer, or closed by a timeout
       }
       if (event === null) break;
-      clearTimeout(c.timer);
       c.inFlight++;
+      this.#arm(c, "request");
       // Requests on one connection arrive one after the other; responding does not block the
       // next read (HTTP/1.1 pipelining is answered in order by the HTTP stack).
       const responded = this.#respond(c, event, info);
@@ -394,4 +412,13 @@ function uncompressed(res: Response): void {
   } catch {
     // Immutable headers (a Response from fetch): sent as they are.
   }
+}
+
+const RESOURCE_ERRORS = new Set(["EMFILE", "ENFILE", "ENOMEM", "ENOBUFS"]);
+
+/** Whether an accept failed for want of descriptors or memory (os errors 12, 23, 24, 105). */
+function outOfResources(error: unknown): boolean {
+  const code = (error as { code?: string }).code;
+  if (code !== undefined && RESOURCE_ERRORS.has(code)) return true;
+  return /Too many open files|os error (12|23|24|105)\b/.test(String((error as Error)?.message));
 }

@@ -7,9 +7,10 @@ Deno.test("loadConfig() gives the HTTP listener bounded defaults", () => {
   deepEqual(loadConfig({}).http, {
     bodyBudget: 64 * 1024 * 1024,
     maxConnections: 512,
-    maxConnectionsPerAddress: 128,
+    maxConnectionsPerAddress: 32,
     headerTimeoutMs: 10_000,
     idleTimeoutMs: 60_000,
+    requestTimeoutMs: 60_000,
   });
   deepEqual(
     loadConfig({
@@ -18,6 +19,7 @@ Deno.test("loadConfig() gives the HTTP listener bounded defaults", () => {
       HTTP_MAX_CONNECTIONS_PER_ADDRESS: "50",
       HTTP_HEADER_TIMEOUT: "5s",
       HTTP_IDLE_TIMEOUT: "2m",
+      HTTP_REQUEST_TIMEOUT: "45s",
     }).http,
     {
       bodyBudget: 9_000_000,
@@ -25,6 +27,7 @@ Deno.test("loadConfig() gives the HTTP listener bounded defaults", () => {
       maxConnectionsPerAddress: 50,
       headerTimeoutMs: 5_000,
       idleTimeoutMs: 120_000,
+      requestTimeoutMs: 45_000,
     },
   );
 });
