@@ -49,7 +49,11 @@ export function boundedBody(options: BoundedBodyOptions): MiddlewareHandler {
     const raw = c.req.raw;
     if (raw.body === null || c.req.method === "GET" || c.req.method === "HEAD") return next();
     const limit = options.limitOf(c);
-    const declared = c.req.header("content-length");
+    // With Transfer-Encoding the HTTP stack reads chunks and ignores Content-Length: so does the
+    // reservation (a small declared length must not let a large chunked body past the budget).
+    const declared = c.req.header("transfer-encoding") === undefined
+      ? c.req.header("content-length")
+      : undefined;
     let length: number | undefined;
     if (declared !== undefined) {
       if (!/^\d+$/.test(declared.trim())) {
@@ -85,7 +89,12 @@ async function readText(body: ReadableStream<Uint8Array>, limit: number): Promis
   let text = "";
   try {
     for (;;) {
-      const { value, done } = await reader.read();
+      const { value, done } = await reader.read().catch((error) => {
+        // A malformed chunk or a peer that went away mid-body: the request's fault, not ours.
+        throw new GatewayError("invalid_payload", "The request body could not be read", {
+          cause: error,
+        });
+      });
       if (done) break;
       received += value.byteLength;
       if (received > limit) throw tooLarge(limit);

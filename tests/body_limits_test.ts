@@ -4,6 +4,8 @@
 import { equal, match, ok } from "node:assert/strict";
 import { startTestGateway } from "./_gateway.ts";
 import { GatewayProcess } from "./_gateway_process.ts";
+import { silentLogger } from "../core/logger.ts";
+import { HttpListener } from "../services/http_listener.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -126,6 +128,33 @@ Deno.test("request bodies are read only from authenticated callers, within limit
       headers: json,
     });
     equal(res.status, 400, JSON.stringify(res.body));
+  });
+
+  await t.step("a malformed chunked body is 400 invalid_payload, not 500", async () => {
+    // Through the gateway's own listener: it hands the HTTP stack's body error to the app.
+    await using listener = HttpListener.start({
+      hostname: "127.0.0.1",
+      port: 0,
+      handler: gw.gateway.app.fetch,
+      maxConnections: 10,
+      maxConnectionsPerAddress: 10,
+      headerTimeoutMs: 10_000,
+      idleTimeoutMs: 10_000,
+      requestTimeoutMs: 10_000,
+      logger: silentLogger,
+      clock: { now: () => Date.now() },
+    });
+    const url = `http://127.0.0.1:${listener.addr.port}`;
+    const conn = await sendHead(url, "/api/meters/submit-reading", {
+      ...json,
+      authorization: `Bearer ${user.token}`,
+      "transfer-encoding": "chunked",
+    });
+    await conn.write(encoder.encode("zz\r\nabc\r\n0\r\n\r\n"));
+    const answer = await readAnswer(conn);
+    conn.close();
+    equal(answer.status, 400, answer.text);
+    match(answer.text, /"invalid_payload"/);
   });
 
   await t.step("a chunked body over the limit is cut off while it streams", async () => {
