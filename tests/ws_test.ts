@@ -13,27 +13,14 @@ import {
   startTestGateway,
   type TestGateway,
 } from "./_gateway.ts";
+import { within as withinDefault } from "./_mosquitto.ts";
 
 /** Upper bound for any single awaited event; a guard against hangs, not a synchronisation. */
 const EVENT_TIMEOUT_MS = 10_000;
 
 /** `promise`, or a rejection naming `what` after {@linkcode EVENT_TIMEOUT_MS}. */
-async function withTimeout<T>(promise: Promise<T>, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(
-          () => reject(new Error(`${what}: not within ${EVENT_TIMEOUT_MS} ms`)),
-          EVENT_TIMEOUT_MS,
-        );
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(promise: Promise<T>, what: string) =>
+  withinDefault(promise, what, EVENT_TIMEOUT_MS);
 
 /** Polls `condition` (server-side state without an event to await) until it holds. */
 async function waitFor(condition: () => boolean, what: string): Promise<void> {
@@ -387,7 +374,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
     const sizeBefore = gw.gateway.hub.size;
     const client = await WsClient.connect(gw, alice.token);
     client.send(JSON.stringify({ type: "ping", pad: "x".repeat(70 * 1024) }));
-    const event = await withTimeout(client.closed, "the oversized message's close");
+    const event = await within(client.closed, "the oversized message's close");
     assert.equal(event.code, 1009);
     assert.equal(event.reason, "Message too big: at most 64 KiB");
     await waitFor(() => gw.gateway.hub.size === sizeBefore, "the closed client left the hub");
@@ -674,7 +661,7 @@ Deno.test("20 WebSocket messages sent back to back get the close code 1008 with 
   await using flooder = await WsClient.connect(gw, user.token);
   const message = { type: "subscribe", meters: Array(1000).fill("burst20-1") };
   for (let i = 0; i < 20; i++) flooder.send(message);
-  const event = await withTimeout(flooder.closed, "the flooder's close");
+  const event = await within(flooder.closed, "the flooder's close");
   assert.equal(event.code, 1008, `closed with ${event.code} "${event.reason}"`);
   assert.equal(event.reason, "Too many pending messages");
 });
@@ -693,7 +680,7 @@ Deno.test("a WebSocket is closed with 4001 when its access token expires", async
   );
   await using client = await WsClient.connect(gw, token);
   await client.assertOnlyPong("before expiry");
-  const event = await withTimeout(client.closed, "the close at expiry");
+  const event = await within(client.closed, "the close at expiry");
   assert.equal(event.code, 4001);
   assert.equal(event.reason, "Access token expired");
   await waitFor(() => gw.gateway.hub.size === 0, "the expired client left the hub");
@@ -742,7 +729,7 @@ Deno.test("a WebSocket is closed with 4001 when its user is disabled, demoted, d
         status: number;
       };
       assert.ok(res.status < 300, `${what}: ${res.status}`);
-      const event = await withTimeout(client.closed, `${what}: the close`);
+      const event = await within(client.closed, `${what}: the close`);
       assert.equal(event.code, 4001);
       assert.equal(event.reason, reason);
       await bystander.assertOnlyPong("another user's socket stays open");
