@@ -204,21 +204,73 @@ export interface Config {
   wsMaxPerUser: number;
 }
 
-/** Reads and validates the configuration; throws one ConfigError naming every bad variable. */
-export function loadConfig(
+// What the storage settings are derived from: the gateway and `deno task migrate` read these
+// through the same code (storageOf), so both set the database up alike.
+const storageSchema = envSchema.pick({
+  DATABASE_URL: true,
+  DATABASE_POOL_MAX: true,
+  MIGRATE_ON_START: true,
+  TIMESCALE_ENABLED: true,
+  TIMESCALE_CHUNK_INTERVAL: true,
+  TIMESCALE_COMPRESS_AFTER: true,
+  READINGS_RETENTION: true,
+  RETENTION_CHECK_INTERVAL: true,
+  READING_MAX_AGE: true,
+});
+
+/** The part of {@linkcode Config} that decides how the database is set up. */
+export interface StorageConfig {
+  database?: Config["database"];
+  retention: Config["retention"];
+  /** READING_MAX_AGE: the oldest reading the rules accept, so the latest a stat can change. */
+  readingMaxAgeMs: number;
+}
+
+/** Reads and validates only the storage variables (for operator tasks that need no secrets). */
+export function loadStorageConfig(env: Record<string, string | undefined>): StorageConfig {
+  return storageOf(parseEnv(storageSchema, env));
+}
+
+function storageOf(e: z.output<typeof storageSchema>): StorageConfig {
+  return {
+    database: e.DATABASE_URL
+      ? {
+        url: e.DATABASE_URL,
+        poolMax: e.DATABASE_POOL_MAX,
+        migrateOnStart: e.MIGRATE_ON_START === "true",
+        timescale: e.TIMESCALE_ENABLED === "true",
+        chunkIntervalMs: e.TIMESCALE_CHUNK_INTERVAL,
+        compressAfterMs: e.TIMESCALE_COMPRESS_AFTER,
+      }
+      : undefined,
+    retention: { keepMs: e.READINGS_RETENTION, checkEveryMs: e.RETENTION_CHECK_INTERVAL },
+    readingMaxAgeMs: e.READING_MAX_AGE,
+  };
+}
+
+function parseEnv<T extends z.ZodObject<z.ZodRawShape>>(
+  schema: T,
   env: Record<string, string | undefined>,
-  options: { hostname?: string } = {},
-): Config {
+): z.infer<T> {
   const cleaned = Object.fromEntries(
-    Object.keys(envSchema.shape).map((k) => [k, env[k] === "" ? undefined : env[k]]),
+    Object.keys(schema.shape).map((k) => [k, env[k] === "" ? undefined : env[k]]),
   );
-  const parsed = envSchema.safeParse(cleaned);
+  const parsed = schema.safeParse(cleaned);
   if (!parsed.success) {
     const lines = parsed.error.issues.map((i) => `  ${String(i.path[0])}: ${i.message}`);
     const names = [...new Set(parsed.error.issues.map((i) => String(i.path[0])))];
     throw new ConfigError(`Invalid configuration:\n${lines.join("\n")}`, names);
   }
-  const e = parsed.data;
+  return parsed.data;
+}
+
+/** Reads and validates the configuration; throws one ConfigError naming every bad variable. */
+export function loadConfig(
+  env: Record<string, string | undefined>,
+  options: { hostname?: string } = {},
+): Config {
+  const e = parseEnv(envSchema, env);
+  const storage = storageOf(e);
   const tlsHalf = (e.MQTT_TLS_CERT === undefined) !== (e.MQTT_TLS_KEY === undefined);
   if (tlsHalf) {
     throw new ConfigError(
@@ -283,17 +335,8 @@ export function loadConfig(
       queueMax: e.WRITER_QUEUE_MAX,
       concurrency: e.WRITER_CONCURRENCY,
     },
-    database: e.DATABASE_URL
-      ? {
-        url: e.DATABASE_URL,
-        poolMax: e.DATABASE_POOL_MAX,
-        migrateOnStart: e.MIGRATE_ON_START === "true",
-        timescale: e.TIMESCALE_ENABLED === "true",
-        chunkIntervalMs: e.TIMESCALE_CHUNK_INTERVAL,
-        compressAfterMs: e.TIMESCALE_COMPRESS_AFTER,
-      }
-      : undefined,
-    retention: { keepMs: e.READINGS_RETENTION, checkEveryMs: e.RETENTION_CHECK_INTERVAL },
+    database: storage.database,
+    retention: storage.retention,
     mqtt: {
       enabled: e.MQTT_ENABLED === "true",
       host: e.MQTT_HOST,

@@ -2,7 +2,8 @@ import type { Store, StoreOptions } from "./store.ts";
 import { KvStore } from "./kv_store.ts";
 import { PostgresStore } from "./postgres_store.ts";
 import type { TimescaleOptions } from "./migrate.ts";
-import type { Config } from "../core/config.ts";
+import type { Config, StorageConfig } from "../core/config.ts";
+import type { Logger } from "../core/logger.ts";
 import { prepareKvFile, restrictKvFiles } from "./private_files.ts";
 
 /** How to reach a store; plain data so it can be posted to the writer worker. */
@@ -17,8 +18,12 @@ export type StoreSpec =
     timescale: TimescaleOptions | false;
   };
 
-/** Opens the store adapter named by `spec`. */
-export async function openStore(spec: StoreSpec, options: StoreOptions): Promise<Store> {
+/** Opens the store adapter named by `spec`; `logger` hears how it was set up. */
+export async function openStore(
+  spec: StoreSpec,
+  options: StoreOptions,
+  logger?: Logger,
+): Promise<Store> {
   switch (spec.kind) {
     case "kv": {
       await prepareKvFile(spec.path);
@@ -33,6 +38,7 @@ export async function openStore(spec: StoreSpec, options: StoreOptions): Promise
         max: spec.max,
         migrate: spec.migrate,
         timescale: spec.timescale,
+        logger,
       });
   }
 }
@@ -41,19 +47,34 @@ export async function openStore(spec: StoreSpec, options: StoreOptions): Promise
 export function storeSpecOf(config: Config): StoreSpec {
   const db = config.database;
   if (!db) return { kind: "kv", path: config.kvPath };
-  const seconds = (ms: number) => `${Math.round(ms / 1000)} seconds`;
   return {
     kind: "postgres",
     url: db.url,
     max: db.poolMax,
     migrate: db.migrateOnStart,
-    timescale: db.timescale && {
-      chunkInterval: seconds(db.chunkIntervalMs),
-      compressAfter: seconds(db.compressAfterMs),
-      retainFor: seconds(config.retention.keepMs),
-      // Late readings up to READING_MAX_AGE must still reach the hourly aggregate.
-      refreshStartOffset: seconds(config.rules.maxAgeMs + 86_400_000),
-    },
+    timescale: timescaleOptionsOf({
+      database: db,
+      retention: config.retention,
+      readingMaxAgeMs: config.rules.maxAgeMs,
+    }),
+  };
+}
+
+/**
+ * The TimescaleDB settings the configuration asks for, or false when TIMESCALE_ENABLED=false.
+ * The one place they are derived: the gateway and `deno task migrate` both call it, so the two
+ * never set the database up differently.
+ */
+export function timescaleOptionsOf(config: StorageConfig): TimescaleOptions | false {
+  const db = config.database;
+  if (!db?.timescale) return false;
+  return {
+    chunkIntervalMs: db.chunkIntervalMs,
+    compressAfterMs: db.compressAfterMs,
+    retainForMs: config.retention.keepMs,
+    // A reading up to READING_MAX_AGE old may still arrive: its hour must stay inside the
+    // refresh window (and be summed from raw rows) for a day after it could last change.
+    refreshStartOffsetMs: config.readingMaxAgeMs + 86_400_000,
   };
 }
 

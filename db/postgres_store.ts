@@ -6,7 +6,15 @@ import type { Logger } from "../core/logger.ts";
 import type { ReadingRow, ReadingSource } from "../core/reading.ts";
 import { collides, insertSorted, nearestColliding } from "../core/rules.ts";
 import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
-import { migrate, type TimescaleOptions, timescaleSchema } from "./migrate.ts";
+import {
+  type FailingJob,
+  failingTimescaleJobs,
+  migrate,
+  TIMESCALE_DEFAULTS,
+  type TimescaleOptions,
+  timescaleSchema,
+} from "./migrate.ts";
+import { openPinnedPool } from "./postgres_pool.ts";
 import {
   type DeviceChange,
   type InsertResult,
@@ -142,6 +150,8 @@ export class PostgresStore implements Store {
   #windowMs: number;
   /** Schema of the TimescaleDB extension when its aggregate serves hourly stats, else null. */
   #timescale: string | null;
+  /** Hours this recent are summed from raw readings: late readings may still land in them. */
+  #rawStatsSpan: string;
   #closed: Promise<void> | undefined;
 
   /**
@@ -149,7 +159,10 @@ export class PostgresStore implements Store {
    * `timescale` names the TimescaleDB extension's schema when the schema uses it. Prefer
    * {@linkcode PostgresStore.connect}.
    */
-  constructor(sql: Sql, options: StoreOptions & { timescale: string | null }) {
+  constructor(
+    sql: Sql,
+    options: StoreOptions & { timescale: string | null; refreshStartOffsetMs?: number },
+  ) {
     if (!Number.isSafeInteger(options.dedupeWindowMs) || options.dedupeWindowMs < 0) {
       throw new RangeError(
         `dedupeWindowMs must be a non-negative integer, got ${options.dedupeWindowMs}`,
@@ -160,19 +173,20 @@ export class PostgresStore implements Store {
     // which collide whatever the window.
     this.#windowMs = Math.max(options.dedupeWindowMs, 1);
     this.#timescale = options.timescale;
+    const span = options.refreshStartOffsetMs ?? TIMESCALE_DEFAULTS.refreshStartOffsetMs;
+    this.#rawStatsSpan = `${Math.ceil(span / 1000)} seconds`;
   }
 
   /** Connects to `url` (postgres:// or postgresql://), migrating the schema unless told not to. */
   static async connect(url: string, options: PostgresStoreOptions): Promise<PostgresStore> {
     checkUrl(url);
     const logger = options.logger;
-    const sql = postgres(url, {
-      max: options.max ?? 10,
-      connect_timeout: 10,
-      onnotice: (notice) => logger?.debug("postgres notice", { message: notice.message }),
-      // Hour buckets and timestamptz text in UTC whatever the server's default.
-      connection: { application_name: "gridtokenx-gateway", TimeZone: "UTC" },
-    });
+    let sql: Sql;
+    try {
+      ({ sql } = await openPinnedPool(url, { max: options.max ?? 10, logger }));
+    } catch (error) {
+      throw toGatewayError(error);
+    }
     try {
       if (options.migrate ?? true) {
         await migrate(sql, { logger, timescale: options.timescale });
@@ -190,7 +204,13 @@ export class PostgresStore implements Store {
       logger?.info(
         timescale === null ? "storage mode: plain PostgreSQL" : "storage mode: TimescaleDB",
       );
-      return new PostgresStore(sql, { ...options, timescale });
+      return new PostgresStore(sql, {
+        ...options,
+        timescale,
+        refreshStartOffsetMs: options.timescale
+          ? options.timescale.refreshStartOffsetMs
+          : undefined,
+      });
     } catch (error) {
       await sql.end({ timeout: 5 });
       throw toGatewayError(error);
@@ -466,6 +486,13 @@ export class PostgresStore implements Store {
 
   /** The slow path: a batch that collides with itself is judged row by row, in input order. */
   async #judgeThenInsert(tx: Tx, rows: ReadingRow[]): Promise<InsertResult[]> {
+    // The batch's overall time bounds, constants the planner prunes chunks by (migration 0005).
+    let lo = Infinity, hi = -Infinity;
+    for (const r of rows) {
+      if (r.ts < lo) lo = r.ts;
+      if (r.ts > hi) hi = r.ts;
+    }
+    const window = `${this.#windowMs} milliseconds`;
     const near = await tx<{ ord: number; conflict_ts: number }[]>`
       SELECT i.ord::int4 AS ord, ${ms(tx, "h.hit", "conflict_ts")}
       FROM (
@@ -473,8 +500,8 @@ export class PostgresStore implements Store {
         FROM unnest(${tx.array(rows.map((r) => r.meter_id), 25)}::text[],
                     ${tx.array(rows.map((r) => r.ts), 20)}::int8[])
           WITH ORDINALITY AS u(meter_id, ts_ms, ord)
-      ) i CROSS JOIN LATERAL gateway_nearest_reading(i.meter_id, i.ts,
-        ${`${this.#windowMs} milliseconds`}::interval) h`;
+      ) i CROSS JOIN LATERAL gateway_nearest_reading(i.meter_id, i.ts, ${window}::interval,
+        ${date(lo - this.#windowMs)}::timestamptz, ${date(hi + this.#windowMs)}::timestamptz) h`;
     const stored = new Map<number, number>();
     for (const c of near) stored.set(c.ord - 1, c.conflict_ts);
     const results = new Array<InsertResult>(rows.length);
@@ -580,35 +607,55 @@ export class PostgresStore implements Store {
 
   /**
    * Per-hour totals of one meter's readings for every UTC hour that overlaps `[from, to)`
-   * (epoch ms), oldest first; hours without readings are left out. With TimescaleDB they come
-   * from the continuous aggregate `meter_hourly_stats` (a reading backfilled into an already
-   * materialised hour shows after the next policy refresh, or {@linkcode refreshHourlyStats});
-   * on plain PostgreSQL from the primary key index.
+   * (epoch ms), oldest first; hours without readings are left out. A committed reading counts
+   * at once in every mode. On plain PostgreSQL every hour is summed from the primary key
+   * index. With TimescaleDB, hours older than the refresh policy's start offset (past
+   * READING_MAX_AGE, so no accepted reading can still land in them) come from the continuous
+   * aggregate `meter_hourly_stats`; more recent hours, which a late reading may have changed
+   * since the last refresh, are summed from the raw readings like on plain PostgreSQL.
    */
   async hourlyStats(meterId: string, from: number, to: number): Promise<HourlyStat[]> {
     const start = Math.floor(checkMs(from, "from") / HOUR) * HOUR;
     const end = Math.ceil(checkMs(to, "to") / HOUR) * HOUR;
     if (start >= end) return [];
     const sql = this.#sql;
-    const rows = this.#timescale !== null
-      ? await guard(sql<HourlyStat[]>`
-          SELECT ${ms(sql, "bucket", "hour")}, reading_count::int4 AS count,
-                 sum_kwh::float8 AS sum_kwh, avg_kwh::float8 AS avg_kwh,
-                 min_kwh::float8 AS min_kwh, max_kwh::float8 AS max_kwh
+    const raw = (lo: Fragment, hi: Fragment) =>
+      sql`
+        SELECT date_trunc('hour', reading_timestamp, 'UTC') AS bucket,
+               count(*)::int4 AS count, sum(kwh_amount)::float8 AS sum_kwh,
+               avg(kwh_amount)::float8 AS avg_kwh, min(kwh_amount)::float8 AS min_kwh,
+               max(kwh_amount)::float8 AS max_kwh
+        FROM meter_readings
+        WHERE meter_id = ${meterId}
+          -- Row bounds keep the planner on the primary key (migration 0003); the scalar ones
+          -- end the index scan and let TimescaleDB exclude chunks (migration 0005).
+          AND (meter_id, reading_timestamp) >= (${meterId}::text, ${lo})
+          AND (meter_id, reading_timestamp) < (${meterId}::text, ${hi})
+          AND reading_timestamp >= ${lo} AND reading_timestamp < ${hi}
+        GROUP BY 1`;
+    const lo = sql`${date(start)}::timestamptz`;
+    const hi = sql`${date(end)}::timestamptz`;
+    let rows: HourlyStat[];
+    if (this.#timescale === null) {
+      rows = await guard(sql<HourlyStat[]>`
+        SELECT ${ms(sql, "bucket", "hour")}, count, sum_kwh, avg_kwh, min_kwh, max_kwh
+        FROM (${raw(lo, hi)}) r ORDER BY bucket`);
+    } else {
+      // The split is taken by the server's clock, the one that stamps the policy's runs; a
+      // stable expression, so TimescaleDB still excludes chunks when the query starts.
+      const split = sql`greatest(${lo},
+        least(${hi}, date_trunc('hour', now() - ${this.#rawStatsSpan}::interval, 'UTC')))`;
+      rows = await guard(sql<HourlyStat[]>`
+        SELECT ${ms(sql, "bucket", "hour")}, count, sum_kwh, avg_kwh, min_kwh, max_kwh FROM (
+          SELECT bucket, reading_count::int4 AS count, sum_kwh::float8 AS sum_kwh,
+                 avg_kwh::float8 AS avg_kwh, min_kwh::float8 AS min_kwh,
+                 max_kwh::float8 AS max_kwh
           FROM meter_hourly_stats
-          WHERE meter_id = ${meterId} AND bucket >= ${date(start)} AND bucket < ${date(end)}
-          ORDER BY bucket`)
-      : await guard(sql<HourlyStat[]>`
-          SELECT ${ms(sql, "date_trunc('hour', reading_timestamp, 'UTC')", "hour")},
-                 count(*)::int4 AS count, sum(kwh_amount)::float8 AS sum_kwh,
-                 avg(kwh_amount)::float8 AS avg_kwh, min(kwh_amount)::float8 AS min_kwh,
-                 max(kwh_amount)::float8 AS max_kwh
-          FROM meter_readings
-          WHERE meter_id = ${meterId}
-            -- Row bounds: only the primary key serves them (see migration 0003).
-            AND (meter_id, reading_timestamp) >= (${meterId}::text, ${date(start)}::timestamptz)
-            AND (meter_id, reading_timestamp) < (${meterId}::text, ${date(end)}::timestamptz)
-          GROUP BY 1 ORDER BY 1`);
+          WHERE meter_id = ${meterId} AND bucket >= ${lo} AND bucket < ${split}
+          UNION ALL
+          ${raw(split, hi)}
+        ) s ORDER BY bucket`);
+    }
     return rows.map((r) => ({
       hour: r.hour,
       count: r.count,
@@ -668,6 +715,12 @@ export class PostgresStore implements Store {
   }
 
   // ---- lifecycle ---------------------------------------------------------------------------
+
+  /** The schema's TimescaleDB policy jobs whose last run failed (none on plain PostgreSQL). */
+  async failingPolicyJobs(): Promise<FailingJob[]> {
+    if (this.#timescale === null) return [];
+    return await guard(failingTimescaleJobs(this.#sql));
+  }
 
   async ping(): Promise<void> {
     await guard(this.#sql`SELECT 1`);

@@ -46,6 +46,8 @@ export interface AppDeps {
   writerStalled: () => string | null;
   /** Whether the external MQTT broker connection is up (always true without one). */
   mqttConnected: () => boolean;
+  /** TimescaleDB policy jobs: `failing` when one's last run failed (reported, not fatal). */
+  policyJobs?: () => "ok" | "failing" | undefined;
   metrics: Metrics;
 }
 

@@ -12,6 +12,11 @@ export interface HealthDeps {
   writerStalled: () => string | null;
   /** Whether the external MQTT broker connection is up (always true without one). */
   mqttConnected?: () => boolean;
+  /**
+   * State of the TimescaleDB policy jobs, where there are any. Reported, but not a reason to
+   * take the instance out of service: ingestion does not depend on them.
+   */
+  policyJobs?: () => "ok" | "failing" | undefined;
   /** Receives the details that `/readyz` keeps from its unauthenticated callers. */
   logger: Logger;
 }
@@ -49,6 +54,11 @@ export function healthRoutes(deps: HealthDeps): Hono {
       }
       if (deps.mqttConnected) checks.mqtt = deps.mqttConnected() ? "ok" : "down";
       const ready = Object.values(checks).every((v) => v === "ok");
-      return c.json({ status: ready ? "ready" : "not_ready", checks }, ready ? 200 : 503);
+      const jobs = deps.policyJobs?.();
+      const advisory = jobs === undefined ? {} : { timescale_jobs: jobs };
+      return c.json(
+        { status: ready ? "ready" : "not_ready", checks: { ...checks, ...advisory } },
+        ready ? 200 : 503,
+      );
     });
 }

@@ -9,6 +9,7 @@ import { SecurityLog } from "../core/security_log.ts";
 import { describeStore, openStore, type StoreSpec } from "../db/open_store.ts";
 import { type Prunable, RetentionWorker } from "./retention.ts";
 import type { Store } from "../db/store.ts";
+import { PostgresStore } from "../db/postgres_store.ts";
 import { createApp } from "../routes/app.ts";
 import { WsHub } from "../routes/ws_hub.ts";
 import { WriterClient } from "../workers/writer_client.ts";
@@ -53,11 +54,14 @@ export interface Gateway extends AsyncDisposable {
   close(): Promise<void>;
 }
 
+// How often the TimescaleDB policy jobs are checked for failures.
+const POLICY_CHECK_MS = 5 * 60_000;
+
 /** Opens the store and the writer, wires actors, bus, services and routes. */
 export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const { config, bus, clock, logger } = deps;
   const storeOptions = { dedupeWindowMs: config.rules.dedupeWindowMs };
-  const store = await openStore(deps.storeSpec, storeOptions);
+  const store = await openStore(deps.storeSpec, storeOptions, logger);
   const timescale = (store as { timescale?: boolean }).timescale;
   logger.info("store ready", {
     store: describeStore(deps.storeSpec),
@@ -296,8 +300,29 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     loginPerMinute: config.loginRateLimit,
     writerStalled: () => writer.stalled,
     mqttConnected: () => external === undefined || external.connected,
+    policyJobs: () => policyJobs,
     metrics,
   });
+
+  // TimescaleDB runs its policies in the background: a failing refresh leaves hourly stats of
+  // older hours stale, a failing retention lets the disk fill. Nobody would notice: say so.
+  let policyJobs: "ok" | "failing" | undefined;
+  if (store instanceof PostgresStore && store.timescale) {
+    const checkJobs = async () => {
+      try {
+        const failing = await store.failingPolicyJobs();
+        policyJobs = failing.length === 0 ? "ok" : "failing";
+        for (const job of failing) {
+          logger.warn("TimescaleDB policy job keeps failing", { ...job });
+        }
+      } catch (error) {
+        logger.debug("TimescaleDB job check failed", { error });
+      }
+    };
+    await checkJobs();
+    const jobTimer = setInterval(checkJobs, POLICY_CHECK_MS);
+    cleanups.push(() => clearInterval(jobTimer));
+  }
 
   const sweepEvery = Math.max(1_000, Math.min(60_000, config.actors.idleTtlMs / 2));
   const sweeper = setInterval(() => registry.sweep(), sweepEvery);

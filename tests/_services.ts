@@ -1,6 +1,7 @@
 // Where the tests find the real services (PostgreSQL, Redis, MQTT), and what they do when one
 // is missing: fail the run in CI, skip with the reason in the test's name elsewhere.
 import postgres from "postgres";
+import { timescaleAvailability } from "../db/migrate.ts";
 
 /** Outcome of {@linkcode requireService}: usable, or why not. */
 export type ServiceStatus = { ok: true } | { ok: false; reason: string };
@@ -117,12 +118,11 @@ export interface TestSchema {
 export async function createTestSchema(baseUrl: string = postgresUrl()): Promise<TestSchema> {
   const name = `gw_test_${crypto.randomUUID().replaceAll("-", "").slice(0, 16)}`;
   await withAdmin(baseUrl, async (sql) => {
-    // Where TimescaleDB is offered, install it into `public` first: created by a migration it
-    // would land in the test schema and vanish (for every schema) when that is dropped.
-    const [ext] = await sql<{ installed: string | null }[]>`
-      SELECT installed_version AS installed FROM pg_available_extensions
-      WHERE name = 'timescaledb'`;
-    if (ext !== undefined && ext.installed === null) {
+    // Where TimescaleDB is usable, install it into `public` first: created by a migration it
+    // would land in the test schema and vanish (for every schema) when that is dropped. The
+    // check is the migration's own: installed but not preloaded, CREATE EXTENSION ends the
+    // session with a FATAL, which would fail every PostgreSQL test.
+    if (await timescaleAvailability(sql) === "available") {
       await sql`CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA public`.catch(() => {});
     }
     await sql`CREATE SCHEMA ${sql(name)}`;
@@ -133,11 +133,46 @@ export async function createTestSchema(baseUrl: string = postgresUrl()): Promise
   return {
     name,
     url: url.href,
-    drop: () =>
-      withAdmin(baseUrl, async (sql) => {
-        await sql`DROP SCHEMA IF EXISTS ${sql(name)} CASCADE`;
-      }),
+    drop: () => dropTestSchema(baseUrl, name),
   };
+}
+
+/**
+ * Drops a test schema. Its TimescaleDB policy jobs are deleted first: left in place they keep
+ * running against dropped tables, and one that runs during the DROP makes it fail ("tuple
+ * concurrently deleted").
+ */
+export async function dropTestSchema(baseUrl: string, name: string): Promise<void> {
+  await withAdmin(baseUrl, async (sql) => {
+    const [ext] = await sql<{ nsp: string }[]>`
+      SELECT n.nspname AS nsp FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+      WHERE e.extname = 'timescaledb'`;
+    for (let attempt = 1;; attempt++) {
+      try {
+        if (ext !== undefined) {
+          await sql.unsafe(
+            `SELECT ${quoteIdent(ext.nsp)}.delete_job(j.job_id)
+             FROM timescaledb_information.jobs j
+             WHERE j.hypertable_schema = $1
+                OR (j.hypertable_schema, j.hypertable_name) IN (
+                  SELECT materialization_hypertable_schema, materialization_hypertable_name
+                  FROM timescaledb_information.continuous_aggregates WHERE view_schema = $1)`,
+            [name],
+          );
+        }
+        await sql`DROP SCHEMA IF EXISTS ${sql(name)} CASCADE`;
+        return;
+      } catch (error) {
+        // A job that was already running when it was deleted may still hold a catalog row.
+        if (attempt >= 5) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+      }
+    }
+  });
+}
+
+function quoteIdent(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
 }
 
 async function withAdmin(url: string, fn: (sql: postgres.Sql) => Promise<void>): Promise<void> {

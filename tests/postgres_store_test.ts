@@ -128,7 +128,8 @@ pgTest("migrate() run twice at once applies every migration exactly once", async
     const [ra, rb] = await Promise.all([migrate(a), migrate(b)]);
     const [first, second] = ra.applied.length > 0 ? [ra, rb] : [rb, ra];
     assert.ok(first.applied.includes("0001_schema.sql"), JSON.stringify(first.applied));
-    assert.deepEqual(first.applied, [...first.applied].sort());
+    const files = first.applied.filter((name) => !name.startsWith("timescale/"));
+    assert.deepEqual(files, [...files].sort());
     assert.deepEqual(second.applied, []);
     assert.equal(ra.timescale, rb.timescale);
   });
