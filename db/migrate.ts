@@ -543,7 +543,9 @@ async function reconcilePolicies(
     // A null schedule leaves the job's schedule as it is.
     await conn.unsafe(
       `SELECT ${ts}.alter_job($1, config => $2::jsonb, schedule_interval => $3::interval)`,
-      [job.job_id, JSON.stringify(config), want.schedule ?? null],
+      // The object itself: postgres.js serialises a jsonb parameter (a string would end up
+      // a JSON string, not an object).
+      [job.job_id, config as unknown as postgres.SerializableParameter, want.schedule ?? null],
     );
     changed.push(`timescale/policy/${want.key}`);
     log?.info("TimescaleDB policy changed in place", {
@@ -565,14 +567,24 @@ export async function sameIntervals(
   pairs: [string | null, string][],
 ): Promise<boolean[]> {
   if (pairs.length === 0) return [];
-  // The pattern keeps a foreign value (an integer offset, garbage) from failing the cast.
-  const rows = await sql<{ same: boolean | null }[]>`
-    SELECT CASE WHEN a IS NULL OR a !~ '^[-+0-9@ .:a-zA-Z]+$' THEN false
-                ELSE a::interval = b::interval END AS same
-    FROM unnest(${pairs.map((p) => p[0]) as string[]}::text[],
-                ${pairs.map((p) => p[1])}::text[]) WITH ORDINALITY AS u(a, b, ord)
-    ORDER BY ord`;
-  return rows.map((r) => r.same === true);
+  const compare = (list: [string | null, string][]) =>
+    sql<{ same: boolean | null }[]>`
+      SELECT a::interval = b::interval AS same
+      FROM unnest(${sql.array(list.map((p) => p[0]) as string[], 25)}::text[],
+                  ${sql.array(list.map((p) => p[1]), 25)}::text[]) WITH ORDINALITY AS u(a, b, ord)
+      ORDER BY ord`;
+  try {
+    const rows = await compare(pairs);
+    return pairs.map((_, i) => rows[i]?.same === true);
+  } catch {
+    // One side is not an interval (an integer offset, garbage): compare one by one, such a
+    // pair being different.
+    const result: boolean[] = [];
+    for (const pair of pairs) {
+      result.push(await compare([pair]).then(([r]) => r?.same === true, () => false));
+    }
+    return result;
+  }
 }
 
 /** Policy jobs of the schema whose last run failed, with the latest error where recorded. */

@@ -626,12 +626,9 @@ export class PostgresStore implements Store {
                avg(kwh_amount)::float8 AS avg_kwh, min(kwh_amount)::float8 AS min_kwh,
                max(kwh_amount)::float8 AS max_kwh
         FROM meter_readings
-        WHERE meter_id = ${meterId}
-          -- Row bounds keep the planner on the primary key (migration 0003); the scalar ones
-          -- end the index scan and let TimescaleDB exclude chunks (migration 0005).
-          AND (meter_id, reading_timestamp) >= (${meterId}::text, ${lo})
-          AND (meter_id, reading_timestamp) < (${meterId}::text, ${hi})
-          AND reading_timestamp >= ${lo} AND reading_timestamp < ${hi}
+        -- Scalar bounds: both ends of the primary key's range for this meter, and what
+        -- TimescaleDB excludes chunks by (row comparisons did neither, see migration 0005).
+        WHERE meter_id = ${meterId} AND reading_timestamp >= ${lo} AND reading_timestamp < ${hi}
         GROUP BY 1`;
     const lo = sql`${date(start)}::timestamptz`;
     const hi = sql`${date(end)}::timestamptz`;
