@@ -57,7 +57,8 @@ async function main(args: string[]): Promise<void> {
       dedupeWindowMs: 1,
       max: 1,
       migrate: false,
-      timescale: timescaleOptionsOf(storage),
+      // Whatever TIMESCALE_ENABLED says, the aggregate is refreshed where it exists.
+      timescale: timescaleOptionsOf(storage) || {},
     });
   } catch (error) {
     console.error(`error: ${(error as Error).message}`);

@@ -78,9 +78,9 @@ const envSchema = z.object({
   DATABASE_POOL_MAX: int(10, 1, 1000),
   MIGRATE_ON_START: z.enum(["true", "false"]).default("true"),
   TIMESCALE_ENABLED: z.enum(["true", "false"]).default("true"),
-  TIMESCALE_CHUNK_INTERVAL: duration("1d"),
-  TIMESCALE_COMPRESS_AFTER: duration("30d"),
-  READINGS_RETENTION: duration("365d"),
+  TIMESCALE_CHUNK_INTERVAL: duration("1d").pipe(z.number().min(60_000, "must be at least 1m")),
+  TIMESCALE_COMPRESS_AFTER: duration("30d").pipe(z.number().min(60_000, "must be at least 1m")),
+  READINGS_RETENTION: duration("365d").pipe(z.number().min(60_000, "must be at least 1m")),
   RETENTION_CHECK_INTERVAL: duration("1h"),
   MQTT_ENABLED: z.enum(["true", "false"]).default("true"),
   MQTT_HOST: z.string().min(1).default("127.0.0.1"),
@@ -232,6 +232,14 @@ export function loadStorageConfig(env: Record<string, string | undefined>): Stor
 }
 
 function storageOf(e: z.output<typeof storageSchema>): StorageConfig {
+  // A reading older than the retention would be stored, dropped at the next retention run, and
+  // then accepted again as new.
+  if (e.READING_MAX_AGE >= e.READINGS_RETENTION) {
+    throw new ConfigError(
+      "Invalid configuration:\n  READING_MAX_AGE: must be shorter than READINGS_RETENTION",
+      ["READING_MAX_AGE", "READINGS_RETENTION"],
+    );
+  }
   return {
     database: e.DATABASE_URL
       ? {

@@ -371,10 +371,12 @@ export type TimescaleAvailability =
 export async function timescaleAvailability(
   sql: postgres.Sql | Conn,
 ): Promise<TimescaleAvailability> {
+  // pg_settings hides a setting this role may not read (current_setting() raises instead):
+  // null then means "unknown".
   const [row] = await sql<{ offered: boolean; created: boolean; libs: string | null }[]>`
     SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') AS offered,
            EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') AS created,
-           current_setting('shared_preload_libraries', true) AS libs`;
+           (SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries') AS libs`;
   if (row.created) return "created";
   if (!row.offered) return "absent";
   return preloads(row.libs) ? "available" : "not_preloaded";

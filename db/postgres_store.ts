@@ -204,13 +204,23 @@ export class PostgresStore implements Store {
       logger?.info(
         timescale === null ? "storage mode: plain PostgreSQL" : "storage mode: TimescaleDB",
       );
-      return new PostgresStore(sql, {
-        ...options,
-        timescale,
-        refreshStartOffsetMs: options.timescale
-          ? options.timescale.refreshStartOffsetMs
-          : undefined,
-      });
+      const wanted = (options.timescale || {}).refreshStartOffsetMs ??
+        TIMESCALE_DEFAULTS.refreshStartOffsetMs;
+      let span = wanted;
+      if (timescale !== null) {
+        // The policy may have been set by another configuration (a migration run elsewhere):
+        // hours it no longer refreshes must still be summed from raw rows.
+        const live = await liveRefreshStartOffsetMs(sql);
+        if (live !== null && live < wanted) {
+          logger?.warn(
+            "the hourly stats refresh policy looks back less than READING_MAX_AGE + 1 day: " +
+              "run `deno task migrate` with this configuration",
+            { policy_start_offset_ms: live, wanted_ms: wanted },
+          );
+        }
+        span = Math.max(wanted, live ?? 0);
+      }
+      return new PostgresStore(sql, { ...options, timescale, refreshStartOffsetMs: span });
     } catch (error) {
       await sql.end({ timeout: 5 });
       throw toGatewayError(error);
@@ -972,6 +982,27 @@ async function guard<T>(promise: Promise<T>): Promise<T> {
     return await promise;
   } catch (error) {
     throw toGatewayError(error);
+  }
+}
+
+/** The start offset of the schema's live refresh policy, in ms (null: none, or not an interval). */
+async function liveRefreshStartOffsetMs(sql: Sql): Promise<number | null> {
+  try {
+    const [row] = await sql<{ ms: number | null }[]>`
+      SELECT (extract(epoch FROM (j.config->>'start_offset')::interval) * 1000)::float8 AS ms
+      FROM timescaledb_information.jobs j
+      WHERE j.proc_name = 'policy_refresh_continuous_aggregate'
+        AND ((j.hypertable_schema = current_schema()
+              AND j.hypertable_name = 'meter_hourly_stats')
+          OR EXISTS (
+            SELECT 1 FROM timescaledb_information.continuous_aggregates c
+            WHERE c.view_schema = current_schema() AND c.view_name = 'meter_hourly_stats'
+              AND c.materialization_hypertable_schema = j.hypertable_schema
+              AND c.materialization_hypertable_name = j.hypertable_name))
+      ORDER BY j.job_id LIMIT 1`;
+    return row?.ms ?? null;
+  } catch {
+    return null;
   }
 }
 

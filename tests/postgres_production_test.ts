@@ -809,3 +809,66 @@ pgTest("a changed chunk interval is applied to the hypertable", async (_t, db) =
   assert.ok(result.applied.includes("timescale/chunk_interval"));
   assert.deepEqual(await sameIntervals(sql, [[await interval(), "7 days"]]), [true]);
 }, { timescale: true });
+
+// ---- review findings -----------------------------------------------------------------------
+
+Deno.test({
+  name: `a role that may not read shared_preload_libraries still migrates${skipped}`,
+  ignore: !service.ok,
+  async fn() {
+    const role = `gw_role_${crypto.randomUUID().replaceAll("-", "").slice(0, 12)}`;
+    const schema = await createTestSchema(PG_URL);
+    await withSql(PG_URL, (sql) =>
+      sql.unsafe(`CREATE ROLE ${role} LOGIN;
+                  GRANT USAGE, CREATE ON SCHEMA "${schema.name}" TO ${role}`));
+    try {
+      await withSql(schema.url, async (sql) => {
+        await sql.unsafe(`SET ROLE ${role}`);
+        await assert.rejects(sql`SELECT current_setting('shared_preload_libraries')`);
+        const result = await migrate(sql);
+        assert.ok(result.applied.includes("0005_bounded_probe.sql"));
+      });
+    } finally {
+      await schema.drop();
+      await withSql(PG_URL, (sql) => sql.unsafe(`DROP OWNED BY ${role}; DROP ROLE ${role}`));
+    }
+  },
+});
+
+Deno.test("storage settings that contradict each other stop the start, naming the variables", () => {
+  for (const load of [loadStorageConfig, (env: Record<string, string>) => loadConfig(env)]) {
+    assert.throws(
+      () => load({ READING_MAX_AGE: "30d", READINGS_RETENTION: "30d" }),
+      /READING_MAX_AGE: must be shorter than READINGS_RETENTION/,
+    );
+    assert.throws(() => load({ TIMESCALE_CHUNK_INTERVAL: "0" }), /TIMESCALE_CHUNK_INTERVAL/);
+    assert.throws(() => load({ READINGS_RETENTION: "0s" }), /READINGS_RETENTION/);
+  }
+});
+
+pgTest(
+  "hours the live refresh policy no longer covers are summed from raw rows",
+  async (_t, db) => {
+    const lines: { msg: string }[] = [];
+    const logger = jsonLogger("warn", { sink: (line) => lines.push(JSON.parse(line)) });
+    // The policy was set for READING_MAX_AGE=30d; this instance runs with the default 7d.
+    await db.open({ timescale: { refreshStartOffsetMs: 31 * DAY } });
+    const store = await db.open({
+      migrate: false,
+      timescale: { refreshStartOffsetMs: 8 * DAY },
+      logger,
+    });
+    assert.equal(lines.length, 0, JSON.stringify(lines));
+    const hour = Math.floor((Date.now() - 20 * DAY) / HOUR) * HOUR;
+    await store.insertReadings([reading("m-wide", Date.now() - 3 * HOUR)]);
+    await store.refreshHourlyStats(Date.now() - 40 * DAY, Date.now() - 2 * HOUR);
+    await store.insertReadings([reading("m-wide", hour)]);
+    const [stat] = await store.hourlyStats("m-wide", hour, hour + HOUR);
+    assert.equal(stat?.count, 1);
+    // And the other way round: a policy narrower than wanted is reported.
+    await db.open({ migrate: true, timescale: { refreshStartOffsetMs: 2 * DAY } });
+    await db.open({ migrate: false, timescale: { refreshStartOffsetMs: 8 * DAY }, logger });
+    assert.ok(lines.some((l) => l.msg.startsWith("the hourly stats refresh policy looks back")));
+  },
+  { timescale: true },
+);
