@@ -1,13 +1,12 @@
 // `deno task migrate`: applies the PostgreSQL schema migrations (and the TimescaleDB setup when
 // that extension is available) to DATABASE_URL, with the settings the gateway would use, then
 // prints what it did as JSON.
-import { loadStorageConfig } from "../core/config.ts";
-import { ConfigError } from "../core/errors.ts";
 import { jsonLogger } from "../core/logger.ts";
 import { migrate, TIMESCALE_DEFAULTS, type TimescaleOptions } from "../db/migrate.ts";
 import { timescaleOptionsOf } from "../db/open_store.ts";
 import { openPinnedPool } from "../db/postgres_pool.ts";
-import { fatal, parseFlags } from "./_args.ts";
+import { databaseStorage } from "./_storage.ts";
+import { parseFlags } from "./_args.ts";
 
 const USAGE = `Usage: deno task migrate [--no-timescale]
 
@@ -36,14 +35,7 @@ async function main(args: string[]): Promise<void> {
     usage: USAGE,
     options: { "no-timescale": { type: "boolean", default: false } },
   });
-  let storage;
-  try {
-    storage = loadStorageConfig(Deno.env.toObject());
-  } catch (error) {
-    if (error instanceof ConfigError) fatal(error.message);
-    throw error;
-  }
-  if (storage.database === undefined) fatal("DATABASE_URL is not set (see --help)");
+  const storage = databaseStorage();
   const timescale = flags["no-timescale"] ? false : timescaleOptionsOf(storage);
   // Progress goes to stderr as JSON lines; stdout carries only the result.
   const logger = jsonLogger("info", { sink: (line) => console.error(line) });

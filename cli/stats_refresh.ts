@@ -1,10 +1,9 @@
 // `deno task stats:refresh --from T --to T`: materialises TimescaleDB's hourly stats of a past
 // range now, after a historical load that the refresh policy will never look at again.
-import { loadStorageConfig } from "../core/config.ts";
-import { ConfigError } from "../core/errors.ts";
 import { jsonLogger } from "../core/logger.ts";
 import { timescaleOptionsOf } from "../db/open_store.ts";
 import { PostgresStore } from "../db/postgres_store.ts";
+import { databaseStorage } from "./_storage.ts";
 import { fatal, parseFlags, required } from "./_args.ts";
 
 const USAGE = `Usage: deno task stats:refresh --from T --to T [--slice D]
@@ -42,14 +41,7 @@ async function main(args: string[]): Promise<void> {
   if (!Number.isInteger(days) || days < 1 || days > 366) {
     fatal("--slice must be a whole number of days from 1 to 366");
   }
-  let storage;
-  try {
-    storage = loadStorageConfig(Deno.env.toObject());
-  } catch (error) {
-    if (error instanceof ConfigError) fatal(error.message);
-    throw error;
-  }
-  if (storage.database === undefined) fatal("DATABASE_URL is not set (see --help)");
+  const storage = databaseStorage();
   const logger = jsonLogger("info", { sink: (line) => console.error(line) });
   let store: PostgresStore;
   try {
