@@ -257,11 +257,8 @@ async function setUpTimescale(
     return false;
   }
   if (availability === "available" && !(await enableTimescale(conn, log))) return false;
-  const [{ nsp }] = await conn<{ nsp: string }[]>`
-    SELECT n.nspname AS nsp FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-    WHERE e.extname = 'timescaledb'`;
   // The extension's functions are called schema-qualified: its schema need not be on the path.
-  const ts = quoteIdent(nsp);
+  const ts = quoteIdent((await extensionSchema(conn))!);
   const readings = `${quoteIdent(schema)}.meter_readings`;
   const stats = `${quoteIdent(schema)}.meter_hourly_stats`;
 
@@ -418,12 +415,49 @@ interface WantedJob {
   params: string[];
 }
 
-interface LiveJob {
+/** A policy job of the gateway's tables in one schema, as TimescaleDB lists it. */
+export interface PolicyJob {
   job_id: number;
   proc_name: string;
+  /** What the job works on: the readings hypertable or the hourly stats aggregate. */
   on: "readings" | "stats";
   schedule: string;
   config: Record<string, unknown>;
+}
+
+/**
+ * The refresh, compression and retention jobs of `schema`'s `meter_readings` and
+ * `meter_hourly_stats`, oldest first (TimescaleDB must be created in the database). Versions
+ * differ in how they list an aggregate's jobs (under the view or its materialisation table):
+ * both are matched.
+ */
+export async function schemaJobs(
+  sql: postgres.Sql | Conn,
+  schema: string,
+): Promise<PolicyJob[]> {
+  return await sql<PolicyJob[]>`
+    SELECT j.job_id, j.proc_name, j.schedule_interval::text AS schedule, j.config,
+           CASE WHEN j.hypertable_name = 'meter_readings' AND j.hypertable_schema = ${schema}
+                THEN 'readings' ELSE 'stats' END AS on
+    FROM timescaledb_information.jobs j
+    WHERE j.proc_name IN ('policy_refresh_continuous_aggregate', 'policy_compression',
+                          'policy_retention')
+      AND ((j.hypertable_schema = ${schema}
+            AND j.hypertable_name IN ('meter_readings', 'meter_hourly_stats'))
+        OR EXISTS (
+          SELECT 1 FROM timescaledb_information.continuous_aggregates c
+          WHERE c.view_schema = ${schema} AND c.view_name = 'meter_hourly_stats'
+            AND c.materialization_hypertable_schema = j.hypertable_schema
+            AND c.materialization_hypertable_name = j.hypertable_name))
+    ORDER BY j.job_id`;
+}
+
+/** The schema TimescaleDB is created in, or null when it is not created in this database. */
+export async function extensionSchema(sql: postgres.Sql | Conn): Promise<string | null> {
+  const [row] = await sql<{ nsp: string }[]>`
+    SELECT n.nspname AS nsp FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+    WHERE e.extname = 'timescaledb'`;
+  return row?.nsp ?? null;
 }
 
 /**
@@ -505,21 +539,7 @@ async function reconcilePolicies(
     },
   ];
 
-  const live = await conn<LiveJob[]>`
-    SELECT j.job_id, j.proc_name, j.schedule_interval::text AS schedule, j.config,
-           CASE WHEN j.hypertable_name = 'meter_readings' AND j.hypertable_schema = ${schema}
-                THEN 'readings' ELSE 'stats' END AS on
-    FROM timescaledb_information.jobs j
-    WHERE j.proc_name IN ('policy_refresh_continuous_aggregate', 'policy_compression',
-                          'policy_retention')
-      AND ((j.hypertable_schema = ${schema}
-            AND j.hypertable_name IN ('meter_readings', 'meter_hourly_stats'))
-        OR EXISTS (
-          SELECT 1 FROM timescaledb_information.continuous_aggregates c
-          WHERE c.view_schema = ${schema} AND c.view_name = 'meter_hourly_stats'
-            AND c.materialization_hypertable_schema = j.hypertable_schema
-            AND c.materialization_hypertable_name = j.hypertable_name))
-    ORDER BY j.job_id`;
+  const live = await schemaJobs(conn, schema);
 
   for (const want of wanted) {
     const [job, ...extra] = live.filter((j) => j.proc_name === want.proc && j.on === want.on);
@@ -598,18 +618,21 @@ export interface FailingJob {
 }
 
 /**
- * The schema's TimescaleDB policy jobs whose last run failed (empty on plain PostgreSQL), so
- * the gateway can warn: a failing refresh leaves hourly stats stale, a failing retention
- * lets the disk fill.
+ * The policy jobs of `schema` whose last run failed (TimescaleDB must be created), so the
+ * gateway can warn: a failing refresh leaves hourly stats stale, a failing retention lets the
+ * disk fill.
  */
-export async function failingTimescaleJobs(sql: postgres.Sql): Promise<FailingJob[]> {
-  const [{ created }] = await sql<{ created: boolean }[]>`
-    SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') AS created`;
-  if (!created) return [];
+export async function failingTimescaleJobs(
+  sql: postgres.Sql,
+  schema: string,
+): Promise<FailingJob[]> {
+  const jobs = await schemaJobs(sql, schema);
+  if (jobs.length === 0) return [];
+  // job_errors exists from TimescaleDB 2.9 on.
   const [{ errors }] = await sql<{ errors: boolean }[]>`
     SELECT to_regclass('timescaledb_information.job_errors') IS NOT NULL AS errors`;
-  return await sql<FailingJob[]>`
-    SELECT s.job_id, j.proc_name, s.total_failures::int4 AS total_failures,
+  const failed = await sql<{ job_id: number; total_failures: number; last_error: string | null }[]>`
+    SELECT s.job_id, s.total_failures::int4 AS total_failures,
            ${
     errors
       ? sql`(SELECT e.err_message FROM timescaledb_information.job_errors e
@@ -617,20 +640,16 @@ export async function failingTimescaleJobs(sql: postgres.Sql): Promise<FailingJo
       : sql`NULL::text`
   } AS last_error
     FROM timescaledb_information.job_stats s
-    JOIN timescaledb_information.jobs j ON j.job_id = s.job_id
-    WHERE s.last_run_status = 'Failed'
-      AND j.proc_name IN ('policy_refresh_continuous_aggregate', 'policy_compression',
-                          'policy_retention')
-      AND (j.hypertable_schema = current_schema()
-        OR EXISTS (
-          SELECT 1 FROM timescaledb_information.continuous_aggregates c
-          WHERE c.view_schema = current_schema()
-            AND c.materialization_hypertable_schema = j.hypertable_schema
-            AND c.materialization_hypertable_name = j.hypertable_name))
+    WHERE s.last_run_status = 'Failed' AND s.job_id IN ${sql(jobs.map((j) => j.job_id))}
     ORDER BY s.job_id`;
+  return failed.map((f) => ({
+    ...f,
+    proc_name: jobs.find((j) => j.job_id === f.job_id)!.proc_name,
+  }));
 }
 
-function quoteIdent(name: string): string {
+/** `name` as a quoted SQL identifier. */
+export function quoteIdent(name: string): string {
   return `"${name.replaceAll('"', '""')}"`;
 }
 

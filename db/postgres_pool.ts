@@ -2,6 +2,7 @@
 // nowhere else, whatever else the search_path of the URL or the role names.
 import postgres from "postgres";
 import type { Logger } from "../core/logger.ts";
+import { quoteIdent } from "./migrate.ts";
 
 /** Options of {@linkcode openPinnedPool}. */
 export interface PinnedPoolOptions {
@@ -54,8 +55,4 @@ export async function openPinnedPool(url: string, options: PinnedPoolOptions): P
     },
   });
   return { sql, schema };
-}
-
-function quoteIdent(name: string): string {
-  return `"${name.replaceAll('"', '""')}"`;
 }

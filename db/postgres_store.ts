@@ -10,6 +10,7 @@ import {
   type FailingJob,
   failingTimescaleJobs,
   migrate,
+  schemaJobs,
   TIMESCALE_DEFAULTS,
   type TimescaleOptions,
   timescaleSchema,
@@ -150,6 +151,7 @@ export class PostgresStore implements Store {
   #windowMs: number;
   /** Schema of the TimescaleDB extension when its aggregate serves hourly stats, else null. */
   #timescale: string | null;
+  #schema: string;
   /** Hours this recent are summed from raw readings: late readings may still land in them. */
   #rawStatsSpan: string;
   #closed: Promise<void> | undefined;
@@ -161,7 +163,12 @@ export class PostgresStore implements Store {
    */
   constructor(
     sql: Sql,
-    options: StoreOptions & { timescale: string | null; refreshStartOffsetMs?: number },
+    options: StoreOptions & {
+      timescale: string | null;
+      /** The schema the pool is pinned to (for TimescaleDB's catalog, which names it). */
+      schema?: string;
+      refreshStartOffsetMs?: number;
+    },
   ) {
     if (!Number.isSafeInteger(options.dedupeWindowMs) || options.dedupeWindowMs < 0) {
       throw new RangeError(
@@ -173,6 +180,7 @@ export class PostgresStore implements Store {
     // which collide whatever the window.
     this.#windowMs = Math.max(options.dedupeWindowMs, 1);
     this.#timescale = options.timescale;
+    this.#schema = options.schema ?? "public";
     const span = options.refreshStartOffsetMs ?? TIMESCALE_DEFAULTS.refreshStartOffsetMs;
     this.#rawStatsSpan = `${Math.ceil(span / 1000)} seconds`;
   }
@@ -181,9 +189,9 @@ export class PostgresStore implements Store {
   static async connect(url: string, options: PostgresStoreOptions): Promise<PostgresStore> {
     checkUrl(url);
     const logger = options.logger;
-    let sql: Sql;
+    let sql: Sql, schema: string;
     try {
-      ({ sql } = await openPinnedPool(url, { max: options.max ?? 10, logger }));
+      ({ sql, schema } = await openPinnedPool(url, { max: options.max ?? 10, logger }));
     } catch (error) {
       throw toGatewayError(error);
     }
@@ -210,7 +218,7 @@ export class PostgresStore implements Store {
       if (timescale !== null) {
         // The policy may have been set by another configuration (a migration run elsewhere):
         // hours it no longer refreshes must still be summed from raw rows.
-        const live = await liveRefreshStartOffsetMs(sql);
+        const live = await liveRefreshStartOffsetMs(sql, schema);
         if (live !== null && live < wanted) {
           logger?.warn(
             "the hourly stats refresh policy looks back less than READING_MAX_AGE + 1 day: " +
@@ -220,7 +228,12 @@ export class PostgresStore implements Store {
         }
         span = Math.max(wanted, live ?? 0);
       }
-      return new PostgresStore(sql, { ...options, timescale, refreshStartOffsetMs: span });
+      return new PostgresStore(sql, {
+        ...options,
+        schema,
+        timescale,
+        refreshStartOffsetMs: span,
+      });
     } catch (error) {
       await sql.end({ timeout: 5 });
       throw toGatewayError(error);
@@ -726,7 +739,7 @@ export class PostgresStore implements Store {
   /** The schema's TimescaleDB policy jobs whose last run failed (none on plain PostgreSQL). */
   async failingPolicyJobs(): Promise<FailingJob[]> {
     if (this.#timescale === null) return [];
-    return await guard(failingTimescaleJobs(this.#sql));
+    return await guard(failingTimescaleJobs(this.#sql, this.#schema));
   }
 
   async ping(): Promise<void> {
@@ -986,24 +999,14 @@ async function guard<T>(promise: Promise<T>): Promise<T> {
 }
 
 /** The start offset of the schema's live refresh policy, in ms (null: none, or not an interval). */
-async function liveRefreshStartOffsetMs(sql: Sql): Promise<number | null> {
-  try {
-    const [row] = await sql<{ ms: number | null }[]>`
-      SELECT (extract(epoch FROM (j.config->>'start_offset')::interval) * 1000)::float8 AS ms
-      FROM timescaledb_information.jobs j
-      WHERE j.proc_name = 'policy_refresh_continuous_aggregate'
-        AND ((j.hypertable_schema = current_schema()
-              AND j.hypertable_name = 'meter_hourly_stats')
-          OR EXISTS (
-            SELECT 1 FROM timescaledb_information.continuous_aggregates c
-            WHERE c.view_schema = current_schema() AND c.view_name = 'meter_hourly_stats'
-              AND c.materialization_hypertable_schema = j.hypertable_schema
-              AND c.materialization_hypertable_name = j.hypertable_name))
-      ORDER BY j.job_id LIMIT 1`;
-    return row?.ms ?? null;
-  } catch {
-    return null;
-  }
+async function liveRefreshStartOffsetMs(sql: Sql, schema: string): Promise<number | null> {
+  const refresh = (await schemaJobs(sql, schema))
+    .find((j) => j.proc_name === "policy_refresh_continuous_aggregate");
+  const offset = refresh?.config.start_offset;
+  if (typeof offset !== "string") return null;
+  const [row] = await sql<{ ms: number }[]>`
+    SELECT (extract(epoch FROM ${offset}::interval) * 1000)::float8 AS ms`.catch(() => []);
+  return row?.ms ?? null;
 }
 
 // ---- cursors -----------------------------------------------------------------------------------

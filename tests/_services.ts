@@ -1,7 +1,7 @@
 // Where the tests find the real services (PostgreSQL, Redis, MQTT), and what they do when one
 // is missing: fail the run in CI, skip with the reason in the test's name elsewhere.
 import postgres from "postgres";
-import { timescaleAvailability } from "../db/migrate.ts";
+import { extensionSchema, quoteIdent, schemaJobs, timescaleAvailability } from "../db/migrate.ts";
 
 /** Outcome of {@linkcode requireService}: usable, or why not. */
 export type ServiceStatus = { ok: true } | { ok: false; reason: string };
@@ -144,21 +144,13 @@ export async function createTestSchema(baseUrl: string = postgresUrl()): Promise
  */
 export async function dropTestSchema(baseUrl: string, name: string): Promise<void> {
   await withAdmin(baseUrl, async (sql) => {
-    const [ext] = await sql<{ nsp: string }[]>`
-      SELECT n.nspname AS nsp FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-      WHERE e.extname = 'timescaledb'`;
+    const nsp = await extensionSchema(sql);
     for (let attempt = 1;; attempt++) {
       try {
-        if (ext !== undefined) {
-          await sql.unsafe(
-            `SELECT ${quoteIdent(ext.nsp)}.delete_job(j.job_id)
-             FROM timescaledb_information.jobs j
-             WHERE j.hypertable_schema = $1
-                OR (j.hypertable_schema, j.hypertable_name) IN (
-                  SELECT materialization_hypertable_schema, materialization_hypertable_name
-                  FROM timescaledb_information.continuous_aggregates WHERE view_schema = $1)`,
-            [name],
-          );
+        if (nsp !== null) {
+          for (const job of await schemaJobs(sql, name)) {
+            await sql.unsafe(`SELECT ${quoteIdent(nsp)}.delete_job($1)`, [job.job_id]);
+          }
         }
         await sql`DROP SCHEMA IF EXISTS ${sql(name)} CASCADE`;
         return;
@@ -169,10 +161,6 @@ export async function dropTestSchema(baseUrl: string, name: string): Promise<voi
       }
     }
   });
-}
-
-function quoteIdent(name: string): string {
-  return `"${name.replaceAll('"', '""')}"`;
 }
 
 async function withAdmin(url: string, fn: (sql: postgres.Sql) => Promise<void>): Promise<void> {
