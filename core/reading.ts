@@ -107,6 +107,8 @@ export interface ReadingRow {
   submitted_at: number;
   /** Whether the reading has been minted into energy tokens. */
   minted: boolean;
+  /** The reading's number among its meter's stored readings, once stored (see `Store`). */
+  seq?: number;
 }
 
 /** A reading as the API shows it. */

@@ -5,7 +5,8 @@ import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 
 /** What happened to one row of {@linkcode Store.insertReadings}. */
 export type InsertResult =
-  | { status: "stored" }
+  /** `seq`: the reading's number among its meter's stored readings (1, 2, 3, … in commit order). */
+  | { status: "stored"; seq: number }
   /** `conflict_ts`: the stored reading (epoch ms) that this one collides with. */
   | { status: "duplicate"; conflict_ts: number };
 
@@ -126,6 +127,14 @@ export interface Store {
    * of the same call) is not stored and reports the colliding reading.
    */
   insertReadings(rows: ReadingRow[]): Promise<InsertResult[]>;
+  /**
+   * Readings of one meter with `seq > afterSeq`, in `seq` order, at most `limit`, each with its
+   * `seq` (WebSocket resume and catch-up). A meter's `seq` is dense and commit-ordered: once a
+   * reader sees `seq = k`, every reading with a smaller `seq` is visible too.
+   */
+  readingsAfter(meterId: string, afterSeq: number, limit: number): Promise<ReadingRow[]>;
+  /** Each meter's highest `seq` (0 for a meter without readings). */
+  lastSeqs(meterIds: readonly string[]): Promise<Map<string, number>>;
   /** The most recent readings' timestamps of a meter, newest first (actor rehydration). */
   recentReadingTimes(meterId: string, limit: number): Promise<number[]>;
   getReading(meterId: string, ts: number): Promise<ReadingRow | null>;

@@ -131,7 +131,7 @@ export class DeviceService {
     await this.#store.createDevice(device, this.#audit(device, "registered", actor, key.key_id), {
       ownerMustExist: true,
     });
-    await this.#announce(input.meter_id, "registered");
+    await this.#announce(input.meter_id, "registered", input.user_id);
     return issued;
   }
 
@@ -152,7 +152,7 @@ export class DeviceService {
       );
     }
     let issued: IssuedKey | undefined;
-    await this.#store.updateDevice(meterId, (device) => {
+    const rotated = await this.#store.updateDevice(meterId, (device) => {
       if (device.status === "revoked") {
         throw new GatewayError("device_revoked", `Meter "${meterId}" is revoked`);
       }
@@ -170,7 +170,7 @@ export class DeviceService {
       }
       return { device: updated, audit };
     });
-    await this.#announce(meterId, "rotated");
+    await this.#announce(meterId, "rotated", rotated.user_id);
     return issued!;
   }
 
@@ -186,7 +186,7 @@ export class DeviceService {
       };
       return { device: revoked, audit: { ...this.#audit(revoked, "revoked", actor), note } };
     });
-    await this.#announce(meterId, "revoked");
+    await this.#announce(meterId, "revoked", updated.user_id);
     return this.view(updated);
   }
 
@@ -225,9 +225,16 @@ export class DeviceService {
    * Tells every instance about a committed change. The change stands either way, and a new
    * secret is shown only in this response, so a failed publish is logged, never thrown.
    */
-  async #announce(meterId: string, change: "registered" | "rotated" | "revoked"): Promise<void> {
+  async #announce(
+    meterId: string,
+    change: "registered" | "rotated" | "revoked",
+    userId: string,
+  ): Promise<void> {
     try {
-      await this.#bus.publish({ type: "device.changed", data: { meter_id: meterId, change } });
+      await this.#bus.publish([{
+        type: "device.changed",
+        data: { meter_id: meterId, change, user_id: userId },
+      }]);
     } catch (error) {
       this.#logger.error("device change committed but not published to the bus", {
         error,

@@ -258,7 +258,7 @@ export class UserService {
   async #announce(data: UserChangedEvent["data"]): Promise<void> {
     this.#state.invalidate(data.user_id);
     try {
-      await this.#bus.publish({ type: "user.changed", data });
+      await this.#bus.publish([{ type: "user.changed", data }]);
     } catch (error) {
       this.#logger?.error("bus publish of a user change failed", { user_id: data.user_id, error });
     }
