@@ -6,8 +6,8 @@ import { ConfigError } from "./core/errors.ts";
 import { jsonLogger } from "./core/logger.ts";
 import { loadOrCreateSecrets, secretsPath } from "./db/secrets_file.ts";
 import { describeStore, storeSpecOf } from "./db/open_store.ts";
-import { createGateway } from "./services/gateway.ts";
-import { HttpListener } from "./services/http_listener.ts";
+import { createGateway } from "./server/gateway.ts";
+import { HttpListener } from "./server/http_listener.ts";
 
 async function main(): Promise<void> {
   let config;

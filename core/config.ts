@@ -74,6 +74,8 @@ const envSchema = z.object({
   HTTP_REQUEST_TIMEOUT: duration("60s").pipe(z.number().min(100, "must be at least 100ms")),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
+  WS_RESUME_MAX: int(1000, 1, 100_000),
+  DEVICE_RECHECK_INTERVAL: duration("10s").pipe(z.number().min(100, "must be at least 100ms")),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
   DATABASE_POOL_MAX: int(10, 1, 1000),
   MIGRATE_ON_START: z.enum(["true", "false"]).default("true"),
@@ -189,7 +191,7 @@ export interface Config {
   };
   httpBodyLimit: number;
   importBodyLimit: number;
-  /** The HTTP listener's limits (see services/http_listener.ts). */
+  /** The HTTP listener's limits (see server/http_listener.ts). */
   http: {
     /** Bytes of request bodies being read at once, over all requests. */
     bodyBudget: number;
@@ -202,6 +204,10 @@ export interface Config {
   wsSendBufferMax: number;
   /** WebSocket connections one account may hold at once. */
   wsMaxPerUser: number;
+  /** Readings a resume replays per meter at most; a larger gap gets `resync_required`. */
+  wsResumeMax: number;
+  /** While the bus is down, how often live actors re-check their devices in the store. */
+  deviceRecheckMs: number;
 }
 
 // What the storage settings are derived from: the gateway and `deno task migrate` read these
@@ -393,6 +399,8 @@ export function loadConfig(
     },
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
     wsMaxPerUser: e.WS_MAX_CONNECTIONS_PER_USER,
+    wsResumeMax: e.WS_RESUME_MAX,
+    deviceRecheckMs: e.DEVICE_RECHECK_INTERVAL,
   };
 }
 

@@ -20,7 +20,7 @@ import type { Metrics } from "../core/metrics.ts";
 import { type AuthEnv, bearerAuth } from "./middleware.ts";
 import { BodyBudget, boundedBody } from "./body.ts";
 import { wsRoutes } from "./ws.ts";
-import type { WsHub } from "./ws_hub.ts";
+import type { WsHub } from "../ws/hub.ts";
 
 /** `/api` routes that take no bearer token. */
 const PUBLIC_API = new Set(["/api/auth/login"]);

@@ -7,15 +7,21 @@ import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
 import type { TokenService } from "../services/tokens.ts";
 import { clientAddress } from "./middleware.ts";
-import { CLOSE_TOKEN_ENDED, type HubClient, type WsHub } from "./ws_hub.ts";
+import { CLOSE_TOKEN_ENDED, type HubClient, type WsHub } from "../ws/hub.ts";
 
 const Selection = {
   meters: z.array(meterIdSchema).max(1000).optional(),
   account: z.boolean().optional(),
   all: z.boolean().optional(),
 };
+// A resume position as received in an event's "position" (`<meter_id>@<seq>`).
+const position = z.string().max(100);
 const ClientMessage = z.discriminatedUnion("type", [
-  z.strictObject({ type: z.literal("subscribe"), ...Selection }),
+  z.strictObject({
+    type: z.literal("subscribe"),
+    ...Selection,
+    since: z.union([position, z.array(position).max(10_000)]).optional(),
+  }),
   z.strictObject({ type: z.literal("unsubscribe"), ...Selection }),
   z.strictObject({ type: z.literal("ping") }),
 ]);
@@ -148,11 +154,16 @@ export function wsRoutes(
         if (msg.type === "ping") return reply({ type: "pong" });
         if (msg.type === "subscribe") {
           await checkSelection(principal, msg);
-          deps.hub.subscribe(client, msg);
+          // Readings replayed from `since` are sent before the reply, live ones after them.
+          await deps.hub.subscribe(client, msg);
         } else {
           deps.hub.unsubscribe(client, msg);
         }
-        reply({ type: "subscribed", ...deps.hub.subscriptions(client, msg.meters) });
+        const view = deps.hub.subscriptions(client, msg.meters);
+        if (msg.type === "subscribe" && msg.account) {
+          Object.assign(view.positions, deps.hub.accountPositions(client));
+        }
+        reply({ type: "subscribed", ...view });
       }
 
       return {

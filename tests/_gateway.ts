@@ -4,7 +4,7 @@ import type { Clock } from "../core/clock.ts";
 import { loadConfig } from "../core/config.ts";
 import { type Logger, silentLogger } from "../core/logger.ts";
 import { canonicalMessage, signHmac } from "../core/signature.ts";
-import { createGateway, type Gateway } from "../services/gateway.ts";
+import { createGateway, type Gateway } from "../server/gateway.ts";
 import { storeSpecOf } from "../db/open_store.ts";
 import { createTestSchema } from "./_services.ts";
 import { Buffer } from "node:buffer";

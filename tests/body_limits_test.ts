@@ -5,7 +5,7 @@ import { equal, match, ok } from "node:assert/strict";
 import { startTestGateway } from "./_gateway.ts";
 import { GatewayProcess } from "./_gateway_process.ts";
 import { silentLogger } from "../core/logger.ts";
-import { HttpListener } from "../services/http_listener.ts";
+import { HttpListener } from "../server/http_listener.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

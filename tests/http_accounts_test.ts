@@ -367,7 +367,7 @@ Deno.test("a user change on one instance ends its tokens on another through the 
     const a = instance();
     const b = instance();
     // Only B listens, as the gateway does: A's own change reaches A directly.
-    const unsubscribe = bus.subscribe((event) => {
+    const control = bus.subscribe("control", (event) => {
       if (event.type === "user.changed") b.state.invalidate(event.data.user_id);
     });
     const user = await a.users.create({
@@ -390,7 +390,7 @@ Deno.test("a user change on one instance ends its tokens on another through the 
       return true;
     });
     await assert.rejects(a.tokens.verify(access_token));
-    unsubscribe();
+    control.unsubscribe();
   } finally {
     await bus.close();
     await store.close();

@@ -3,7 +3,7 @@
 import { equal, match, ok } from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { silentLogger } from "../core/logger.ts";
-import { HttpListener, type HttpListenerOptions } from "../services/http_listener.ts";
+import { HttpListener, type HttpListenerOptions } from "../server/http_listener.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -268,7 +268,7 @@ Deno.test("HttpListener closes connections without a request head, and idle keep
 
 const CHILD = `
 import { HttpListener } from ${
-  JSON.stringify(new URL("../services/http_listener.ts", import.meta.url).href)
+  JSON.stringify(new URL("../server/http_listener.ts", import.meta.url).href)
 };
 import { jsonLogger } from ${JSON.stringify(new URL("../core/logger.ts", import.meta.url).href)};
 const listener = HttpListener.start({

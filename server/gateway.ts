@@ -1,26 +1,29 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
 import { ActorRegistry } from "../actors/registry.ts";
 import type { Bus } from "../bus/bus.ts";
+import type { GatewayEvent } from "../core/events.ts";
+import type { ReadingRow } from "../core/reading.ts";
+import { eventOf } from "../ws/hub.ts";
 import type { Clock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { Logger } from "../core/logger.ts";
 import { Metrics } from "../core/metrics.ts";
 import { SecurityLog } from "../core/security_log.ts";
 import { describeStore, openStore, type StoreSpec } from "../db/open_store.ts";
-import { type Prunable, RetentionWorker } from "./retention.ts";
+import { type Prunable, RetentionWorker } from "../services/retention.ts";
 import type { Store } from "../db/store.ts";
 import { PostgresStore } from "../db/postgres_store.ts";
 import { createApp } from "../routes/app.ts";
-import { WsHub } from "../routes/ws_hub.ts";
+import { WsHub } from "../ws/hub.ts";
 import { WriterClient } from "../workers/writer_client.ts";
 import { EmbeddedBroker } from "../mqtt/embedded_broker.ts";
 import { AckPublisher } from "../mqtt/ack_publisher.ts";
 import { ExternalIngress } from "../mqtt/external_ingress.ts";
 import { MqttIntake } from "../mqtt/intake.ts";
-import { DeviceService } from "./devices.ts";
-import { TokenService } from "./tokens.ts";
-import { UserService } from "./users.ts";
-import { UserStateCache } from "./user_state.ts";
+import { DeviceService } from "../services/devices.ts";
+import { TokenService } from "../services/tokens.ts";
+import { UserService } from "../services/users.ts";
+import { UserStateCache } from "../services/user_state.ts";
 import type { ScryptParams } from "../core/password.ts";
 
 /** Adapters and secrets chosen by the composition root. */
@@ -67,6 +70,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     store: describeStore(deps.storeSpec),
     ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
   });
+  // Set once the bus side is wired (below); a batch cannot commit before intake starts.
+  let onCommitted: (rows: ReadingRow[]) => void = () => {};
   // The writer's own connections, one per batch in flight (two per lane): migrations were
   // applied above, once.
   const { concurrency, ...writerOptions } = config.writer;
@@ -83,6 +88,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       // Deno KV writes one batch at a time; PostgreSQL one per lane, meters split between lanes.
       lanes: spec.kind === "postgres" ? concurrency : 1,
       maxInFlight: 2,
+      // One bus message per topic per committed batch, never one round trip per reading.
+      onCommitted: (rows) => onCommitted(rows),
       onStall: (message) =>
         message === null
           ? logger.info("writer recovered")
@@ -131,7 +138,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   metrics.counterOf(
     "gateway_ws_dropped_total",
     "WebSocket clients dropped as too slow",
-    () => hub.dropped,
+    () => hub.stats.dropped,
   );
 
   const security = new SecurityLog({ logger, clock });
@@ -156,31 +163,47 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         source: msg.source,
         outcome: outcome.status === "rejected" ? outcome.code : outcome.status,
       }),
-    onCommitted: (reading) => {
-      bus.publish({ type: "meter.reading.accepted", data: reading }).catch((error) =>
-        logger.error("bus publish failed", { error })
-      );
-    },
   });
   const hub = new WsHub({
+    bus,
+    store,
+    logger,
     sendBufferMax: config.wsSendBufferMax,
     maxPerUser: config.wsMaxPerUser,
+    resumeMax: config.wsResumeMax,
   });
   const userState = new UserStateCache({ load: (id) => store.getUser(id), clock });
   let broker: EmbeddedBroker | undefined;
   let external: ExternalIngress | undefined;
-  const unsubscribe = bus.subscribe((event) => {
+  const control = bus.subscribe("control", (event) => {
     if (event.type === "device.changed") {
       registry.invalidate(event.data.meter_id);
       if (event.data.change === "revoked") broker?.disconnect(event.data.meter_id);
     }
     if (event.type === "user.changed") userState.invalidate(event.data.user_id);
-    hub.handle(event); // also closes WebSockets whose tokens a user.changed event ended
+    hub.handleControl(event); // closes WebSockets whose tokens ended, re-checks ownership
   });
+  let publishFailures = 0;
+  onCommitted = (rows: ReadingRow[]) => {
+    const events: GatewayEvent[] = rows.map(eventOf);
+    bus.publish(events).then(
+      () => {
+        if (publishFailures > 0) {
+          logger.info("bus publishing again", { batches_failed: publishFailures });
+          publishFailures = 0;
+        }
+      },
+      (error) => {
+        // Local clients already got the events; other instances catch up from the store.
+        if (publishFailures++ === 0) logger.warn("bus publish failed", { error });
+      },
+    );
+  };
   const cleanups: (() => Promise<void> | void)[] = [
     () => store.close(),
     () => writer.close(), // writes everything already accepted
-    () => unsubscribe(),
+    () => control.unsubscribe(),
+    () => hub.close(),
   ];
   const unwind = async () => {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
