@@ -114,6 +114,13 @@ export interface Store {
    * unknown meter. Returns the stored record.
    */
   updateDevice(meterId: string, change: DeviceChange): Promise<DeviceRecord>;
+  /**
+   * Devices whose record changed at or after `since` (epoch ms of `updated_at`), at most
+   * 10 000, oldest change first: what an instance cut off from the bus re-checks.
+   */
+  devicesChangedSince(
+    since: number,
+  ): Promise<{ meter_id: string; status: "active" | "revoked"; updated_at: number }[]>;
   /** Devices ordered by meter id; optionally only one owner's. */
   listDevices(
     query: { user_id?: string; limit: number; cursor?: string },

@@ -24,6 +24,7 @@ import { DeviceService } from "../services/devices.ts";
 import { TokenService } from "../services/tokens.ts";
 import { UserService } from "../services/users.ts";
 import { UserStateCache } from "../services/user_state.ts";
+import { DeviceRecheck } from "../services/device_recheck.ts";
 import type { ScryptParams } from "../core/password.ts";
 
 /** Adapters and secrets chosen by the composition root. */
@@ -183,6 +184,17 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     if (event.type === "user.changed") userState.invalidate(event.data.user_id);
     hub.handleControl(event); // closes WebSockets whose tokens ended, re-checks ownership
   });
+  const recheck = new DeviceRecheck({
+    bus,
+    store,
+    clock,
+    logger,
+    intervalMs: config.deviceRecheckMs,
+    onChanged: (meterId, status) => {
+      registry.invalidate(meterId);
+      if (status === "revoked") broker?.disconnect(meterId);
+    },
+  });
   let publishFailures = 0;
   onCommitted = (rows: ReadingRow[]) => {
     const events: GatewayEvent[] = rows.map(eventOf);
@@ -203,6 +215,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     () => store.close(),
     () => writer.close(), // writes everything already accepted
     () => control.unsubscribe(),
+    () => recheck.close(),
     () => hub.close(),
   ];
   const unwind = async () => {
