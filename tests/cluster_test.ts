@@ -252,7 +252,9 @@ clusterTest("two instances behind a shared subscription act as one gateway", asy
       assert.equal(await submit(b.url, cluster.userToken, meter, next()), 201);
       await cluster.proxyB.cut();
       try {
-        await b.waitForLog((e) => e.msg === "bus disconnected; fan-out from other instances paused");
+        await b.waitForLog((e) =>
+          e.msg === "bus disconnected; fan-out from other instances paused"
+        );
         const revoked = await call(a.url, "POST", `/api/admin/devices/${meter.id}/revoke`, {
           token: cluster.admin,
           body: {},

@@ -401,7 +401,7 @@ export class WsHub {
     if (resync.length > 0) this.#resync(client, state, resync, "gap_too_large");
     for (const meter of fresh) {
       const follow = state.follows.get(meter);
-      if (follow) this.#release_held(client, state, meter, follow);
+      if (follow) this.#releaseHeld(client, state, meter, follow);
     }
   }
 
@@ -431,11 +431,13 @@ export class WsHub {
   }
 
   /** Sends what was held during a replay, filling any gap from the store first. */
-  #release_held(client: HubClient, state: ClientState, meter: string, follow: Follow): void {
+  #releaseHeld(client: HubClient, state: ClientState, meter: string, follow: Follow): void {
     const held = follow.held ?? [];
     follow.held = null;
     held.sort((a, b) => seqOf(a) - seqOf(b));
-    for (const event of held) this.#deliver(client, state, meter, follow, event, undefined);
+    for (const event of held) {
+      this.#deliver(client, state, meter, follow, event, seqOf(event), undefined);
+    }
   }
 
   /** Live delivery of one reading to one follower, in `seq` order. */
@@ -445,13 +447,13 @@ export class WsHub {
     meter: string,
     follow: Follow,
     event: ReadingAcceptedEvent,
+    seq: number,
     text: string | undefined,
   ): string | undefined {
     if (follow.held) {
       follow.held.push(event);
       return text;
     }
-    const seq = seqOf(event);
     if (seq <= follow.seq) return text; // already sent (replayed, or from two topics)
     if (seq === follow.seq + 1) {
       text ??= JSON.stringify(event);
@@ -481,7 +483,7 @@ export class WsHub {
       this.#resync(client, state, [meter], "store_unavailable");
     }).finally(() => {
       if (!state.detached && state.follows.get(meter) === follow) {
-        this.#release_held(client, state, meter, follow);
+        this.#releaseHeld(client, state, meter, follow);
       }
     });
   }
@@ -577,11 +579,12 @@ export class WsHub {
       const clients = this.#followers.get(meter);
       if (!clients) return;
       let text: string | undefined; // serialised once for every recipient
+      const seq = seqOf(event);
       for (const client of clients) {
         const state = this.#clients.get(client);
         const follow = state?.follows.get(meter);
         if (!state || !follow || state.all) continue; // firehose clients get it from "all"
-        text = this.#deliver(client, state, meter, follow, event, text);
+        text = this.#deliver(client, state, meter, follow, event, seq, text);
       }
       return;
     }
