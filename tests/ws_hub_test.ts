@@ -28,9 +28,9 @@ function recorder(userId: string, role: Role = "user"): Recorder {
   return client;
 }
 
-// deno-lint-ignore no-explicit-any -- messages of many shapes
+/** The positions of the reading events a client was sent, in order. */
 const positionsOf = (c: Recorder) =>
-  c.sent.filter((m) => m.type === "meter.reading.accepted").map((m: any) => m.position);
+  c.sent.filter((m) => m.type === "meter.reading.accepted").map((m) => m.position as string);
 
 /** Polls until `condition` holds (a catch-up from the store has no event to await). */
 async function waitFor(condition: () => boolean, what: string): Promise<void> {
