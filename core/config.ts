@@ -74,6 +74,11 @@ const envSchema = z.object({
   HTTP_REQUEST_TIMEOUT: duration("60s").pipe(z.number().min(100, "must be at least 100ms")),
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
+  // Read cache (cache/read_cache.ts); a TTL of 0 turns that read's caching off.
+  CACHE_USER_STATS_TTL: duration("300s").pipe(z.number().max(86_400_000, "must be at most 1d")),
+  CACHE_RECENT_READINGS_TTL: duration("60s").pipe(z.number().max(86_400_000, "must be at most 1d")),
+  CACHE_HOURLY_STATS_TTL: duration("1h").pipe(z.number().max(86_400_000, "must be at most 1d")),
+  CACHE_MAX_ENTRIES: int(10_000, 1, 10_000_000),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
   DATABASE_POOL_MAX: int(10, 1, 1000),
   MIGRATE_ON_START: z.enum(["true", "false"]).default("true"),
@@ -158,6 +163,13 @@ export interface Config {
   bucket: { burst: number; refillPerMs: number };
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
   writer: { batchMax: number; flushMs: number; queueMax: number; concurrency: number };
+  /** Read cache TTLs (0: that read is not cached) and the in-process LRU's size. */
+  cache: {
+    userStatsTtlMs: number;
+    recentReadingsTtlMs: number;
+    hourlyStatsTtlMs: number;
+    maxEntries: number;
+  };
   /** PostgreSQL/TimescaleDB; absent means the embedded Deno KV store. */
   database?: {
     url: string;
@@ -342,6 +354,12 @@ export function loadConfig(
       flushMs: e.WRITER_FLUSH_MS,
       queueMax: e.WRITER_QUEUE_MAX,
       concurrency: e.WRITER_CONCURRENCY,
+    },
+    cache: {
+      userStatsTtlMs: e.CACHE_USER_STATS_TTL,
+      recentReadingsTtlMs: e.CACHE_RECENT_READINGS_TTL,
+      hourlyStatsTtlMs: e.CACHE_HOURLY_STATS_TTL,
+      maxEntries: e.CACHE_MAX_ENTRIES,
     },
     database: storage.database,
     retention: storage.retention,
