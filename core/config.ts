@@ -76,6 +76,11 @@ const envSchema = z.object({
   WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
   WS_RESUME_MAX: int(1000, 1, 100_000),
   DEVICE_RECHECK_INTERVAL: duration("10s").pipe(z.number().min(100, "must be at least 100ms")),
+  // Read cache (cache/read_cache.ts); a TTL of 0 turns that read's caching off.
+  CACHE_USER_STATS_TTL: duration("300s").pipe(z.number().max(86_400_000, "must be at most 1d")),
+  CACHE_RECENT_READINGS_TTL: duration("60s").pipe(z.number().max(86_400_000, "must be at most 1d")),
+  CACHE_HOURLY_STATS_TTL: duration("1h").pipe(z.number().max(86_400_000, "must be at most 1d")),
+  CACHE_MAX_ENTRIES: int(10_000, 1, 10_000_000),
   DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\/.+/, "must be a postgres:// URL").optional(),
   DATABASE_POOL_MAX: int(10, 1, 1000),
   MIGRATE_ON_START: z.enum(["true", "false"]).default("true"),
@@ -160,6 +165,13 @@ export interface Config {
   bucket: { burst: number; refillPerMs: number };
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
   writer: { batchMax: number; flushMs: number; queueMax: number; concurrency: number };
+  /** Read cache TTLs (0: that read is not cached) and the in-process LRU's size. */
+  cache: {
+    userStatsTtlMs: number;
+    recentReadingsTtlMs: number;
+    hourlyStatsTtlMs: number;
+    maxEntries: number;
+  };
   /** PostgreSQL/TimescaleDB; absent means the embedded Deno KV store. */
   database?: {
     url: string;
@@ -348,6 +360,12 @@ export function loadConfig(
       flushMs: e.WRITER_FLUSH_MS,
       queueMax: e.WRITER_QUEUE_MAX,
       concurrency: e.WRITER_CONCURRENCY,
+    },
+    cache: {
+      userStatsTtlMs: e.CACHE_USER_STATS_TTL,
+      recentReadingsTtlMs: e.CACHE_RECENT_READINGS_TTL,
+      hourlyStatsTtlMs: e.CACHE_HOURLY_STATS_TTL,
+      maxEntries: e.CACHE_MAX_ENTRIES,
     },
     database: storage.database,
     retention: storage.retention,

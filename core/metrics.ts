@@ -2,10 +2,37 @@ type Labels = Record<string, string>;
 
 interface Family {
   help: string;
-  type: "counter" | "gauge";
+  type: "counter" | "gauge" | "histogram";
   values: Map<string, number>;
   read?: () => number;
+  /** Histograms: upper bounds, ascending, without `+Inf`. */
+  buckets?: readonly number[];
+  series?: Map<string, HistogramSeries>;
 }
+
+/** One labelled series of a histogram: per-bucket (not cumulative) counts, then `+Inf`. */
+interface HistogramSeries {
+  counts: number[];
+  sum: number;
+  count: number;
+}
+
+/** Default histogram buckets in seconds: 100 µs to 1 s (cache and database round trips). */
+export const DEFAULT_BUCKETS: readonly number[] = [
+  0.0001,
+  0.00025,
+  0.0005,
+  0.001,
+  0.0025,
+  0.005,
+  0.01,
+  0.025,
+  0.05,
+  0.1,
+  0.25,
+  0.5,
+  1,
+];
 
 /** Series keys by label name, then value, then the next label's name…: no strings built per call. */
 interface KeyNode {
@@ -16,7 +43,7 @@ interface KeyNode {
 const MAX_CACHED_KEYS = 10_000;
 const NO_LABELS: Labels = {};
 
-/** Counters and gauges rendered in the Prometheus text format; no I/O. */
+/** Counters, gauges and histograms rendered in the Prometheus text format; no I/O. */
 export class Metrics {
   #families = new Map<string, Family>();
   #keys: KeyNode = { next: new Map() };
@@ -37,12 +64,50 @@ export class Metrics {
     this.#families.set(name, { help, type: "counter", values: new Map(), read });
   }
 
+  /** Declares a histogram with upper bounds `buckets` (ascending; `+Inf` is implied). */
+  histogram(name: string, help: string, buckets: readonly number[] = DEFAULT_BUCKETS): void {
+    for (let i = 0; i < buckets.length; i++) {
+      if (!Number.isFinite(buckets[i]) || (i > 0 && buckets[i] <= buckets[i - 1])) {
+        throw new RangeError(`Histogram "${name}" needs finite ascending buckets`);
+      }
+    }
+    this.#families.set(name, {
+      help,
+      type: "histogram",
+      values: new Map(),
+      buckets: [...buckets],
+      series: new Map(),
+    });
+  }
+
+  /** Whether a metric of that name is declared. */
+  has(name: string): boolean {
+    return this.#families.has(name);
+  }
+
   /** Adds `by` to a counter's labelled series. */
   inc(name: string, labels: Labels = NO_LABELS, by = 1): void {
     const family = this.#families.get(name);
-    if (!family) throw new RangeError(`Unknown metric "${name}"`);
+    if (!family || family.type === "histogram") throw new RangeError(`Unknown counter "${name}"`);
     const key = this.#keyOf(labels);
     family.values.set(key, (family.values.get(key) ?? 0) + by);
+  }
+
+  /** Records one observation (e.g. a duration in seconds) in a histogram's labelled series. */
+  observe(name: string, labels: Labels, value: number): void {
+    const family = this.#families.get(name);
+    if (!family?.series || !family.buckets) throw new RangeError(`Unknown histogram "${name}"`);
+    const key = this.#keyOf(labels);
+    let series = family.series.get(key);
+    if (series === undefined) {
+      series = { counts: new Array(family.buckets.length + 1).fill(0), sum: 0, count: 0 };
+      family.series.set(key, series);
+    }
+    let i = 0;
+    while (i < family.buckets.length && value > family.buckets[i]) i++;
+    series.counts[i]++;
+    series.sum += value;
+    series.count++;
   }
 
   /** The escaped series key of a label set; called per message, so built once per label set. */
@@ -71,8 +136,29 @@ export class Metrics {
       lines.push(`# HELP ${name} ${f.help}`, `# TYPE ${name} ${f.type}`);
       if (f.read) lines.push(`${name} ${f.read()}`);
       for (const [key, value] of f.values) lines.push(`${name}${key ? `{${key}}` : ""} ${value}`);
+      if (f.series && f.buckets) renderHistogram(lines, name, f.buckets, f.series);
     }
     return lines.join("\n") + "\n";
+  }
+}
+
+/** Cumulative `_bucket` lines up to `+Inf`, then `_sum` and `_count`, per series. */
+function renderHistogram(
+  lines: string[],
+  name: string,
+  buckets: readonly number[],
+  series: Map<string, HistogramSeries>,
+): void {
+  for (const [key, s] of series) {
+    const at = key ? `${key},` : "";
+    let cumulative = 0;
+    for (let i = 0; i <= buckets.length; i++) {
+      cumulative += s.counts[i];
+      const le = i < buckets.length ? String(buckets[i]) : "+Inf";
+      lines.push(`${name}_bucket{${at}le="${le}"} ${cumulative}`);
+    }
+    const labels = key ? `{${key}}` : "";
+    lines.push(`${name}_sum${labels} ${s.sum}`, `${name}_count${labels} ${s.count}`);
   }
 }
 

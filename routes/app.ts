@@ -5,6 +5,7 @@ import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
 import type { Store } from "../db/store.ts";
+import type { StoreReads } from "../cache/read_cache.ts";
 import type { DeviceService } from "../services/devices.ts";
 import type { TokenService } from "../services/tokens.ts";
 import type { UserService } from "../services/users.ts";
@@ -49,6 +50,8 @@ export interface AppDeps {
   /** TimescaleDB policy jobs: `failing` when one's last run failed (reported, not fatal). */
   policyJobs?: () => "ok" | "failing" | undefined;
   metrics: Metrics;
+  /** Read-through cache of reading listings and stats (cache/read_cache.ts); absent: none. */
+  cache?: StoreReads;
 }
 
 /** Builds the Hono app: REST under /api, /ws, health, OpenAPI and docs. */

@@ -13,6 +13,7 @@ import {
 import { mayUseMeter, notYourMeter } from "../core/ownership.ts";
 import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
+import type { StoreReads } from "../cache/read_cache.ts";
 import type { TokenService } from "../services/tokens.ts";
 import { type AuthEnv, bearerAuth, clientAddress } from "./middleware.ts";
 import {
@@ -154,11 +155,20 @@ export function outcomeError(outcome: Exclude<Outcome, { status: "accepted" }>):
   return new GatewayError(outcome.code, outcome.message, { retryAfter: outcome.retryAfter });
 }
 
+/** Dependencies of {@linkcode meterRoutes}. */
+export interface MeterRoutesDeps {
+  registry: ActorRegistry;
+  store: Store;
+  tokens: TokenService;
+  clock: Clock;
+  /** Read-through cache of listings and stats (cache/read_cache.ts); absent: the store. */
+  cache?: StoreReads;
+}
+
 /** `/api/meters`: submission, listing and stats. */
-export function meterRoutes(
-  deps: { registry: ActorRegistry; store: Store; tokens: TokenService; clock: Clock },
-): OpenAPIHono<AuthEnv> {
+export function meterRoutes(deps: MeterRoutesDeps): OpenAPIHono<AuthEnv> {
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
+  const reads: StoreReads = deps.cache ?? deps.store;
   app.use(bearerAuth(deps.tokens));
 
   /** Users may only name their own meters; unknown ones get the same answer as others'. */
@@ -185,7 +195,7 @@ export function meterRoutes(
       const q = c.req.valid("query");
       const principal = c.var.principal;
       if (q.meter_id) await assertOwner(principal, q.meter_id);
-      const page = await deps.store.listReadings({
+      const page = await reads.listReadings({
         user_id: principal.role === "admin" ? undefined : principal.user_id,
         meter_id: q.meter_id,
         from: q.from ? Date.parse(q.from) : undefined,
@@ -204,7 +214,7 @@ export function meterRoutes(
         throw new GatewayError("forbidden", "Only admins may read another user's stats");
       }
       const userId = principal.role === "admin" ? requested : principal.user_id;
-      const s = await deps.store.readingStats({ user_id: userId });
+      const s = await reads.readingStats({ user_id: userId });
       return c.json({
         meter_count: s.meter_count,
         reading_count: s.reading_count,
@@ -226,7 +236,7 @@ export function meterRoutes(
           "start must be before end, at most 366 days apart",
         );
       }
-      const hours = await deps.store.hourlyStats(meter_id, start, end);
+      const hours = await reads.hourlyStats(meter_id, start, end);
       return c.json({
         meter_id,
         start: new Date(start).toISOString(),

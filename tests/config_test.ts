@@ -97,3 +97,39 @@ Deno.test("loadConfig() accepts random secrets and a good admin password", () =>
   assert.deepEqual(config.loginBackoff, { free: 3, maxMs: 300_000 });
   assert.equal(config.wsMaxPerUser, 16);
 });
+
+Deno.test("loadConfig() reads the cache TTLs and size, and names a bad one", () => {
+  const defaults = loadConfig({}).cache;
+  assert.deepEqual(defaults, {
+    userStatsTtlMs: 300_000,
+    recentReadingsTtlMs: 60_000,
+    hourlyStatsTtlMs: 3_600_000,
+    maxEntries: 10_000,
+  });
+  const set = loadConfig({
+    CACHE_USER_STATS_TTL: "30s",
+    CACHE_RECENT_READINGS_TTL: "0",
+    CACHE_HOURLY_STATS_TTL: "2h",
+    CACHE_MAX_ENTRIES: "500",
+  }).cache;
+  assert.deepEqual(set, {
+    userStatsTtlMs: 30_000,
+    recentReadingsTtlMs: 0,
+    hourlyStatsTtlMs: 7_200_000,
+    maxEntries: 500,
+  });
+  try {
+    loadConfig({
+      CACHE_USER_STATS_TTL: "soon",
+      CACHE_HOURLY_STATS_TTL: "2d",
+      CACHE_MAX_ENTRIES: "0",
+    });
+    assert.fail("expected a ConfigError");
+  } catch (error) {
+    assert.ok(error instanceof ConfigError);
+    assert.deepEqual(
+      error.variables.sort(),
+      ["CACHE_HOURLY_STATS_TTL", "CACHE_MAX_ENTRIES", "CACHE_USER_STATS_TTL"],
+    );
+  }
+});
