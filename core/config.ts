@@ -116,6 +116,13 @@ const envSchema = z.object({
   MQTT_JUNK_LIMIT: int(20),
   MQTT_JUNK_WINDOW: duration("1m"),
   MQTT_JUNK_BACKOFF: duration("5m"),
+  // Who tells an external broker about revocations (mqtt/broker_admin.ts).
+  MQTT_BROKER_ADMIN: z.enum(["none", "mosquitto-dynsec", "emqx"]).default("none"),
+  MQTT_ADMIN_USERNAME: z.string().min(1).optional(),
+  MQTT_ADMIN_PASSWORD: z.string().min(1).optional(),
+  EMQX_API_URL: z.string().regex(/^https?:\/\/.+/, "must be an http:// or https:// URL").optional(),
+  EMQX_API_KEY: z.string().min(1).optional(),
+  EMQX_API_SECRET: z.string().min(1).optional(),
 });
 
 /** Validated configuration of one gateway process. */
@@ -220,7 +227,16 @@ export interface Config {
   wsResumeMax: number;
   /** While the bus is down, how often live actors re-check their devices in the store. */
   deviceRecheckMs: number;
+  /** Who disconnects revoked devices at an external broker (MQTT_BROKER_ADMIN). */
+  brokerAdmin: BrokerAdminConfig;
 }
+
+/** MQTT_BROKER_ADMIN and its companions; see mqtt/broker_admin.ts. */
+export type BrokerAdminConfig =
+  | { kind: "none" }
+  /** A dynsec admin at MQTT_URL's broker; `clientId` is unique per instance. */
+  | { kind: "mosquitto-dynsec"; url: string; username: string; password: string; clientId: string }
+  | { kind: "emqx"; apiUrl: string; apiKey: string; apiSecret: string };
 
 // What the storage settings are derived from: the gateway and `deno task migrate` read these
 // through the same code (storageOf), so both set the database up alike.
@@ -419,7 +435,48 @@ export function loadConfig(
     wsMaxPerUser: e.WS_MAX_CONNECTIONS_PER_USER,
     wsResumeMax: e.WS_RESUME_MAX,
     deviceRecheckMs: e.DEVICE_RECHECK_INTERVAL,
+    brokerAdmin: brokerAdminOf(e, e.MQTT_CLIENT_ID ?? `gridtokenx-gateway-${instanceId}`),
   };
+}
+
+/** MQTT_BROKER_ADMIN with its companions; a missing one is a ConfigError naming it. */
+function brokerAdminOf(e: z.output<typeof envSchema>, mqttClientId: string): BrokerAdminConfig {
+  const required = (names: (keyof typeof e)[], why: string) => {
+    const missing = names.filter((k) => e[k] === undefined);
+    if (missing.length > 0) {
+      throw new ConfigError(
+        `Invalid configuration:\n${missing.map((k) => `  ${k}: ${why}`).join("\n")}`,
+        missing,
+      );
+    }
+  };
+  switch (e.MQTT_BROKER_ADMIN) {
+    case "none":
+      return { kind: "none" };
+    case "mosquitto-dynsec":
+      required(
+        ["MQTT_URL", "MQTT_ADMIN_USERNAME", "MQTT_ADMIN_PASSWORD"],
+        "required when MQTT_BROKER_ADMIN is mosquitto-dynsec",
+      );
+      return {
+        kind: "mosquitto-dynsec",
+        url: e.MQTT_URL!,
+        username: e.MQTT_ADMIN_USERNAME!,
+        password: e.MQTT_ADMIN_PASSWORD!,
+        clientId: `${mqttClientId}-admin`,
+      };
+    case "emqx":
+      required(
+        ["EMQX_API_URL", "EMQX_API_KEY", "EMQX_API_SECRET"],
+        "required when MQTT_BROKER_ADMIN is emqx",
+      );
+      return {
+        kind: "emqx",
+        apiUrl: e.EMQX_API_URL!,
+        apiKey: e.EMQX_API_KEY!,
+        apiSecret: e.EMQX_API_SECRET!,
+      };
+  }
 }
 
 /** Decodes hex into bytes. */

@@ -16,6 +16,7 @@ import { type Logger, silentLogger } from "../core/logger.ts";
 import { seal } from "../core/secret_box.ts";
 import { ed25519Raw, type KeyAlgorithm, vetEd25519PublicKey } from "../core/signature.ts";
 import type { Page, Store } from "../db/store.ts";
+import type { BrokerAdmin } from "../mqtt/broker_admin.ts";
 
 /** A registration request. */
 export interface RegisterInput {
@@ -91,6 +92,11 @@ export interface DeviceServiceOptions {
   policy: KeyPolicy;
   /** Receives failures that do not fail the request (a lost bus notification); default: none. */
   logger?: Logger;
+  /**
+   * An external broker's admin: told after a committed revocation (it disconnects the device
+   * and refuses it) and after a registration (it lets the meter in). Not owned; default: none.
+   */
+  brokerAdmin?: BrokerAdmin;
 }
 
 /** Device provisioning, rotation and revocation, with the audit log and bus notifications. */
@@ -101,6 +107,7 @@ export class DeviceService {
   #kek: Uint8Array;
   #policy: KeyPolicy;
   #logger: Logger;
+  #brokerAdmin?: BrokerAdmin;
 
   /** Makes the service; it owns none of the things it is given. */
   constructor(options: DeviceServiceOptions) {
@@ -110,6 +117,7 @@ export class DeviceService {
     this.#kek = options.kek;
     this.#policy = options.policy;
     this.#logger = options.logger ?? silentLogger;
+    this.#brokerAdmin = options.brokerAdmin;
   }
 
   /** Registers a meter to a user with its first key. */
@@ -132,6 +140,7 @@ export class DeviceService {
       ownerMustExist: true,
     });
     await this.#announce(input.meter_id, "registered", input.user_id);
+    await this.#tellBroker("reinstate", input.meter_id);
     return issued;
   }
 
@@ -187,6 +196,7 @@ export class DeviceService {
       return { device: revoked, audit: { ...this.#audit(revoked, "revoked", actor), note } };
     });
     await this.#announce(meterId, "revoked", updated.user_id);
+    await this.#tellBroker("revoke", meterId);
     return this.view(updated);
   }
 
@@ -241,6 +251,25 @@ export class DeviceService {
         meter_id: meterId,
         change,
       });
+    }
+  }
+
+  /**
+   * Passes a committed change on to the external broker. The change stands either way (actors
+   * refuse a revoked device's readings whatever the broker does), so a failure is logged, never
+   * thrown. Waits for the broker's answer, bounded by the admin's command timeout.
+   */
+  async #tellBroker(action: "revoke" | "reinstate", meterId: string): Promise<void> {
+    if (!this.#brokerAdmin) return;
+    try {
+      await this.#brokerAdmin[action](meterId);
+    } catch (error) {
+      this.#logger.error(
+        action === "revoke"
+          ? "device revoked but the external broker did not disconnect it"
+          : "device registered but the external broker did not reinstate it",
+        { error, meter_id: meterId },
+      );
     }
   }
 

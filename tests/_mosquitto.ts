@@ -68,21 +68,44 @@ export function freePort(): number {
   return port;
 }
 
+/** Options of {@linkcode startMosquitto}. */
+export interface StartMosquittoOptions {
+  /** An ACL file's rules that apply too. */
+  acl?: string;
+  /**
+   * More configuration, appended to the production config: called with the broker's fresh
+   * directory (for files the lines refer to, such as a plugin's), before the broker starts.
+   */
+  extraConfig?: (dir: string) => Promise<string>;
+}
+
 /**
  * Starts Mosquitto with the production config on a free port in a fresh temp dir; with `acl`,
- * that ACL file's rules apply too.
+ * that ACL file's rules apply too, and `extraConfig`'s lines follow.
  */
-export async function startMosquitto(options: { acl?: string } = {}): Promise<Mosquitto> {
+export async function startMosquitto(options: StartMosquittoOptions = {}): Promise<Mosquitto> {
   const dir = await Deno.makeTempDir({ prefix: "gw-mosquitto-" });
   // Started as root, Mosquitto drops to its own user: it must be able to write its database.
   await Deno.chmod(dir, 0o777);
   let config = CONFIG;
-  if (options.acl !== undefined) {
-    const acl = `${dir}/acl`;
-    await Deno.writeTextFile(acl, options.acl);
-    await Deno.chmod(acl, 0o644);
+  if (options.acl !== undefined || options.extraConfig !== undefined) {
+    let text = await Deno.readTextFile(CONFIG);
+    if (options.acl !== undefined) {
+      const acl = `${dir}/acl`;
+      await Deno.writeTextFile(acl, options.acl);
+      await Deno.chmod(acl, 0o644);
+      text += `\nacl_file ${acl}\n`;
+    }
+    if (options.extraConfig !== undefined) {
+      try {
+        text += `\n${await options.extraConfig(dir)}\n`;
+      } catch (error) {
+        await Deno.remove(dir, { recursive: true });
+        throw error;
+      }
+    }
     config = `${dir}/mosquitto.conf`;
-    await Deno.writeTextFile(config, `${await Deno.readTextFile(CONFIG)}\nacl_file ${acl}\n`);
+    await Deno.writeTextFile(config, text);
   }
   const port = freePort();
   let child: Deno.ChildProcess | null = null;
