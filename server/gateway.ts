@@ -25,6 +25,10 @@ import { TokenService } from "../services/tokens.ts";
 import { UserService } from "../services/users.ts";
 import { UserStateCache } from "../services/user_state.ts";
 import { DeviceRecheck } from "../services/device_recheck.ts";
+import { openBrokerAdmin } from "../mqtt/broker_admin.ts";
+import type { Cache } from "../cache/cache.ts";
+import { LruCache } from "../cache/lru_cache.ts";
+import { ReadCache } from "../cache/read_cache.ts";
 import type { ScryptParams } from "../core/password.ts";
 
 /** Adapters and secrets chosen by the composition root. */
@@ -36,6 +40,8 @@ export interface GatewayDeps {
   logger: Logger;
   jwtSecret: string;
   kek: Uint8Array;
+  /** The read cache's backend (Redis when configured); default an in-process LRU. */
+  cache?: Cache;
   /** scrypt parameters of new password hashes (tests pass cheap ones); default N=2^17. */
   passwordParams?: ScryptParams;
 }
@@ -72,7 +78,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
   });
   // Set once the bus side is wired (below); a batch cannot commit before intake starts.
-  let onCommitted: (rows: ReadingRow[]) => void = () => {};
+  let onCommitted: (rows: ReadingRow[]) => Promise<void> | void = () => {};
   // The writer's own connections, one per batch in flight (two per lane): migrations were
   // applied above, once.
   const { concurrency, ...writerOptions } = config.writer;
@@ -142,6 +148,17 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     () => hub.stats.dropped,
   );
 
+  const reads = new ReadCache({
+    cache: deps.cache ?? new LruCache({ maxEntries: config.cache.maxEntries, clock }),
+    store,
+    metrics,
+    clock,
+    ttl: {
+      userStatsMs: config.cache.userStatsTtlMs,
+      recentReadingsMs: config.cache.recentReadingsTtlMs,
+      hourlyStatsMs: config.cache.hourlyStatsTtlMs,
+    },
+  });
   const security = new SecurityLog({ logger, clock });
   const registry = new ActorRegistry({
     store,
@@ -196,7 +213,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     },
   });
   let publishFailures = 0;
-  onCommitted = (rows: ReadingRow[]) => {
+  onCommitted = (rows: ReadingRow[]): Promise<void> => {
+    // Coalesced per batch: one invalidation per key, one round trip on Redis; never throws.
+    const invalidated = reads.invalidateCommitted(rows);
     const events: GatewayEvent[] = rows.map(eventOf);
     bus.publish(events).then(
       () => {
@@ -210,6 +229,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         if (publishFailures++ === 0) logger.warn("bus publish failed", { error });
       },
     );
+    // The writer acknowledges the batch once stale cache entries are gone (read-your-writes).
+    return invalidated;
   };
   const cleanups: (() => Promise<void> | void)[] = [
     () => store.close(),
@@ -238,6 +259,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     state: userState,
     security,
   });
+  // An external broker with an admin API disconnects and refuses revoked devices.
+  const brokerAdmin = openBrokerAdmin(config, logger);
+  if (brokerAdmin) cleanups.push(() => brokerAdmin.close());
   const devices = new DeviceService({
     store,
     bus,
@@ -245,6 +269,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     kek: deps.kek,
     policy: { rotationMs: config.keyRotationMs, graceMs: config.keyGraceMs },
     logger,
+    brokerAdmin,
   });
   metrics.counter("mqtt_messages_received_total", "MQTT publishes received, by topic pattern");
   metrics.counter("mqtt_connection_errors_total", "Refused or failed MQTT connections, by reason");
@@ -322,6 +347,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const app = createApp({
     store,
+    cache: reads,
     registry,
     users,
     devices,
