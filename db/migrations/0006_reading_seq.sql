@@ -18,6 +18,9 @@
 -- seqs are left out), and a non-unique index is allowed on a TimescaleDB hypertable.
 
 ALTER TABLE reading_meters ADD COLUMN last_seq bigint NOT NULL DEFAULT 0;
+-- Every batch now writes a new version of each of its meters' rows: room on the page lets
+-- those be HOT updates (last_seq is in no index). Applies to pages filled from now on.
+ALTER TABLE reading_meters SET (fillfactor = 50);
 
 ALTER TABLE meter_readings ADD COLUMN seq bigint;
 
@@ -109,7 +112,9 @@ BEGIN
   bumped AS (
     UPDATE reading_meters m SET last_seq = n.top
     FROM (SELECT meter_id, max(seq) AS top FROM numbered GROUP BY meter_id) n
-    WHERE m.meter_id = n.meter_id
+    -- The ANY bound gives the planner the primary key: without it, misled by the CTE's row
+    -- estimate, it read all of reading_meters for each batch (4 ms at 20 000 meters, growing).
+    WHERE m.meter_id = n.meter_id AND m.meter_id = ANY (p_meters)
     RETURNING 1
   )
   SELECT h.ord, (extract(epoch FROM h.hit) * 1000)::float8, NULL::int8 FROM hits h
