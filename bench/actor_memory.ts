@@ -64,7 +64,7 @@ for (let i = 0; i < N; i++) {
     settings,
   );
   if (verdict.kind !== "accept") throw new Error(`unexpected ${JSON.stringify(verdict)}`);
-  actor.settle(verdict.row.ts, { status: "stored" }, settings);
+  actor.settle(verdict.row.ts, { status: "stored", seq: 1 }, settings);
   actors.set(meterId, actor);
 }
 const after = measure();

@@ -38,6 +38,10 @@ import {
  *                                               readings and when an owner is added; its
  *                                               min_ts/max_ts are those of that write only
  *                                               (exact ones are read from ["readings", …])
+ *   ["meter_seq", meter_id]                     number: the meter's highest seq, set in every
+ *                                               commit that stores readings of the meter
+ *   ["readings_by_seq", meter_id, seq]          ts: points at the row (readingsAfter); the
+ *                                               row itself carries `seq` too
  *   ["reading_writer"]                          null: rewritten by every commit of readings, so
  *                                               checking its versionstamp makes a whole batch's
  *                                               dedupe decisions atomic (see insertReadings)
@@ -53,6 +57,8 @@ interface MeterHead {
   user_ids: string[];
   min_ts: number;
   max_ts: number;
+  /** In memory only: the meter's highest seq (stored under ["meter_seq", …]). */
+  seq: number;
 }
 
 type TotalField = "count" | "kwh_e4" | "meters" | "minted";
@@ -447,17 +453,26 @@ export class KvStore implements Store {
     // and last reading keys.
     const known = missing.filter((m) => out[m] !== null);
     await mapPool(known, READ_CONCURRENCY, async (m) => {
-      const [first, last] = await Promise.all([false, true].map(async (reverse) => {
-        for await (
-          const entry of this.#kv.list({ prefix: ["readings", meters[m]] }, {
-            limit: 1,
-            reverse,
-          })
-        ) return entry.key[2] as number;
-        return undefined;
-      }));
+      const [[first, last], seq] = await Promise.all([
+        Promise.all([false, true].map(async (reverse) => {
+          for await (
+            const entry of this.#kv.list({ prefix: ["readings", meters[m]] }, {
+              limit: 1,
+              reverse,
+            })
+          ) return entry.key[2] as number;
+          return undefined;
+        })),
+        // Absent in files written before seq existed: numbering starts at 1 then.
+        this.#kv.get<number>(["meter_seq", meters[m]]),
+      ]);
       const head = out[m]!;
-      out[m] = { ...head, min_ts: first ?? head.min_ts, max_ts: last ?? head.max_ts };
+      out[m] = {
+        user_ids: head.user_ids,
+        min_ts: first ?? head.min_ts,
+        max_ts: last ?? head.max_ts,
+        seq: seq.value ?? 0,
+      };
     });
     for (const m of missing) this.#rememberHead(meters[m], out[m]);
     return out;
@@ -531,12 +546,20 @@ export class KvStore implements Store {
       const byUser = new Map<string, Totals>();
       for (const part of parts) {
         const meter = part.plan.meter;
-        if (part.writesHead) op.set(["meter_heads", meter], part.headAfter);
+        const after = part.headAfter;
+        if (part.writesHead) {
+          const { user_ids, min_ts, max_ts } = after;
+          op.set(["meter_heads", meter], { user_ids, min_ts, max_ts });
+        }
+        // The same commit as the rows it numbers: seqs are dense and in commit order.
+        op.set(["meter_seq", meter], after.seq);
         if (part.newMeter) global.meters++;
         for (const user of part.newUsers) totalsOf(byUser, user).meters++;
-        for (const i of part.rows) {
-          const row = rows[i];
-          op.set(["readings", meter, row.ts], row);
+        for (let j = 0; j < part.rows.length; j++) {
+          const row = rows[part.rows[j]];
+          const seq = part.firstSeq + j;
+          op.set(["readings", meter, row.ts], { ...row, seq });
+          op.set(["readings_by_seq", meter, seq], row.ts);
           op.set(["readings_by_user", row.user_id, row.ts, meter], null);
           op.set(["readings_by_time", row.ts, meter], null);
           const totals = totalsOf(byUser, row.user_id);
@@ -565,12 +588,55 @@ export class KvStore implements Store {
       this.#writer = res.versionstamp;
       for (const part of parts) {
         this.#rememberHead(part.plan.meter, part.headAfter);
-        for (const i of part.rows) {
-          results[i] = { status: "stored" };
+        for (let j = 0; j < part.rows.length; j++) {
+          const i = part.rows[j];
+          results[i] = { status: "stored", seq: part.firstSeq + j };
           stored[i] = 1;
         }
       }
     }
+  }
+
+  async readingsAfter(meterId: string, afterSeq: number, limit: number): Promise<ReadingRow[]> {
+    if (!Number.isSafeInteger(afterSeq) || afterSeq < 0) {
+      throw new GatewayError(
+        "invalid_payload",
+        `afterSeq must be a non-negative integer, got ${afterSeq}`,
+      );
+    }
+    checkLimit(limit);
+    const prefix = ["readings_by_seq", meterId];
+    const refs: [number, number][] = [];
+    const iter = this.#kv.list<number>({ prefix, start: [...prefix, afterSeq + 1] }, {
+      limit,
+      batchSize: batchSizeFor(limit),
+    });
+    for await (const entry of iter) refs.push([entry.key[2] as number, entry.value]);
+    const groups: [number, number][][] = [];
+    for (let i = 0; i < refs.length; i += GET_MANY_MAX) {
+      groups.push(refs.slice(i, i + GET_MANY_MAX));
+    }
+    const found = await mapPool(groups, READ_CONCURRENCY, async (group) => {
+      const got = await this.#kv.getMany<ReadingRow[]>(
+        group.map(([, ts]) => ["readings", meterId, ts]),
+      );
+      // Readings are never deleted, so every index entry finds its row.
+      return got.map((entry, j) => ({ ...entry.value!, seq: group[j][0] }));
+    });
+    return found.flat();
+  }
+
+  async lastSeqs(meterIds: readonly string[]): Promise<Map<string, number>> {
+    const out = new Map<string, number>();
+    for (const id of meterIds) out.set(id, 0);
+    const ids = [...out.keys()];
+    const groups: string[][] = [];
+    for (let i = 0; i < ids.length; i += GET_MANY_MAX) groups.push(ids.slice(i, i + GET_MANY_MAX));
+    await mapPool(groups, READ_CONCURRENCY, async (group) => {
+      const got = await this.#kv.getMany<number[]>(group.map((id) => ["meter_seq", id]));
+      for (let j = 0; j < group.length; j++) out.set(group[j], got[j].value ?? 0);
+    });
+    return out;
   }
 
   async recentReadingTimes(meterId: string, limit: number): Promise<number[]> {
@@ -820,6 +886,8 @@ interface MeterPlan {
 interface ChunkPart {
   plan: MeterPlan;
   rows: number[];
+  /** The seq of `rows[0]`; the others follow one by one. */
+  firstSeq: number;
   headAfter: MeterHead;
   /** A new meter or a new owner: the head is stored in this part's commit. */
   writesHead: boolean;
@@ -880,6 +948,7 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
   for (const { plan } of ordered) {
     const meterBytes = keyPartBytes(plan.meter);
     const headKeyBytes = 13 + meterBytes;
+    const seqKeyBytes = 11 + meterBytes;
     // The head before the part being built; each part carries the head after it.
     let head = plan.head;
     let part: ChunkPart | null = null;
@@ -887,8 +956,10 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
       const row = rows[i];
       const userBytes = keyPartBytes(row.user_id);
       const rowKeyBytes = (10 + meterBytes + 9) + (18 + userBytes + 9 + meterBytes) +
-        (18 + 9 + meterBytes);
-      const rowBytes = rowKeyBytes + rowValueBytes(row) + 3 * (MUTATION_OVERHEAD + 1);
+        (18 + 9 + meterBytes) + (17 + meterBytes + 9);
+      // The row carries its seq (SEQ_BYTES), and the seq index points at its ts.
+      const rowBytes = rowKeyBytes + rowValueBytes(row) + SEQ_BYTES +
+        3 * (MUTATION_OVERHEAD + 1) + (MUTATION_OVERHEAD + SEQ_BYTES);
       const cost = () => {
         const newPart = part === null;
         const headUsers = newPart ? (head?.user_ids ?? []) : part!.headAfter.user_ids;
@@ -897,9 +968,15 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
           (headUsers.includes(row.user_id) ? 0 : FIELD_METERS) | (row.minted ? FIELD_MINTED : 0);
         const had = users.get(row.user_id) ?? 0;
         const sums = popCount(fields & ~had);
-        let m = 3;
+        let m = 4;
         let k = rowKeyBytes;
         let b = rowBytes;
+        if (newPart) {
+          // The meter's ["meter_seq", …], once per part.
+          m += 1;
+          k += seqKeyBytes;
+          b += seqKeyBytes + SEQ_BYTES + MUTATION_OVERHEAD;
+        }
         // The head is stored once per part, by the first row that brings a new owner (or the
         // meter's first rows).
         const writesHead = !headUsers.includes(row.user_id) && !(part?.writesHead ?? false);
@@ -935,8 +1012,9 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
           plan,
           rows: [],
           headAfter: head === null
-            ? { user_ids: [], min_ts: row.ts, max_ts: row.ts }
+            ? { user_ids: [], min_ts: row.ts, max_ts: row.ts, seq: 0 }
             : { ...head, user_ids: [...head.user_ids] },
+          firstSeq: (head?.seq ?? 0) + 1,
           writesHead: false,
           newMeter: head === null,
           newUsers: [],
@@ -946,6 +1024,7 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
       part.rows.push(i);
       if (c.writesHead) part.writesHead = true;
       const after = part.headAfter;
+      after.seq++;
       if (row.ts < after.min_ts) after.min_ts = row.ts;
       if (row.ts > after.max_ts) after.max_ts = row.ts;
       if (!after.user_ids.includes(row.user_id)) {
@@ -958,6 +1037,8 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
   return chunks;
 }
 
+// Upper bound of a serialized seq (a number) or of the `seq` member a row gains.
+const SEQ_BYTES = 16;
 const FIELD_COUNT = 1;
 const FIELD_KWH = 2;
 const FIELD_METERS = 4;

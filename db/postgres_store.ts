@@ -32,7 +32,7 @@ import {
  * How insertReadings stays exact under concurrency
  *
  * One transaction per batch; in the common case a single statement, the function
- * `gateway_insert_readings` of migration 0003 (one round trip), which does steps 1 and 2:
+ * `gateway_insert_readings_seq` of migration 0006 (one round trip), which does steps 1 and 2:
  *
  *   1. Lock the batch's meters: one row per meter in `reading_meters`, upserted in meter_id
  *      order with `ON CONFLICT DO UPDATE ... WHERE false`, which row-locks existing meters
@@ -52,6 +52,9 @@ import {
  *      the same lock to be race-free and cannot report the colliding reading; measured, the
  *      trigger's probe alone took an unnest insert from ~60k to ~36k rows/s, about the rate
  *      of this whole scheme with locks and conflict reporting.
+ *      The same statement numbers the rows it stores (`seq`, last_seq + 1, ... of the locked
+ *      meter row, which it moves on): the lock, held to commit, makes each meter's numbers
+ *      dense and commit-ordered, so a reader that sees seq = k also sees 1 .. k - 1.
  *   3. Only when the batch itself holds collisions (two rows of a meter strictly within the
  *      window) the stored neighbours are fetched first and the batch is judged in input
  *      order, as the port requires, before the accepted rows go through step 2.
@@ -123,7 +126,7 @@ const CONNECTION_CODES = new Set([
 ]);
 
 /** A reading as selected (a driver row object; `toReading` copies it to a plain one). */
-type ReadingRecord = ReadingRow;
+type ReadingRecord = Omit<ReadingRow, "seq"> & { seq: number | null };
 
 interface DeviceRow {
   meter_id: string;
@@ -457,9 +460,9 @@ export class PostgresStore implements Store {
 
   /**
    * Locks the meters (`sortedMeters`, those of `rows[indices]`) and inserts `rows[indices]`
-   * except those with a stored reading strictly within the window, in one statement
-   * (`gateway_insert_readings`, migration 0003); returns one result per input row (stored
-   * where not told otherwise).
+   * except those with a stored reading strictly within the window, numbering them, in one
+   * statement (`gateway_insert_readings_seq`, migration 0006); returns one result per input row
+   * (entries of rows outside `indices` are left empty).
    */
   async #insertNew(
     sql: Sql | Tx,
@@ -491,8 +494,8 @@ export class PostgresStore implements Store {
       submitted[j] = r.submitted_at;
       minted[j] = r.minted;
     }
-    const conflicts = await sql<{ ord: number; conflict_ts: number }[]>`
-      SELECT ord, conflict_ts FROM gateway_insert_readings(
+    const answers = await sql<{ ord: number; conflict_ts: number | null; seq: number | null }[]>`
+      SELECT ord, conflict_ts, seq::float8 AS seq FROM gateway_insert_readings_seq(
         ${sql.array(sortedMeters, 25)}::text[],
         ${sql.array(meter, 25)}::text[], ${sql.array(ts, 20)}::int8[],
         ${sql.array(kwh, 20)}::int8[], ${sql.array(user, 25)}::text[],
@@ -500,9 +503,12 @@ export class PostgresStore implements Store {
         ${sql.array(signature, 25)}::text[], ${sql.array(source, 25)}::text[],
         ${sql.array(submitted, 20)}::int8[], ${sql.array(minted, 16)}::bool[],
         ${`${this.#windowMs} milliseconds`}::interval)`;
-    const results: InsertResult[] = rows.map(() => ({ status: "stored" }));
-    for (const c of conflicts) {
-      results[indices[c.ord - 1]] = { status: "duplicate", conflict_ts: c.conflict_ts };
+    // The function answers every row exactly once (or raises).
+    const results = new Array<InsertResult>(rows.length);
+    for (const a of answers) {
+      results[indices[a.ord - 1]] = a.seq !== null
+        ? { status: "stored", seq: a.seq }
+        : { status: "duplicate", conflict_ts: a.conflict_ts! };
     }
     return results;
   }
@@ -548,6 +554,34 @@ export class PostgresStore implements Store {
       for (const i of accepted) results[i] = inserted[i];
     }
     return results;
+  }
+
+  async readingsAfter(meterId: string, afterSeq: number, limit: number): Promise<ReadingRow[]> {
+    if (!Number.isSafeInteger(afterSeq) || afterSeq < 0) {
+      throw new GatewayError(
+        "invalid_payload",
+        `afterSeq must be a non-negative integer, got ${afterSeq}`,
+      );
+    }
+    const sql = this.#sql;
+    // meter_readings_seq_idx (migration 0006); rows of older releases (seq NULL) are not in it.
+    const rows = await guard(sql<ReadingRecord[]>`
+      SELECT ${readingColumns(sql)} FROM meter_readings
+      WHERE meter_id = ${meterId} AND seq > ${afterSeq}
+      ORDER BY seq LIMIT ${checkLimit(limit)}`);
+    return rows.map(toReading);
+  }
+
+  async lastSeqs(meterIds: readonly string[]): Promise<Map<string, number>> {
+    const out = new Map<string, number>();
+    for (const id of meterIds) out.set(id, 0);
+    if (out.size === 0) return out;
+    const sql = this.#sql;
+    const rows = await guard(sql<{ meter_id: string; last_seq: number }[]>`
+      SELECT meter_id, last_seq::float8 AS last_seq FROM reading_meters
+      WHERE meter_id = ANY(${sql.array([...out.keys()], 25)}::text[])`);
+    for (const r of rows) out.set(r.meter_id, r.last_seq);
+    return out;
   }
 
   async recentReadingTimes(meterId: string, limit: number): Promise<number[]> {
@@ -764,7 +798,7 @@ function ms(sql: postgres.ISql, expr: string, as = expr): Fragment {
 function readingColumns(sql: postgres.ISql): Fragment {
   return sql`meter_id, ${ms(sql, "reading_timestamp", "ts")},
     (kwh_amount * 10000)::float8 AS kwh_e4, user_id, wallet_address, key_id, device_signature,
-    source, ${ms(sql, "submitted_at")}, minted`;
+    source, ${ms(sql, "submitted_at")}, minted, seq::float8 AS seq`;
 }
 
 function deviceColumns(sql: postgres.ISql): Fragment {
@@ -796,7 +830,7 @@ async function insertAudit(tx: Tx, audit: AuditEntry): Promise<void> {
 // ---- row mapping -----------------------------------------------------------------------------
 
 function toReading(row: ReadingRecord): ReadingRow {
-  return {
+  const reading: ReadingRow = {
     meter_id: row.meter_id,
     ts: row.ts,
     kwh_e4: row.kwh_e4,
@@ -808,6 +842,9 @@ function toReading(row: ReadingRecord): ReadingRow {
     submitted_at: row.submitted_at,
     minted: row.minted,
   };
+  // Rows stored by releases before migration 0006 have none.
+  if (row.seq !== null) reading.seq = row.seq;
+  return reading;
 }
 
 function toDevice(row: DeviceRow): DeviceRecord {

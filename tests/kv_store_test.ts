@@ -98,7 +98,8 @@ Deno.test("KvStore reopened judges against the meter's real first and last readi
       await t.step("readings clear of both are stored", async () => {
         assert.deepEqual(
           await again.insertReadings([row("m1", T0 + 90 * MIN), row("m1", T0 - 90 * MIN)]),
-          [{ status: "stored" }, { status: "stored" }],
+          // Numbered on from the reopened file's last seq.
+          [{ status: "stored", seq: 4 }, { status: "stored", seq: 5 }],
         );
         assert.deepEqual(await again.recentReadingTimes("m1", 10), [
           T0 + 90 * MIN,
@@ -229,6 +230,13 @@ Deno.test("KvStore handles racing writers on one file without storing anything t
           const outcomes = [ra[i].status, rb[i].status].sort();
           assert.deepEqual(outcomes, ["duplicate", "stored"], `row ${i}`);
         }
+        // Whichever handle stored a row, each meter's numbers are 1 .. 20, once each.
+        const seqs = await b.lastSeqs(Array.from({ length: 30 }, (_, m) => `m-${m}`));
+        for (let m = 0; m < 30; m++) {
+          assert.equal(seqs.get(`m-${m}`), 20);
+          const numbered = await a.readingsAfter(`m-${m}`, 0, 100);
+          assert.deepEqual(numbered.map((r) => r.seq), Array.from({ length: 20 }, (_, k) => k + 1));
+        }
         const stats = await a.readingStats({});
         assert.equal(stats.reading_count, 600);
         assert.equal(stats.meter_count, 30);
@@ -254,9 +262,11 @@ Deno.test("KvStore handles racing writers on one file without storing anything t
           const base = T0 + 2_000 * 15 * MIN;
           // a learns the meter's last reading, b writes a later one behind a's back; a's next row
           // is past what a knew but within the window of b's reading.
-          assert.deepEqual(await a.insertReadings([row("m-late", base)]), [{ status: "stored" }]);
+          assert.deepEqual(await a.insertReadings([row("m-late", base)]), [
+            { status: "stored", seq: 1 },
+          ]);
           assert.deepEqual(await b.insertReadings([row("m-late", base + 20 * MIN)]), [
-            { status: "stored" },
+            { status: "stored", seq: 2 },
           ]);
           assert.deepEqual(await a.insertReadings([row("m-late", base + 30 * MIN)]), [
             { status: "duplicate", conflict_ts: base + 20 * MIN },

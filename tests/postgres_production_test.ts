@@ -117,12 +117,13 @@ async function loadHistory(sql: postgres.Sql, meter: string, count: number, last
   await sql`ANALYZE meter_readings`;
 }
 
-/** Calls gateway_insert_readings directly for `times` of one meter; returns its conflicts. */
+/** Calls the insert function directly for `times` of one meter; returns its conflicts. */
 function insertViaFunction(sql: postgres.Sql, meter: string, times: number[]) {
   const n = times.length;
   const fill = <T>(v: T) => new Array<T>(n).fill(v);
+  // The store's insert function (migration 0006); its duplicates, as 0005's function reported.
   return sql`
-    SELECT * FROM gateway_insert_readings(
+    SELECT ord, conflict_ts FROM gateway_insert_readings_seq(
       ${sql.array([meter], 25)}::text[], ${sql.array(fill(meter), 25)}::text[],
       ${sql.array(times, 20)}::int8[], ${sql.array(fill(10_000), 20)}::int8[],
       ${sql.array(fill("u1"), 25)}::text[], ${
@@ -130,7 +131,8 @@ function insertViaFunction(sql: postgres.Sql, meter: string, times: number[]) {
   }::text[],
       ${sql.array(fill("k1"), 25)}::text[], ${sql.array(times.map((t) => `sig-${t}`), 25)}::text[],
       ${sql.array(fill("mqtt"), 25)}::text[], ${sql.array(fill(Date.now()), 20)}::int8[],
-      ${sql.array(fill(false), 16)}::bool[], ${`${WINDOW} milliseconds`}::interval)`;
+      ${sql.array(fill(false), 16)}::bool[], ${`${WINDOW} milliseconds`}::interval)
+    WHERE seq IS NULL`;
 }
 
 interface PlanNode {
@@ -251,7 +253,8 @@ pgTest(
         notices.length = 0;
         const times = [last + 2 * HOUR, last + 2 * HOUR + MIN];
         const result = await store.insertReadings(times.map((ts) => reading("m-long", ts)));
-        assert.deepEqual(result, [{ status: "stored" }, {
+        // The history was loaded in SQL, unnumbered; the backfill above took seqs 1 to 4.
+        assert.deepEqual(result, [{ status: "stored", seq: 5 }, {
           status: "duplicate",
           conflict_ts: times[0],
         }]);
@@ -294,6 +297,7 @@ pgTest(
     await t.step("a late reading shows in the very next request", async () => {
       assert.deepEqual(await store.insertReadings([reading("m-late", hour + 40 * MIN)]), [{
         status: "stored",
+        seq: 3,
       }]);
       const [stat] = await store.hourlyStats("m-late", hour, hour + HOUR);
       assert.equal(stat.count, 3);
@@ -701,7 +705,7 @@ pgTest(
             assert.deepEqual(await store.hourlyStats("m-behind", from, Date.now() + HOUR), []);
             assert.equal((await store.listReadings({ limit: 10, order: "asc" })).items.length, 0);
             assert.deepEqual(await store.insertReadings([reading("m-front", Date.now() - HOUR)]), [
-              { status: "stored" },
+              { status: "stored", seq: 1 },
             ]);
           } finally {
             await store.close();

@@ -165,7 +165,7 @@ pgTest("migrate() run twice at once applies every migration exactly once", async
 
 pgTest("two gateway instances starting at once on an empty schema both come up", async (_t, db) => {
   const [a, b] = await Promise.all([db.open(), db.open()]);
-  assert.deepEqual(await a.insertReadings([row("m-start", T0)]), [STORED]);
+  assert.deepEqual(await a.insertReadings([row("m-start", T0)]), [stored(1)]);
   assert.deepEqual(await b.insertReadings([row("m-start", T0 + MIN)]), [dup(T0)]);
   const [r] = await db.raw()<{ n: number }[]>`
     SELECT count(*)::int AS n FROM schema_migrations WHERE name = '0001_schema.sql'`;
@@ -258,7 +258,7 @@ pgTest("hourly stats include a reading backfilled three days ago", async (t, db)
       source: "batch",
       submitted_at: Date.now(),
     });
-    assert.deepEqual(await store.insertReadings([late]), [STORED]);
+    assert.equal((await store.insertReadings([late]))[0].status, "stored");
     // No refresh: a committed reading counts in its hour at once, in every mode.
     const [bucket] = await store.hourlyStats("m-hourly", hour, hour + HOUR);
     assert.deepEqual(bucket, {
@@ -350,7 +350,7 @@ pgTest("strings that look like SQL are stored and found as plain data", async (t
         device_signature: s,
       })
     );
-    assert.deepEqual(await store.insertReadings(rows), rows.map(() => STORED));
+    assert.deepEqual(await store.insertReadings(rows), rows.map(() => stored(1)));
     // Two rows of a meter within the window take the row-by-row path.
     const judged = evil.flatMap((s, k) => [
       row(`${s}~${k}`, T0, { user_id: s, key_id: s, device_signature: s }),
@@ -358,9 +358,10 @@ pgTest("strings that look like SQL are stored and found as plain data", async (t
     ]);
     assert.deepEqual(
       await store.insertReadings(judged),
-      judged.map((_, i) => i % 2 === 0 ? STORED : dup(T0)),
+      judged.map((_, i) => i % 2 === 0 ? stored(1) : dup(T0)),
     );
-    for (const r of rows) {
+    for (const input of rows) {
+      const r = { ...input, seq: 1 };
       assert.deepEqual(await store.getReading(r.meter_id, r.ts), r);
       const page = await store.listReadings({
         meter_id: r.meter_id,
@@ -427,7 +428,10 @@ pgTest("a batch is written in one transaction with its meter locks", async (t, d
           AND r.reading_timestamp < ${new Date(T0 + (k + 1) * 50 * WINDOW)}`;
     for (const [k, lock] of [[0, "xmin"], [1, "xmax"]] as const) {
       const rows = batch(k);
-      assert.deepEqual(await store.insertReadings(rows), rows.map(() => STORED));
+      assert.deepEqual(
+        await store.insertReadings(rows),
+        rows.map((_, i) => stored(k * 10 + Math.floor(i / 5) + 1)),
+      );
       const found = await xids(k, lock);
       assert.equal(found.length, 1, `batch ${k}: one writing and one locking transaction`);
       assert.notEqual(found[0].lock, "0", `batch ${k}: the meters were locked`);
@@ -539,7 +543,7 @@ pgTest("deleteOlderThan removes old readings in bounded chunks", async (t, db) =
 
   await t.step("rows at or after the cutoff stay", async () => {
     const left = await store.listReadings({ order: "asc", limit: 100 });
-    assert.deepEqual(left.items, rows.slice(25));
+    assert.deepEqual(left.items, rows.slice(25).map((r, i) => ({ ...r, seq: i + 1 })));
     assert.equal(await store.deleteOlderThan(cutoff, 10), 0);
   });
 
@@ -552,7 +556,9 @@ pgTest("deleteOlderThan removes old readings in bounded chunks", async (t, db) =
   });
 });
 
-const STORED: InsertResult = { status: "stored" };
+function stored(seq: number): InsertResult {
+  return { status: "stored", seq };
+}
 
 function dup(conflictTs: number): InsertResult {
   return { status: "duplicate", conflict_ts: conflictTs };

@@ -2,7 +2,9 @@ import assert from "node:assert/strict";
 import type { ReadingRow } from "../core/reading.ts";
 import { KvStore } from "../db/kv_store.ts";
 import { WriterClient, type WriterOptions } from "../workers/writer_client.ts";
-import { decodeRows, encodeRows } from "../workers/row_codec.ts";
+import { decodeResults, decodeRows, encodeResults, encodeRows } from "../workers/row_codec.ts";
+import type { Logger } from "../core/logger.ts";
+import type { InsertResult } from "../db/store.ts";
 import {
   createTestSchema,
   postgresUrl,
@@ -57,6 +59,84 @@ Deno.test("encodeRows() and decodeRows() round-trip rows through one buffer", ()
   assert.deepEqual(decodeRows(encodeRows([])), []);
 });
 
+Deno.test("encodeResults() and decodeResults() round-trip seqs and conflicts", () => {
+  const results: InsertResult[] = [
+    { status: "stored", seq: 1 },
+    { status: "duplicate", conflict_ts: -5 },
+    { status: "stored", seq: 2 ** 40 },
+    { status: "duplicate", conflict_ts: T0 },
+  ];
+  assert.deepEqual(decodeResults(encodeResults(results)), results);
+  assert.deepEqual(decodeResults(encodeResults([])), []);
+});
+
+Deno.test("WriterClient calls onCommitted once per batch with its stored rows' seqs", async () => {
+  const calls: ReadingRow[][] = [];
+  await withWriter({
+    batchMax: 10,
+    flushMs: 10_000,
+    onCommitted: (rows) => calls.push(rows),
+  }, async (writer) => {
+    // Three batches of ten; the second holds a replay of a row of the first.
+    const rows = Array.from({ length: 30 }, (_, i) => row(`m${i % 3}`, i));
+    rows[15] = { ...rows[0], submitted_at: rows[0].submitted_at + 1 };
+    const results = await Promise.all(rows.map((r, i) =>
+      writer.submit(r)!.then((result) => {
+        // By the time a row's promise resolves, its batch was handed to onCommitted.
+        const batch = Math.floor(i / 10);
+        assert.ok(calls.length > batch, `batch ${batch} committed before row ${i} resolved`);
+        return result;
+      })
+    ));
+    assert.equal(calls.length, 3);
+    assert.deepEqual(calls.map((c) => c.length), [10, 9, 10]);
+    const published = calls.flat();
+    const stored = rows.filter((_, i) => i !== 15);
+    // Each a copy of its row, with the seq its result reports: 1, 2, 3, … per meter.
+    assert.deepEqual(published.map(({ seq: _, ...r }) => r), stored);
+    const perMeter = new Map<string, number[]>();
+    for (const r of published) {
+      perMeter.set(r.meter_id, [...perMeter.get(r.meter_id) ?? [], r.seq!]);
+    }
+    assert.deepEqual(perMeter.get("m0"), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert.deepEqual(perMeter.get("m1"), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    const seqs = results.flatMap((r) => r.status === "stored" ? [r.seq] : []);
+    assert.deepEqual(seqs, published.map((r) => r.seq));
+    assert.deepEqual(results[15], { status: "duplicate", conflict_ts: rows[0].ts });
+    assert.equal(rows[0].seq, undefined, "the submitted rows are left as they were");
+  });
+});
+
+Deno.test("WriterClient goes on when onCommitted throws, and logs it", async () => {
+  const errors: string[] = [];
+  const logger: Logger = {
+    debug() {},
+    info() {},
+    warn() {},
+    error: (msg) => errors.push(msg),
+  };
+  let calls = 0;
+  await withWriter({
+    batchMax: 5,
+    flushMs: 10_000,
+    logger,
+    onCommitted: () => {
+      calls++;
+      throw new Error("subscriber failed");
+    },
+  }, async (writer) => {
+    for (let round = 0; round < 2; round++) {
+      const results = await Promise.all(
+        Array.from({ length: 5 }, (_, i) => writer.submit(row("m-throw", round * 5 + i))!),
+      );
+      const seqs = results.map((r) => r.status === "stored" ? r.seq : 0);
+      assert.deepEqual(seqs, [1, 2, 3, 4, 5].map((k) => round * 5 + k));
+    }
+    assert.equal(calls, 2);
+    assert.deepEqual(errors, ["onCommitted failed", "onCommitted failed"]);
+  });
+});
+
 Deno.test("WriterClient batches by size and reports one result per row", async () => {
   await withWriter({ batchMax: 10, flushMs: 10_000 }, async (writer) => {
     const results = await Promise.all(
@@ -72,7 +152,7 @@ Deno.test("WriterClient batches by size and reports one result per row", async (
 Deno.test("WriterClient flushes a lone row after the linger time", async () => {
   await withWriter({ batchMax: 1000, flushMs: 5 }, async (writer) => {
     const result = await writer.submit(row("m1", 0))!;
-    assert.deepEqual(result, { status: "stored" });
+    assert.deepEqual(result, { status: "stored", seq: 1 });
     assert.equal(writer.stats.lastBatchSize, 1);
   });
 });
@@ -212,13 +292,19 @@ Deno.test("a batch resent to a new writer worker claims its rows that the old on
         worker.postMessage({ type: "batch", id, rows: encodeRows(rows), resent });
         const done = await answer;
         assert.equal(done.type, "done");
-        return Array.from(new Float64Array(done.results as ArrayBuffer));
+        return decodeResults(done.results as ArrayBuffer);
       };
-      await t.step("resent: both rows are reported stored", async () => {
-        assert.deepEqual(await send(1, true), [NaN, NaN]);
+      await t.step("resent: both rows are reported stored, with their seqs", async () => {
+        assert.deepEqual(await send(1, true), [
+          { status: "stored", seq: 1 },
+          { status: "stored", seq: 2 },
+        ]);
       });
       await t.step("not resent, the same rows are duplicates of themselves", async () => {
-        assert.deepEqual(await send(2, false), rows.map((r) => r.ts));
+        assert.deepEqual(
+          await send(2, false),
+          rows.map((r) => ({ status: "duplicate", conflict_ts: r.ts })),
+        );
       });
       answer = next();
       worker.postMessage({ type: "close" });

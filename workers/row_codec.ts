@@ -41,18 +41,31 @@ export function decodeRows(buffer: ArrayBuffer): ReadingRow[] {
   });
 }
 
-/** Packs per-row results: NaN for stored, else the colliding reading's time. */
+/** Packs per-row results, two numbers a row: a stored row's seq, or NaN and the colliding time. */
 export function encodeResults(results: InsertResult[]): ArrayBuffer {
-  const out = new Float64Array(results.length);
-  results.forEach((r, i) => out[i] = r.status === "stored" ? NaN : r.conflict_ts);
+  const out = new Float64Array(2 * results.length);
+  for (let i = 0; i < results.length; i++) {
+    const r = results[i];
+    if (r.status === "stored") {
+      out[2 * i] = r.seq;
+      out[2 * i + 1] = NaN;
+    } else {
+      out[2 * i] = NaN;
+      out[2 * i + 1] = r.conflict_ts;
+    }
+  }
   return out.buffer;
 }
 
 /** Unpacks results made by {@linkcode encodeResults}. */
 export function decodeResults(buffer: ArrayBuffer): InsertResult[] {
-  return Array.from(
-    new Float64Array(buffer),
-    (v): InsertResult =>
-      Number.isNaN(v) ? { status: "stored" } : { status: "duplicate", conflict_ts: v },
-  );
+  const packed = new Float64Array(buffer);
+  const out = new Array<InsertResult>(packed.length / 2);
+  for (let i = 0; i < out.length; i++) {
+    const seq = packed[2 * i];
+    out[i] = Number.isNaN(seq)
+      ? { status: "duplicate", conflict_ts: packed[2 * i + 1] }
+      : { status: "stored", seq };
+  }
+  return out;
 }

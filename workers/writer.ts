@@ -74,7 +74,8 @@ async function writeBatch(id: number, buffer: ArrayBuffer, resent: boolean): Pro
 
 /**
  * After a failed attempt, part of the batch may have been committed: those rows now look like
- * replays of themselves. A row stored with our signature and submission time is ours: stored.
+ * replays of themselves. A row stored with our signature and submission time is ours: stored,
+ * with the seq it was stored with (0 only for a row stored by a release without seqs).
  */
 async function claimOwnRows(rows: ReadingRow[], results: InsertResult[]): Promise<void> {
   for (let i = 0; i < rows.length; i++) {
@@ -84,7 +85,7 @@ async function claimOwnRows(rows: ReadingRow[], results: InsertResult[]): Promis
     if (
       stored?.device_signature === rows[i].device_signature &&
       stored.submitted_at === rows[i].submitted_at
-    ) results[i] = { status: "stored" };
+    ) results[i] = { status: "stored", seq: stored.seq ?? 0 };
   }
 }
 

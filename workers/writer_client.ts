@@ -1,6 +1,7 @@
+import type { Logger } from "../core/logger.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import type { StoreSpec } from "../db/open_store.ts";
-import type { StoreOptions } from "../db/store.ts";
+import type { InsertResult, StoreOptions } from "../db/store.ts";
 import type { WriteResult } from "../actors/registry.ts";
 import { decodeResults, encodeRows } from "./row_codec.ts";
 import type { FromWriter, ToWriter } from "./writer_protocol.ts";
@@ -30,6 +31,14 @@ export interface WriterOptions {
   closeTimeoutMs?: number;
   /** Called when the store or the worker fails (with the reason) and when it recovers (`null`). */
   onStall?: (message: string | null) => void;
+  /**
+   * Called once per committed batch with the rows it stored, in batch order, each a copy with
+   * its `seq`, before the rows' `submit` promises resolve (not called for a batch that stored
+   * nothing). An error it throws is logged and changes nothing else.
+   */
+  onCommitted?: (rows: ReadingRow[]) => void;
+  /** Where a throwing `onCommitted` is reported. */
+  logger?: Logger;
 }
 
 /** Figures for /metrics and the benchmarks. */
@@ -270,6 +279,23 @@ export class WriterClient implements AsyncDisposable {
     this.#wake();
   }
 
+  /** Hands a committed batch's stored rows to `onCommitted`. */
+  #committed(id: number, results: InsertResult[]): void {
+    const batch = this.#inFlight.get(id)?.rows;
+    if (batch === undefined) return;
+    const rows: ReadingRow[] = [];
+    for (let i = 0; i < batch.length; i++) {
+      const r = results[i];
+      if (r.status === "stored") rows.push({ ...batch[i].row, seq: r.seq });
+    }
+    if (rows.length === 0) return;
+    try {
+      this.#options.onCommitted!(rows);
+    } catch (error) {
+      this.#options.logger?.error("onCommitted failed", { error, rows: rows.length });
+    }
+  }
+
   #onMessage(message: FromWriter): void {
     switch (message.type) {
       case "done": {
@@ -283,6 +309,7 @@ export class WriterClient implements AsyncDisposable {
           maxBatchSize: Math.max(this.#stats.maxBatchSize, size),
         });
         this.#setStalled(null);
+        if (this.#options.onCommitted !== undefined) this.#committed(message.id, results);
         this.#settle(message.id, (i) => results[i]);
         break;
       }

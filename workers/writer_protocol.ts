@@ -15,6 +15,7 @@ export type ToWriter =
 export type FromWriter =
   | { type: "ready" }
   | { type: "init_failed"; message: string }
+  /** `results`: packed by `encodeResults` (row_codec.ts), seqs of the stored rows included. */
   | { type: "done"; id: number; results: ArrayBuffer; ms: number }
   /** The batch cannot be written, ever (bad data): its rows fail; others go on. */
   | { type: "failed"; id: number; message: string }

@@ -435,8 +435,8 @@ export function storeContract(
 
       await t.step("a new reading is stored and reads back as given", async () => {
         const r = row("m-new", T0, { kwh_e4: 123_456, wallet_address: "0x" + "a".repeat(40) });
-        assert.deepEqual(await store.insertReadings([r]), [STORED]);
-        assert.deepEqual(await store.getReading("m-new", T0), r);
+        assert.deepEqual(await store.insertReadings([r]), [stored(1)]);
+        assert.deepEqual(await store.getReading("m-new", T0), { ...r, seq: 1 });
       });
 
       await t.step(
@@ -450,7 +450,7 @@ export function storeContract(
             source: "http",
           });
           assert.deepEqual(await store.insertReadings([replay]), [dup(T0)]);
-          assert.deepEqual(await store.getReading("m-replay", T0), original);
+          assert.deepEqual(await store.getReading("m-replay", T0), { ...original, seq: 1 });
         },
       );
 
@@ -474,7 +474,7 @@ export function storeContract(
         await store.insertReadings([row("m-edge", T0)]);
         assert.deepEqual(
           await store.insertReadings([row("m-edge", T0 + WINDOW), row("m-edge", T0 - WINDOW)]),
-          [STORED, STORED],
+          [stored(2), stored(3)],
         );
       });
 
@@ -500,7 +500,7 @@ export function storeContract(
               row("m-batch", T0 + WINDOW),
               row("m-batch", T0 + WINDOW + 14 * MIN),
             ]),
-            [STORED, dup(T0), dup(T0), STORED, dup(T0 + WINDOW)],
+            [stored(1), dup(T0), dup(T0), stored(2), dup(T0 + WINDOW)],
           );
         },
       );
@@ -512,7 +512,7 @@ export function storeContract(
             row("m-chain", T0 + 10 * MIN),
             row("m-chain", T0 + 20 * MIN),
           ]),
-          [STORED, dup(T0), STORED],
+          [stored(1), dup(T0), stored(2)],
         );
       });
 
@@ -524,7 +524,7 @@ export function storeContract(
             row("m-order", T0 + 30 * MIN),
             row("m-order", T0 + 40 * MIN),
           ]),
-          [STORED, dup(T0 + 10 * MIN), STORED, dup(T0 + 30 * MIN)],
+          [stored(1), dup(T0 + 10 * MIN), stored(2), dup(T0 + 30 * MIN)],
         );
       });
 
@@ -532,7 +532,7 @@ export function storeContract(
         const meters = ["m-same-1", "m-same-2", "m-same-3"];
         assert.deepEqual(
           await store.insertReadings(meters.map((m) => row(m, T0))),
-          [STORED, STORED, STORED],
+          [stored(1), stored(1), stored(1)],
         );
         for (const m of meters) assert.equal((await store.getReading(m, T0))?.meter_id, m);
       });
@@ -546,7 +546,7 @@ export function storeContract(
           row("m-near", T0 + 2 * MIN),
           row("m-mix-b", T0 + WINDOW),
         ]);
-        assert.deepEqual(results, [STORED, dup(T0), STORED, dup(T0), dup(T0), STORED]);
+        assert.deepEqual(results, [stored(1), dup(T0), stored(1), dup(T0), dup(T0), stored(2)]);
       });
 
       await t.step(
@@ -560,16 +560,130 @@ export function storeContract(
           }
           const first = await store.insertReadings(rows);
           assert.equal(first.length, rows.length);
-          assert.ok(first.every((r) => r.status === "stored"), "every bulk row is stored");
+          // Each meter's rows are numbered in input order.
+          assert.deepEqual(first, rows.map((_, i) => stored(Math.floor(i / 50) + 1)));
           const replay = await store.insertReadings(rows.map((r) => ({ ...r, ts: r.ts + MIN })));
           assert.deepEqual(replay, rows.map((r) => dup(r.ts)));
           const stats = await store.readingStats({ user_id: "user-bulk" });
           assert.equal(stats.reading_count, 2_500);
           assert.equal(stats.meter_count, 50);
           assert.equal(stats.kwh_e4, rows.reduce((sum, r) => sum + r.kwh_e4, 0));
-          assert.deepEqual(await store.getReading("m-bulk-49", T0 + 49 * WINDOW), rows[2_499]);
+          assert.deepEqual(await store.getReading("m-bulk-49", T0 + 49 * WINDOW), {
+            ...rows[2_499],
+            seq: 50,
+          });
         },
       );
+    },
+  );
+
+  test(
+    "seq numbers each meter's stored readings 1, 2, 3, … and readingsAfter and lastSeqs resume",
+    async (t, store) => {
+      const a: ReadingRow[] = [];
+      const b: ReadingRow[] = [];
+
+      await t.step("lastSeqs is 0 for meters without readings", async () => {
+        assert.deepEqual(await store.lastSeqs([]), new Map());
+        assert.deepEqual(
+          await store.lastSeqs(["seq-a", "seq-none", "seq-a"]),
+          new Map([["seq-a", 0], ["seq-none", 0]]),
+        );
+        assert.deepEqual(await store.readingsAfter("seq-none", 0, 10), []);
+      });
+
+      await t.step("numbers are dense per meter, in input order, across calls", async () => {
+        const first = [
+          row("seq-a", T0 + 2 * WINDOW),
+          row("seq-b", T0),
+          row("seq-a", T0),
+          row("seq-b", T0 + WINDOW),
+        ];
+        assert.deepEqual(await store.insertReadings(first), [
+          stored(1),
+          stored(1),
+          stored(2),
+          stored(2),
+        ]);
+        a.push(first[0], first[2]);
+        b.push(first[1], first[3]);
+        const second = [row("seq-a", T0 + 4 * WINDOW), row("seq-b", T0 + 2 * WINDOW)];
+        assert.deepEqual(await store.insertReadings(second), [stored(3), stored(3)]);
+        a.push(second[0]);
+        b.push(second[1]);
+      });
+
+      await t.step("duplicates of any kind take no number", async () => {
+        const results = await store.insertReadings([
+          row("seq-a", T0), // an exact replay of a stored reading
+          row("seq-a", T0 + 5 * WINDOW),
+          row("seq-a", T0 + 5 * WINDOW), // the same key twice in one batch
+          row("seq-a", T0 + 5 * WINDOW + MIN), // within the window of a row of the batch
+          row("seq-a", T0 + 4 * WINDOW - MIN), // within the window of a stored reading
+          row("seq-a", T0 + 7 * WINDOW),
+        ]);
+        assert.deepEqual(results, [
+          dup(T0),
+          stored(4),
+          dup(T0 + 5 * WINDOW),
+          dup(T0 + 5 * WINDOW),
+          dup(T0 + 4 * WINDOW),
+          stored(5),
+        ]);
+        a.push(row("seq-a", T0 + 5 * WINDOW), row("seq-a", T0 + 7 * WINDOW));
+        assert.deepEqual(await store.insertReadings([row("seq-a", T0 + 7 * WINDOW)]), [
+          dup(T0 + 7 * WINDOW),
+        ]);
+        assert.deepEqual(await store.insertReadings([row("seq-a", T0 + 8 * WINDOW)]), [
+          stored(6),
+        ]);
+        a.push(row("seq-a", T0 + 8 * WINDOW));
+      });
+
+      await t.step("lastSeqs reports each meter's highest seq", async () => {
+        assert.deepEqual(
+          await store.lastSeqs(["seq-b", "seq-a", "seq-none"]),
+          new Map([["seq-b", 3], ["seq-a", 6], ["seq-none", 0]]),
+        );
+      });
+
+      await t.step("readingsAfter returns readings past a position, in seq order", async () => {
+        const withSeq = (rows: ReadingRow[]) => rows.map((r, i) => ({ ...r, seq: i + 1 }));
+        assert.deepEqual(await store.readingsAfter("seq-a", 0, 100), withSeq(a));
+        assert.deepEqual(await store.readingsAfter("seq-b", 0, 100), withSeq(b));
+        assert.deepEqual(await store.readingsAfter("seq-a", 4, 100), withSeq(a).slice(4));
+        assert.deepEqual(await store.readingsAfter("seq-a", 6, 100), []);
+        assert.deepEqual(await store.readingsAfter("seq-a", 60, 100), []);
+      });
+
+      await t.step("readingsAfter pages by limit without skipping or repeating", async () => {
+        for (const limit of [1, 2, 4]) {
+          const seen: ReadingRow[] = [];
+          let after = 0;
+          for (let page = 0;; page++) {
+            assert.ok(page < 10, "too many pages");
+            const items = await store.readingsAfter("seq-a", after, limit);
+            assert.ok(items.length <= limit);
+            if (items.length === 0) break;
+            seen.push(...items);
+            after = items.at(-1)!.seq!;
+          }
+          assert.deepEqual(seen.map((r) => r.seq), [1, 2, 3, 4, 5, 6], `limit ${limit}`);
+          assert.deepEqual(seen.map((r) => r.ts), a.map((r) => r.ts), `limit ${limit}`);
+        }
+      });
+
+      await t.step("readingsAfter refuses a bad position or limit", async () => {
+        await assertGatewayError(store.readingsAfter("seq-a", -1, 10), "invalid_payload");
+        await assertGatewayError(store.readingsAfter("seq-a", 1.5, 10), "invalid_payload");
+        await assertGatewayError(store.readingsAfter("seq-a", 0, 0), "invalid_payload");
+      });
+
+      await t.step("a reading read back by its natural key carries its seq", async () => {
+        assert.equal((await store.getReading("seq-a", T0 + 5 * WINDOW))?.seq, 4);
+        const page = await store.listReadings({ meter_id: "seq-b", order: "asc", limit: 10 });
+        assert.deepEqual(page.items.map((r) => r.seq), [1, 2, 3]);
+      });
     },
   );
 
@@ -608,8 +722,7 @@ export function storeContract(
     for (let k = 0; k < 5; k++) {
       rows.push(row("m-c", T0 + k * WINDOW + 5 * MIN, { user_id: "user-2", minted: k === 2 }));
     }
-    const stored = await store.insertReadings(rows);
-    assert.ok(stored.every((r) => r.status === "stored"));
+    numbered(rows, await store.insertReadings(rows));
     // Readings at the same instant are ordered by meter id (SQL: ORDER BY ts, meter_id).
     const byTime = (a: ReadingRow, b: ReadingRow) =>
       a.ts - b.ts || (a.meter_id < b.meter_id ? -1 : a.meter_id > b.meter_id ? 1 : 0);
@@ -731,7 +844,7 @@ export function storeContract(
         rows.push(row(meter, T0 + k * WINDOW, { user_id: "user-1" }));
       }
     }
-    assert.ok((await store.insertReadings(rows)).every((r) => r.status === "stored"));
+    numbered(rows, await store.insertReadings(rows));
     const byTime = (a: ReadingRow, b: ReadingRow) =>
       a.ts - b.ts || (a.meter_id < b.meter_id ? -1 : a.meter_id > b.meter_id ? 1 : 0);
     const queries: Partial<ReadingQuery>[] = [
@@ -785,7 +898,7 @@ export function storeContract(
       for (let j = 0; j < 3; j++) {
         extra.push(row("m-0", T0 + (1_100 + j) * WINDOW, { user_id: "user-2", minted: j !== 1 }));
       }
-      assert.ok((await store.insertReadings(extra)).every((r) => r.status === "stored"));
+      numbered(extra, await store.insertReadings(extra));
       rows.push(...extra);
       await assertPagesYieldMatches();
     });
@@ -844,7 +957,7 @@ export function storeContract(
     await t.step("getReading returns the stored row or null", async () => {
       const r = row("m-get", T0);
       await store.insertReadings([r]);
-      assert.deepEqual(await store.getReading("m-get", T0), r);
+      assert.deepEqual(await store.getReading("m-get", T0), { ...r, seq: 1 });
       assert.equal(await store.getReading("m-get", T0 + 1), null);
       assert.equal(await store.getReading("m-missing", T0), null);
     });
@@ -855,7 +968,18 @@ export function storeContract(
   });
 }
 
-const STORED: InsertResult = { status: "stored" };
+function stored(seq: number): InsertResult {
+  return { status: "stored", seq };
+}
+
+/** Sets each row's `seq` from its result, asserting that every row was stored. */
+function numbered(rows: ReadingRow[], results: InsertResult[]): void {
+  assert.equal(results.length, rows.length);
+  results.forEach((r, i) => {
+    assert.equal(r.status, "stored", `row ${i} is stored`);
+    if (r.status === "stored") rows[i].seq = r.seq;
+  });
+}
 
 const EMPTY_STATS = {
   meter_count: 0,
