@@ -297,6 +297,21 @@ export class KvStore implements Store {
     }
   }
 
+  async devicesChangedSince(
+    since: number,
+  ): Promise<{ meter_id: string; status: "active" | "revoked"; updated_at: number }[]> {
+    // Embedded mode runs one instance with the in-process bus, which is never cut off: this
+    // scan only serves a Deno KV shared by instances (DENO_KV_URL), and stays small there.
+    const changed: { meter_id: string; status: "active" | "revoked"; updated_at: number }[] = [];
+    for await (const entry of this.#kv.list<DeviceRecord>({ prefix: ["devices"] })) {
+      const d = entry.value;
+      if (d.updated_at >= since) {
+        changed.push({ meter_id: d.meter_id, status: d.status, updated_at: d.updated_at });
+      }
+    }
+    return changed.sort((x, y) => x.updated_at - y.updated_at).slice(0, 10_000);
+  }
+
   async listDevices(
     query: { user_id?: string; limit: number; cursor?: string },
   ): Promise<Page<DeviceRecord>> {

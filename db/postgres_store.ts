@@ -371,6 +371,21 @@ export class PostgresStore implements Store {
     return row === undefined ? null : toDevice(row);
   }
 
+  async devicesChangedSince(
+    since: number,
+  ): Promise<{ meter_id: string; status: "active" | "revoked"; updated_at: number }[]> {
+    const rows = await guard(this.#sql<{ meter_id: string; status: string; updated_at: Date }[]>`
+      SELECT meter_id, status, updated_at FROM devices
+      WHERE updated_at >= ${new Date(since)}
+      ORDER BY updated_at, meter_id
+      LIMIT 10000`);
+    return rows.map((r) => ({
+      meter_id: r.meter_id,
+      status: r.status as "active" | "revoked",
+      updated_at: r.updated_at.getTime(),
+    }));
+  }
+
   async updateDevice(meterId: string, change: DeviceChange): Promise<DeviceRecord> {
     // The row lock makes concurrent changes queue up, so `change` sees the latest record and
     // runs once; the contract's "runs again on the fresh record" never has to happen.

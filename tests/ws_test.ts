@@ -570,6 +570,7 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
       meter_count: 0,
       account: false,
       all: true,
+      positions: {},
     });
     // From here on the raw client never reads again.
     const sizeBefore = hub.size;
@@ -578,6 +579,7 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
 
     const event = {
       type: "meter.reading.accepted" as const,
+      position: "slow-meter@1",
       data: {
         id: "00000000-0000-8000-8000-000000000000",
         meter_id: "slow-meter",
@@ -596,7 +598,7 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
     // Kernel socket buffers hold a few MiB at most: 2000 rounds of 32 KiB is far beyond that.
     let rounds = 0;
     while (hub.dropped === 0 && rounds < 2000) {
-      hub.handle(event);
+      await gw.bus.publish([event]);
       rounds++;
       const msg = await healthy.next();
       assert.equal(msg.type, "meter.reading.accepted");
@@ -609,7 +611,7 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
 
     // The healthy client is still attached and served.
     assert.equal(healthy.isClosed, false);
-    hub.handle(event);
+    await gw.bus.publish([event]);
     assert.equal((await healthy.next()).type, "meter.reading.accepted");
     await healthy.assertOnlyPong("healthy client after the drop");
     assert.equal(hub.size, sizeBefore - 1);
