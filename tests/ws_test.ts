@@ -37,6 +37,8 @@ interface ServerMessage {
   account?: boolean;
   all?: boolean;
   data?: Reading;
+  position?: string;
+  positions?: Record<string, string>;
 }
 
 /** A WebSocket client that queues every server message so none is missed between awaits. */
@@ -136,8 +138,18 @@ class WsClient implements AsyncDisposable {
   /** Sends and returns the next message. */
   request(value: unknown): Promise<ServerMessage> {
     this.send(value);
-    return this.next();
+    return this.next().then((reply) => {
+      // Resume positions are asserted where they matter (tests/ws_hub_test.ts, and below).
+      if (reply.type === "subscribed") {
+        this.positions = reply.positions;
+        delete reply.positions;
+      }
+      return reply;
+    });
   }
+
+  /** The `positions` of the last `subscribed` reply. */
+  positions?: Record<string, string>;
 
   /** Proves nothing else is queued: a ping's reply must be the very next message. */
   async assertOnlyPong(context: string): Promise<void> {
@@ -215,6 +227,7 @@ Deno.test("the WebSocket endpoint streams committed readings only to authorised 
         account: false,
         all: false,
       });
+      assert.deepEqual(client.positions, { "alice-1": "alice-1@0" }, "no reading yet");
       const stored = await submit(gw, alice.token, a1);
       await expectReading(client, stored, "own meter");
       // Another own meter that is not subscribed is not delivered.
