@@ -172,6 +172,14 @@ export class MeterActor {
     this.#bucket?.refund(settings.bucket);
   }
 
+  /**
+   * Lowers the token bucket to a cluster-wide level as of `at` (never raises it); a meter that
+   * has not taken a token here yet has no bucket and nothing to lower.
+   */
+  lowerBucket(level: number, at: number, config: BucketConfig): void {
+    this.#bucket?.lower(config, level, at);
+  }
+
   /** Checks signed connection credentials (no reading): `null` when they verify. */
   checkCredentials(
     message: string | null,

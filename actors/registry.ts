@@ -25,6 +25,18 @@ export type WriteResult =
   /** `transient`: the gateway is stopping; the reading may be sent again later. */
   | { status: "failed"; message: string; transient?: boolean };
 
+/**
+ * Told of every token an actor takes from or gives back to its bucket, so that the buckets of
+ * several instances can be reconciled (see actors/cluster_rate.ts). Called on the hot path:
+ * synchronous, no I/O.
+ */
+export interface RateShare {
+  /** The actor took one token: its reading was accepted. */
+  took(actor: MeterActor): void;
+  /** The actor got its token back: the reading was not written. */
+  returned(actor: MeterActor): void;
+}
+
 /** Options of {@linkcode ActorRegistry}. */
 export interface RegistryOptions {
   store: Store;
@@ -46,6 +58,8 @@ export interface RegistryOptions {
   onOutcome?: (msg: Submission, outcome: Outcome) => void;
   /** Where bad signatures and forbidden submissions are reported (warn, rate-limited). */
   security?: SecurityLog;
+  /** Shares token takes with other instances; without it each bucket is this process's alone. */
+  rate?: RateShare;
 }
 
 /** Activations loading at once, at most: each holds a store round trip. */
@@ -282,9 +296,12 @@ export class ActorRegistry {
     if (verdict.kind === "duplicate") return Promise.resolve(verdict.outcome);
     if (verdict.kind === "wait") return verdict.until.then(() => this.#turn(actor, msg));
     const row = verdict.row;
+    const rate = this.#o.rate;
+    rate?.took(actor);
     const pending = this.#o.sink.submit(row);
     if (pending === null) {
       actor.settle(row.ts, "failed", settings);
+      rate?.returned(actor);
       return Promise.resolve({
         status: "rejected",
         code: "overloaded",
@@ -295,6 +312,7 @@ export class ActorRegistry {
     const outcome = pending.then((result): Outcome => {
       if (result.status === "failed") {
         actor.settle(row.ts, "failed", settings);
+        rate?.returned(actor);
         return result.transient
           ? { status: "rejected", code: "unavailable", message: result.message, retryAfter: 1 }
           : { status: "rejected", code: "internal", message: result.message };

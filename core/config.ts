@@ -54,6 +54,8 @@ const envSchema = z.object({
   DEDUPE_WINDOW: duration("15m"),
   METER_RATE_BURST: int(200),
   METER_RATE_PER_MINUTE: z.coerce.number().positive().default(4),
+  // How often the per-meter buckets are reconciled across instances through Redis.
+  RATE_SYNC_INTERVAL: duration("250ms").pipe(z.number().min(10, "must be at least 10ms")),
   ACTOR_IDLE_TTL: duration("30m"),
   ACTOR_MAX: int(200_000),
   ACTOR_MAILBOX_MAX: int(256),
@@ -170,6 +172,8 @@ export interface Config {
   logLevel: typeof LOG_LEVELS[number];
   rules: { kwhMax: number; maxAgeMs: number; maxFutureMs: number; dedupeWindowMs: number };
   bucket: { burst: number; refillPerMs: number };
+  /** Milliseconds between rounds that reconcile the buckets across instances (with Redis). */
+  rateSyncMs: number;
   actors: { idleTtlMs: number; max: number; mailboxMax: number; recent: number };
   writer: { batchMax: number; flushMs: number; queueMax: number; concurrency: number };
   /** Read cache TTLs (0: that read is not cached) and the in-process LRU's size. */
@@ -365,6 +369,7 @@ export function loadConfig(
       dedupeWindowMs: e.DEDUPE_WINDOW,
     },
     bucket: { burst: e.METER_RATE_BURST, refillPerMs: e.METER_RATE_PER_MINUTE / 60_000 },
+    rateSyncMs: e.RATE_SYNC_INTERVAL,
     actors: {
       idleTtlMs: e.ACTOR_IDLE_TTL,
       max: e.ACTOR_MAX,

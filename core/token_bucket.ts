@@ -31,4 +31,19 @@ export class TokenBucket {
   refund(config: BucketConfig): void {
     this.#tokens = Math.min(config.burst, this.#tokens + 1);
   }
+
+  /**
+   * Lowers the bucket to at most `level` tokens as they stood at `at` (a shared bucket's level);
+   * never raises it. `level` may be negative: a debt that refills before the next token.
+   */
+  lower(config: BucketConfig, level: number, at: number): void {
+    if (at > this.#at) {
+      this.#tokens = Math.min(config.burst, this.#tokens + (at - this.#at) * config.refillPerMs);
+      this.#at = at;
+    } else {
+      // The level refilled too between `at` and this bucket's last take.
+      level += (this.#at - at) * config.refillPerMs;
+    }
+    if (level < this.#tokens) this.#tokens = level;
+  }
 }

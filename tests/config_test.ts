@@ -11,6 +11,9 @@ Deno.test("loadConfig() gives working defaults for an empty environment", () => 
   assert.equal(config.registerRateLimit, 5);
   assert.equal(config.keyGraceMs, 24 * 3_600_000);
   assert.equal(config.kek, undefined);
+  assert.equal(config.rateSyncMs, 250);
+  assert.equal(loadConfig({ RATE_SYNC_INTERVAL: "1s" }).rateSyncMs, 1000);
+  assert.throws(() => loadConfig({ RATE_SYNC_INTERVAL: "1ms" }), /RATE_SYNC_INTERVAL/);
 });
 
 Deno.test("loadConfig() names every bad variable in one error", () => {
