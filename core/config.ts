@@ -125,9 +125,27 @@ const envSchema = z.object({
   EMQX_API_URL: z.string().regex(/^https?:\/\/.+/, "must be an http:// or https:// URL").optional(),
   EMQX_API_KEY: z.string().min(1).optional(),
   EMQX_API_SECRET: z.string().min(1).optional(),
+  REDIS_URL: z.string().refine(isRedisUrl, "must be a redis:// or rediss:// URL (optional /<db>)")
+    .optional(),
+  REDIS_CLUSTER_NODES: z.string().transform((text, ctx) => {
+    const nodes = parseRedisNodes(text);
+    if (nodes === null) {
+      ctx.addIssue({ code: "custom", message: "must be a comma-separated list of host:port" });
+      return z.NEVER;
+    }
+    return nodes;
+  }).optional(),
+  REDIS_USERNAME: z.string().min(1).optional(),
+  REDIS_PASSWORD: z.string().min(1).optional(),
+  REDIS_TLS: z.enum(["true", "false"]).default("false"),
+  REDIS_TLS_CA_PATH: z.string().min(1).optional(),
+  // Braces would be a hash tag: every channel of a cluster in one slot, on one node.
+  REDIS_PREFIX: z.string().regex(
+    /^[A-Za-z0-9._:-]{0,64}$/,
+    "must be at most 64 characters of A-Z a-z 0-9 . _ : -",
+  ).default("gtx:"),
 });
 
-/** Validated configuration of one gateway process. */
 /** Limits of the embedded broker against hostile or broken clients, from the environment. */
 export interface MqttLimits {
   /** Open connections per listener. */
@@ -152,6 +170,34 @@ export interface MqttLimits {
   junkBanMs: number;
 }
 
+/** TLS towards Redis: the server's certificate is checked against `caPath`, else the system CAs. */
+export interface RedisTls {
+  caPath?: string;
+}
+
+/**
+ * Where Redis is: one server by URL (`redis://[user:password@]host[:port][/db]`, `rediss://` for
+ * TLS), or a Redis Cluster by its seed nodes (every node shares the credentials and TLS).
+ * `username`/`password` are given only when the URL carries none.
+ */
+export type RedisSpec =
+  | { mode: "single"; url: string; username?: string; password?: string; tls?: RedisTls }
+  | {
+    mode: "cluster";
+    nodes: { host: string; port: number }[];
+    username?: string;
+    password?: string;
+    tls?: RedisTls;
+  };
+
+/** Redis for the bus (and later the cache); absent means in-process adapters. */
+export interface RedisConfig {
+  spec: RedisSpec;
+  /** Prepended to every channel (and key): `gtx:` by default. */
+  prefix: string;
+}
+
+/** Validated configuration of one gateway process. */
 export interface Config {
   host: string;
   port: number;
@@ -233,6 +279,8 @@ export interface Config {
   deviceRecheckMs: number;
   /** Who disconnects revoked devices at an external broker (MQTT_BROKER_ADMIN). */
   brokerAdmin: BrokerAdminConfig;
+  /** REDIS_URL or REDIS_CLUSTER_NODES; absent means the in-process bus. */
+  redis?: RedisConfig;
 }
 
 /** MQTT_BROKER_ADMIN and its companions; see mqtt/broker_admin.ts. */
@@ -344,6 +392,7 @@ export function loadConfig(
       );
     }
   }
+  const redis = redisOf(e);
   const instanceId = e.GATEWAY_INSTANCE_ID ?? options.hostname ??
     `gw-${crypto.randomUUID().slice(0, 8)}`;
   return {
@@ -441,6 +490,7 @@ export function loadConfig(
     wsResumeMax: e.WS_RESUME_MAX,
     deviceRecheckMs: e.DEVICE_RECHECK_INTERVAL,
     brokerAdmin: brokerAdminOf(e, e.MQTT_CLIENT_ID ?? `gridtokenx-gateway-${instanceId}`),
+    redis,
   };
 }
 
@@ -482,6 +532,97 @@ function brokerAdminOf(e: z.output<typeof envSchema>, mqttClientId: string): Bro
         apiSecret: e.EMQX_API_SECRET!,
       };
   }
+}
+
+/**
+ * REDIS_URL (one server) and REDIS_CLUSTER_NODES (a cluster) exclude each other. REDIS_USERNAME
+ * and REDIS_PASSWORD serve the cluster, or a REDIS_URL without credentials of its own; TLS is
+ * the `rediss://` scheme for a URL and REDIS_TLS=true for a cluster; REDIS_TLS_CA_PATH needs TLS.
+ */
+function redisOf(e: z.output<typeof envSchema>): RedisConfig | undefined {
+  const fail = (variables: string[], message: string): never => {
+    throw new ConfigError(
+      `Invalid configuration:\n  ${variables.join(", ")}: ${message}`,
+      variables,
+    );
+  };
+  if (e.REDIS_URL !== undefined && e.REDIS_CLUSTER_NODES !== undefined) {
+    fail(["REDIS_URL", "REDIS_CLUSTER_NODES"], "set one or the other (a server or a cluster)");
+  }
+  if (e.REDIS_URL === undefined && e.REDIS_CLUSTER_NODES === undefined) {
+    const stray = ["REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_TLS_CA_PATH"]
+      .filter((k) => e[k as "REDIS_PASSWORD"] !== undefined);
+    if (e.REDIS_TLS === "true") stray.push("REDIS_TLS");
+    if (stray.length > 0) fail(stray, "set only with REDIS_URL or REDIS_CLUSTER_NODES");
+    return undefined;
+  }
+  // Only what is set: a spec without undefined fields reads (and compares) cleanly.
+  const credentials: { username?: string; password?: string } = {};
+  if (e.REDIS_USERNAME !== undefined) credentials.username = e.REDIS_USERNAME;
+  if (e.REDIS_PASSWORD !== undefined) credentials.password = e.REDIS_PASSWORD;
+  let spec: RedisSpec;
+  if (e.REDIS_URL !== undefined) {
+    const url = new URL(e.REDIS_URL);
+    if (
+      (url.username !== "" || url.password !== "") && (credentials.username || credentials.password)
+    ) {
+      fail(
+        ["REDIS_USERNAME", "REDIS_PASSWORD"].filter((k) => e[k as "REDIS_PASSWORD"] !== undefined),
+        "REDIS_URL carries credentials already",
+      );
+    }
+    const tls = url.protocol === "rediss:";
+    if (e.REDIS_TLS === "true" && !tls) fail(["REDIS_TLS"], "use a rediss:// REDIS_URL for TLS");
+    if (e.REDIS_TLS_CA_PATH !== undefined && !tls) {
+      fail(["REDIS_TLS_CA_PATH"], "needs a rediss:// REDIS_URL");
+    }
+    spec = {
+      mode: "single",
+      url: e.REDIS_URL,
+      ...credentials,
+      ...(tls ? { tls: tlsOf(e.REDIS_TLS_CA_PATH) } : {}),
+    };
+  } else {
+    const tls = e.REDIS_TLS === "true";
+    if (e.REDIS_TLS_CA_PATH !== undefined && !tls) {
+      fail(["REDIS_TLS_CA_PATH"], "needs REDIS_TLS=true");
+    }
+    spec = {
+      mode: "cluster",
+      nodes: e.REDIS_CLUSTER_NODES!,
+      ...credentials,
+      ...(tls ? { tls: tlsOf(e.REDIS_TLS_CA_PATH) } : {}),
+    };
+  }
+  return { spec, prefix: e.REDIS_PREFIX };
+}
+
+function tlsOf(caPath: string | undefined): RedisTls {
+  return caPath === undefined ? {} : { caPath };
+}
+
+function isRedisUrl(text: string): boolean {
+  if (!/^rediss?:\/\/\S+$/.test(text)) return false;
+  try {
+    const url = new URL(text);
+    return url.hostname !== "" && /^(\/(0|[1-9]\d{0,4})?)?$/.test(url.pathname) &&
+      url.search === "";
+  } catch {
+    return false;
+  }
+}
+
+/** `host:port,host:port` (IPv6 in brackets) → nodes; `null` when any entry is malformed. */
+export function parseRedisNodes(text: string): { host: string; port: number }[] | null {
+  const nodes: { host: string; port: number }[] = [];
+  for (const entry of text.split(",")) {
+    const match = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(entry.trim());
+    if (!match) return null;
+    const port = Number(match[2]);
+    if (port < 1 || port > 65535) return null;
+    nodes.push({ host: match[1].replace(/^\[|\]$/g, ""), port });
+  }
+  return nodes.length > 0 ? nodes : null;
 }
 
 /** Decodes hex into bytes. */

@@ -136,3 +136,69 @@ Deno.test("loadConfig() reads the cache TTLs and size, and names a bad one", () 
     );
   }
 });
+
+Deno.test("loadConfig() reads REDIS_URL or REDIS_CLUSTER_NODES with REDIS_PREFIX", () => {
+  assert.equal(loadConfig({}).redis, undefined);
+  assert.deepEqual(loadConfig({ REDIS_URL: "redis://:pw@cache:6380/2" }).redis, {
+    spec: { mode: "single", url: "redis://:pw@cache:6380/2" },
+    prefix: "gtx:",
+  });
+  assert.deepEqual(
+    loadConfig({ REDIS_URL: "rediss://cache", REDIS_TLS_CA_PATH: "/ca.pem" }).redis?.spec.tls,
+    { caPath: "/ca.pem" },
+  );
+  assert.deepEqual(
+    loadConfig({
+      REDIS_CLUSTER_NODES: "10.0.0.1:7000, 10.0.0.2:7001,[::1]:7002",
+      REDIS_PASSWORD: "pw",
+      REDIS_TLS: "true",
+      REDIS_PREFIX: "grid.a:",
+    }).redis,
+    {
+      spec: {
+        mode: "cluster",
+        nodes: [
+          { host: "10.0.0.1", port: 7000 },
+          { host: "10.0.0.2", port: 7001 },
+          { host: "::1", port: 7002 },
+        ],
+        password: "pw",
+        tls: {},
+      },
+      prefix: "grid.a:",
+    },
+  );
+});
+
+Deno.test("loadConfig() names the Redis variable that is wrong", () => {
+  const cases: [Record<string, string>, string[], RegExp][] = [
+    [{ REDIS_URL: "http://cache:6379" }, ["REDIS_URL"], /REDIS_URL: must be a redis:\/\//],
+    [{ REDIS_URL: "redis://cache/db" }, ["REDIS_URL"], /REDIS_URL: /],
+    [{ REDIS_CLUSTER_NODES: "a:1,b" }, ["REDIS_CLUSTER_NODES"], /host:port/],
+    [{ REDIS_CLUSTER_NODES: "a:70000" }, ["REDIS_CLUSTER_NODES"], /host:port/],
+    [{ REDIS_PREFIX: "{gtx}:" }, ["REDIS_PREFIX"], /REDIS_PREFIX: must be/],
+    [
+      { REDIS_URL: "redis://a", REDIS_CLUSTER_NODES: "a:7000" },
+      ["REDIS_URL", "REDIS_CLUSTER_NODES"],
+      /one or the other/,
+    ],
+    [
+      { REDIS_URL: "redis://:secret-pw@a", REDIS_PASSWORD: "other-pw" },
+      ["REDIS_PASSWORD"],
+      /carries credentials/,
+    ],
+    [{ REDIS_URL: "redis://a", REDIS_TLS: "true" }, ["REDIS_TLS"], /rediss:\/\//],
+    [{ REDIS_URL: "redis://a", REDIS_TLS_CA_PATH: "/ca" }, ["REDIS_TLS_CA_PATH"], /rediss/],
+    [{ REDIS_CLUSTER_NODES: "a:1", REDIS_TLS_CA_PATH: "/ca" }, ["REDIS_TLS_CA_PATH"], /TLS/],
+    [{ REDIS_PASSWORD: "pw" }, ["REDIS_PASSWORD"], /only with REDIS_URL or/],
+  ];
+  for (const [env, variables, message] of cases) {
+    assert.throws(() => loadConfig(env), (error: unknown) => {
+      assert.ok(error instanceof ConfigError, JSON.stringify(env));
+      assert.deepEqual(error.variables, variables, JSON.stringify(env));
+      assert.match(error.message, message);
+      assert.ok(!/secret-pw|other-pw/.test(error.message), "no password in the message");
+      return true;
+    });
+  }
+});
