@@ -1,5 +1,9 @@
 // Composition root: read config, pick adapters, serve, shut down cleanly.
-import { LocalBus } from "./bus/local_bus.ts";
+import { openBus } from "./bus/open_bus.ts";
+import { openRedis, type RedisClient } from "./bus/redis_client.ts";
+import { ClusterRateLimiter } from "./actors/cluster_rate.ts";
+import type { Cache } from "./cache/cache.ts";
+import { RedisCache } from "./cache/redis_cache.ts";
 import { systemClock } from "./core/clock.ts";
 import { loadConfig } from "./core/config.ts";
 import { ConfigError } from "./core/errors.ts";
@@ -30,7 +34,31 @@ async function main(): Promise<void> {
   const kek = config.kek ?? embedded!.kek;
 
   const storeSpec = storeSpecOf(config);
-  const bus = new LocalBus({ onError: (error) => logger.error("bus handler failed", { error }) });
+  // With Redis: the bus, the shared read cache and the cluster-wide rate limit; without it the
+  // in-process bus and cache, and each instance's own buckets.
+  const bus = await openBus(config, logger);
+  let redis: RedisClient | undefined;
+  let cache: Cache | undefined;
+  let rate: ClusterRateLimiter | undefined;
+  if (config.redis) {
+    redis = openRedis(config.redis.spec, { connectionName: `gtx-cmd-${config.instanceId}` });
+    // Outages are reported by the bus; commands of the cache and the limiter fail fast meanwhile.
+    redis.on("error", (error) => logger.debug("redis command connection", { error }));
+    cache = new RedisCache(redis, { prefix: `${config.redis.prefix}cache:` });
+    rate = new ClusterRateLimiter({
+      redis,
+      prefix: config.redis.prefix,
+      bucket: config.bucket,
+      clock: systemClock,
+      logger,
+      intervalMs: config.rateSyncMs,
+    });
+  }
+  const closeRedis = async () => {
+    await rate?.close();
+    await bus.close();
+    redis?.disconnect();
+  };
   let gateway;
   try {
     gateway = await createGateway({
@@ -41,8 +69,12 @@ async function main(): Promise<void> {
       logger,
       jwtSecret,
       kek,
+      cache,
+      rate,
     });
+    rate?.start();
   } catch (error) {
+    await closeRedis();
     logger.error("gateway failed to start", { error });
     console.error(`Gateway failed to start: ${(error as Error).message}`);
     Deno.exit(1);
@@ -76,6 +108,7 @@ async function main(): Promise<void> {
       `Gateway failed to start: HTTP ${config.host}:${config.port}: ${(error as Error).message}`,
     );
     await gateway.close();
+    await closeRedis();
     Deno.exit(1);
   }
   // Only once everything listens: a start that fails must not have shown a password nobody keeps.
@@ -83,7 +116,7 @@ async function main(): Promise<void> {
   logger.info("gateway listening", {
     url: `http://${server.addr.hostname}:${server.addr.port}`,
     store: describeStore(storeSpec),
-    bus: "in-process",
+    bus: config.redis ? `redis:${config.redis.spec.mode}` : "in-process",
     mqtt,
   });
 
@@ -94,7 +127,7 @@ async function main(): Promise<void> {
     logger.info("shutting down", { signal });
     await server.close();
     await gateway.close();
-    await bus.close();
+    await closeRedis();
     logger.info("stopped");
     Deno.exit(0);
   };

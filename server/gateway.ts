@@ -1,5 +1,5 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
-import { ActorRegistry } from "../actors/registry.ts";
+import { ActorRegistry, type RateShare } from "../actors/registry.ts";
 import type { Bus } from "../bus/bus.ts";
 import type { GatewayEvent } from "../core/events.ts";
 import type { ReadingRow } from "../core/reading.ts";
@@ -42,6 +42,8 @@ export interface GatewayDeps {
   kek: Uint8Array;
   /** The read cache's backend (Redis when configured); default an in-process LRU. */
   cache?: Cache;
+  /** Reconciles the meters' buckets across instances (Redis); absent: each instance alone. */
+  rate?: RateShare;
   /** scrypt parameters of new password hashes (tests pass cheap ones); default N=2^17. */
   passwordParams?: ScryptParams;
 }
@@ -159,6 +161,31 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       hourlyStatsMs: config.cache.hourlyStatsTtlMs,
     },
   });
+  metrics.gauge(
+    "gateway_bus_connected",
+    "1 while events of other instances arrive",
+    () => bus.connected ? 1 : 0,
+  );
+  metrics.counterOf(
+    "gateway_bus_disconnects_total",
+    "Times the bus lost its backend (fan-out across instances paused)",
+    () => bus.stats.disconnects,
+  );
+  metrics.counterOf(
+    "gateway_bus_publish_errors_total",
+    "Batches the bus backend did not take (other instances catch up from the store)",
+    () => bus.stats.publishErrors,
+  );
+  metrics.counterOf(
+    "gateway_ws_replayed_total",
+    "Readings sent to WebSocket clients from the store (resume, gaps, after a bus outage)",
+    () => hub.stats.replayed,
+  );
+  metrics.counterOf(
+    "gateway_ws_resyncs_total",
+    "resync_required messages sent",
+    () => hub.stats.resyncs,
+  );
   const security = new SecurityLog({ logger, clock });
   const registry = new ActorRegistry({
     store,
@@ -176,6 +203,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     idleTtlMs: config.actors.idleTtlMs,
     maxActors: config.actors.max,
     mailboxMax: config.actors.mailboxMax,
+    rate: deps.rate,
     onOutcome: (msg, outcome) =>
       metrics.inc("gateway_readings_total", {
         source: msg.source,

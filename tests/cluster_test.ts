@@ -8,7 +8,7 @@ import { readingPayload } from "../mqtt/device_credentials.ts";
 import { isoAgo, signedReading } from "./_gateway.ts";
 import { call, GatewayProcess, login } from "./_gateway_process.ts";
 import { mosquittoAvailable, startMosquitto } from "./_mosquitto.ts";
-import { redisServerAvailable, startRedisServer } from "./_redis_server.ts";
+import { redisBinariesAvailable, startRedisServer } from "./_redis_cluster.ts";
 import { createTestSchema, postgresUrl, probePostgres, requireService } from "./_services.ts";
 import { startTcpProxy, type TcpProxy } from "./_tcp_proxy.ts";
 import { QueuedWs, type ServerMessage } from "./_ws_client.ts";
@@ -19,7 +19,7 @@ const MINUTE = 60_000;
 const services = await Promise.all([
   requireService("PostgreSQL", probePostgres(postgresUrl())),
   mosquittoAvailable(),
-  redisServerAvailable(),
+  redisBinariesAvailable(),
 ]);
 const missing = services.find((s) => !s.ok) as { ok: false; reason: string } | undefined;
 
