@@ -60,8 +60,8 @@ async function startCluster(env: Record<string, string> = {}): Promise<Cluster> 
   const proxyB = startTcpProxy({ hostname: "127.0.0.1", port: redis.port });
   const common = {
     DATABASE_URL: schema.url,
-    JWT_SECRET: "cluster-test-jwt-secret-0123456789-abcdef",
-    DEVICE_KEY_ENCRYPTION_KEY: "ab".repeat(32),
+    JWT_SECRET: "Kq8vTz3pXw9LmN2rB7yC4dF6hJ1sG5aE0uI",
+    DEVICE_KEY_ENCRYPTION_KEY: "0f1e2d3c4b5a69788796a5b4c3d2e1f00011223344556677889900aabbccddee",
     ADMIN_EMAIL: ADMIN.email,
     ADMIN_PASSWORD: ADMIN.password,
     MQTT_URL: mosq.url,
@@ -69,7 +69,9 @@ async function startCluster(env: Record<string, string> = {}): Promise<Cluster> 
     REDIS_PREFIX: `t${crypto.randomUUID().slice(0, 8)}:`,
     DEDUPE_WINDOW: "1s",
     DEVICE_RECHECK_INTERVAL: "1s",
-    WS_RESUME_MAX: "150",
+    // The resume step replays 100 readings per meter; its meter then holds 102.
+    WS_RESUME_MAX: "101",
+    DEVICE_REGISTER_RATE_LIMIT: "1000",
     LOG_LEVEL: "info",
     ...env,
   };
@@ -92,11 +94,11 @@ async function startCluster(env: Record<string, string> = {}): Promise<Cluster> 
     const admin = await login(a.url, ADMIN.email, ADMIN.password);
     const created = await call(a.url, "POST", "/api/admin/users", {
       token: admin,
-      body: { email: "owner@cluster.test", password: "Owner-cluster-pw-5", role: "user" },
+      body: { email: "owner@cluster.test", password: "Prosumer-grid-pw-5", role: "user" },
     });
     assert.equal(created.status, 201, JSON.stringify(created.body));
     const userId = created.body.id;
-    const userToken = await login(b.url, "owner@cluster.test", "Owner-cluster-pw-5");
+    const userToken = await login(b.url, "owner@cluster.test", "Prosumer-grid-pw-5");
     return {
       a,
       b,
@@ -329,6 +331,36 @@ clusterTest("two instances behind a shared subscription act as one gateway", asy
   );
 
   await t.step(
+    "the shared cache: reads hit, a commit on A invalidates for B, Redis down still serves",
+    async () => {
+      const [meter] = await cluster.meters(1, "cache");
+      let ts = Date.now() - 5 * 24 * 60 * MINUTE;
+      const next = () => isoAgo(0, ts += 2_000);
+      const stats = async (gw: GatewayProcess) => {
+        const res = await call(gw.url, "GET", "/api/meters/stats", { token: cluster.userToken });
+        assert.equal(res.status, 200, JSON.stringify(res.body));
+        return res.body.reading_count as number;
+      };
+      const hits = (gw: GatewayProcess) =>
+        metric(gw.url, cluster.admin, "cache_hits_total", 'cache_type="user_stats"');
+      const before = await stats(a); // fills the shared entry
+      const hitsBefore = await hits(b);
+      assert.equal(await stats(b), before, "B reads the entry A filled");
+      assert.equal(await hits(b), hitsBefore + 1, "a hit on B");
+      assert.equal(await submit(a.url, cluster.userToken, meter, next()), 201);
+      assert.equal(await stats(b), before + 1, "the commit on A invalidated B's view");
+      await cluster.redis.kill();
+      try {
+        assert.equal(await stats(b), before + 1, "served from the store without Redis");
+        assert.equal(await submit(b.url, cluster.userToken, meter, next()), 201);
+        assert.equal(await stats(a), before + 2);
+      } finally {
+        await cluster.redis.start();
+      }
+    },
+  );
+
+  await t.step(
     "Redis killed and restarted during a stream: nothing lost, every client gets every reading",
     async () => {
       const meters = await cluster.meters(4, "outage");
@@ -348,8 +380,12 @@ clusterTest("two instances behind a shared subscription act as one gateway", asy
         }
       };
       await stream(10);
+      const killedAt = Date.now();
       await cluster.redis.kill();
-      await a.waitForLog((e) => e.msg === "bus disconnected; fan-out from other instances paused");
+      await a.waitForLog((e) =>
+        e.msg === "bus disconnected; fan-out from other instances paused" &&
+        Date.parse(String(e.ts)) >= killedAt - 1_000
+      );
       await stream(10); // ingestion goes on without Redis
       await cluster.redis.start();
       await stream(10);
