@@ -75,7 +75,9 @@ Deno.test("WriterClient calls onCommitted once per batch with its stored rows' s
   await withWriter({
     batchMax: 10,
     flushMs: 10_000,
-    onCommitted: (rows) => calls.push(rows),
+    onCommitted: (rows) => {
+      calls.push(rows);
+    },
   }, async (writer) => {
     // Three batches of ten; the second holds a replay of a row of the first.
     const rows = Array.from({ length: 30 }, (_, i) => row(`m${i % 3}`, i));
@@ -104,6 +106,32 @@ Deno.test("WriterClient calls onCommitted once per batch with its stored rows' s
     assert.deepEqual(seqs, published.map((r) => r.seq));
     assert.deepEqual(results[15], { status: "duplicate", conflict_ts: rows[0].ts });
     assert.equal(rows[0].seq, undefined, "the submitted rows are left as they were");
+  });
+});
+
+Deno.test("WriterClient answers a batch once the promise onCommitted returns settled", async () => {
+  const gate = Promise.withResolvers<void>();
+  let committed = false;
+  await withWriter({
+    batchMax: 2,
+    flushMs: 10_000,
+    onCommitted: () => {
+      committed = true;
+      return gate.promise; // the cache invalidation of the batch
+    },
+  }, async (writer) => {
+    let answered = false;
+    const results = Promise.all([row("w1", 0), row("w2", 0)].map((r) => writer.submit(r)!))
+      .then((r) => {
+        answered = true;
+        return r;
+      });
+    while (!committed) await new Promise((resolve) => setTimeout(resolve, 1));
+    // Committed, but its invalidation is still running: nobody has been told yet.
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(answered, false);
+    gate.resolve();
+    assert.deepEqual((await results).map((r) => r.status), ["stored", "stored"]);
   });
 });
 

@@ -36,10 +36,13 @@ export interface WriterOptions {
    * its `seq`, before the rows' `submit` promises resolve (not called for a batch that stored
    * nothing). An error it throws is logged and changes nothing else.
    */
-  onCommitted?: (rows: ReadingRow[]) => void;
+  onCommitted?: (rows: ReadingRow[]) => Promise<void> | void;
   /** Where a throwing `onCommitted` is reported. */
   logger?: Logger;
 }
+
+// Longest wait for onCommitted's promise before a committed batch is answered anyway.
+const COMMITTED_WAIT_MS = 1_000;
 
 /** Figures for /metrics and the benchmarks. */
 export interface WriterStats {
@@ -91,6 +94,8 @@ export class WriterClient implements AsyncDisposable {
   #lanes: Lane[];
   /** Batches at the worker, by id, with when they were (last) handed over. */
   #inFlight = new Map<number, InFlight>();
+  /** Committed batches waiting for onCommitted before they are answered. */
+  #holding = new Set<Promise<void>>();
   #nextId = 1;
   #restartTimer: ReturnType<typeof setTimeout> | undefined;
   #queued = 0;
@@ -267,8 +272,12 @@ export class WriterClient implements AsyncDisposable {
   #settle(id: number, results: (i: number) => WriteResult): void {
     const entry = this.#inFlight.get(id);
     if (!entry) return;
-    const { lane, rows: batch } = entry;
     this.#inFlight.delete(id);
+    this.#finish(entry, results);
+  }
+
+  #finish(entry: InFlight, results: (i: number) => WriteResult): void {
+    const { lane, rows: batch } = entry;
     lane.inFlight--;
     this.#stats.lastRoundTripMs = performance.now() - entry.sentAt;
     for (let i = 0; i < batch.length; i++) batch[i].resolve(results(i));
@@ -279,8 +288,8 @@ export class WriterClient implements AsyncDisposable {
     this.#wake();
   }
 
-  /** Hands a committed batch's stored rows to `onCommitted`. */
-  #committed(id: number, results: InsertResult[]): void {
+  /** Hands a committed batch's stored rows to `onCommitted`; what it returns, if it waits. */
+  #committed(id: number, results: InsertResult[]): Promise<void> | void {
     const batch = this.#inFlight.get(id)?.rows;
     if (batch === undefined) return;
     const rows: ReadingRow[] = [];
@@ -290,10 +299,31 @@ export class WriterClient implements AsyncDisposable {
     }
     if (rows.length === 0) return;
     try {
-      this.#options.onCommitted!(rows);
+      return this.#options.onCommitted!(rows);
     } catch (error) {
       this.#options.logger?.error("onCommitted failed", { error, rows: rows.length });
     }
+  }
+
+  /**
+   * Resolves a committed batch once `wait` (onCommitted's cache invalidation) settled, at most
+   * {@linkcode COMMITTED_WAIT_MS} later: an answer sent after it sees its own write. Meanwhile the
+   * batch is no longer in flight, so a worker restart does not send it again.
+   */
+  #settleAfter(id: number, wait: Promise<void>, results: (i: number) => WriteResult): void {
+    const entry = this.#inFlight.get(id);
+    if (!entry) return;
+    this.#inFlight.delete(id);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const bound = new Promise<void>((resolve) => timer = setTimeout(resolve, COMMITTED_WAIT_MS));
+    const done = Promise.race([wait, bound]).catch((error) =>
+      this.#options.logger?.error("onCommitted failed", { error, rows: entry.rows.length })
+    ).finally(() => {
+      clearTimeout(timer);
+      this.#holding.delete(done);
+      this.#finish(entry, results);
+    });
+    this.#holding.add(done);
   }
 
   #onMessage(message: FromWriter): void {
@@ -309,8 +339,11 @@ export class WriterClient implements AsyncDisposable {
           maxBatchSize: Math.max(this.#stats.maxBatchSize, size),
         });
         this.#setStalled(null);
-        if (this.#options.onCommitted !== undefined) this.#committed(message.id, results);
-        this.#settle(message.id, (i) => results[i]);
+        const wait = this.#options.onCommitted === undefined
+          ? undefined
+          : this.#committed(message.id, results);
+        if (wait instanceof Promise) this.#settleAfter(message.id, wait, (i) => results[i]);
+        else this.#settle(message.id, (i) => results[i]);
         break;
       }
       case "failed":
@@ -365,6 +398,8 @@ export class WriterClient implements AsyncDisposable {
       worker?.terminate();
       this.#worker = undefined;
       this.#closed = true;
+      // Committed batches are answered as committed, once onCommitted is done with them.
+      await Promise.all(this.#holding);
       // Whatever is left was never committed; its callers were never told it was.
       const left = [...this.#inFlight.values()].flatMap((e) => e.rows)
         .concat(this.#lanes.flatMap((lane) => lane.pending.splice(0)));
