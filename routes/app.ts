@@ -49,6 +49,8 @@ export interface AppDeps {
   mqttConnected: () => boolean;
   /** TimescaleDB policy jobs: `failing` when one's last run failed (reported, not fatal). */
   policyJobs?: () => "ok" | "failing" | undefined;
+  /** The Redis bus's connection (advisory in /readyz); absent in-process. */
+  busConnected?: () => boolean | undefined;
   metrics: Metrics;
   /** Read-through cache of reading listings and stats (cache/read_cache.ts); absent: none. */
   cache?: StoreReads;

@@ -17,6 +17,11 @@ export interface HealthDeps {
    * take the instance out of service: ingestion does not depend on them.
    */
   policyJobs?: () => "ok" | "failing" | undefined;
+  /**
+   * Whether events of other instances arrive (Redis bus), where there is a bus to lose.
+   * Reported, not a reason to take the instance out: ingestion and storage go on without it.
+   */
+  busConnected?: () => boolean | undefined;
   /** Receives the details that `/readyz` keeps from its unauthenticated callers. */
   logger: Logger;
 }
@@ -55,7 +60,11 @@ export function healthRoutes(deps: HealthDeps): Hono {
       if (deps.mqttConnected) checks.mqtt = deps.mqttConnected() ? "ok" : "down";
       const ready = Object.values(checks).every((v) => v === "ok");
       const jobs = deps.policyJobs?.();
-      const advisory = jobs === undefined ? {} : { timescale_jobs: jobs };
+      const bus = deps.busConnected?.();
+      const advisory = {
+        ...(jobs === undefined ? {} : { timescale_jobs: jobs }),
+        ...(bus === undefined ? {} : { bus: bus ? "ok" : "down" }),
+      };
       return c.json(
         { status: ready ? "ready" : "not_ready", checks: { ...checks, ...advisory } },
         ready ? 200 : 503,

@@ -1,6 +1,7 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
 import { ActorRegistry, type RateShare } from "../actors/registry.ts";
 import type { Bus } from "../bus/bus.ts";
+import { LocalBus } from "../bus/local_bus.ts";
 import type { GatewayEvent } from "../core/events.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import { eventOf } from "../ws/hub.ts";
@@ -391,6 +392,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     writerStalled: () => writer.stalled,
     mqttConnected: () => external === undefined || external.connected,
     policyJobs: () => policyJobs,
+    // LocalBus never disconnects: only a network bus is worth reporting.
+    busConnected: () => bus instanceof LocalBus ? undefined : bus.connected,
     metrics,
   });
 

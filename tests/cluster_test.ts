@@ -386,6 +386,9 @@ clusterTest("two instances behind a shared subscription act as one gateway", asy
         e.msg === "bus disconnected; fan-out from other instances paused" &&
         Date.parse(String(e.ts)) >= killedAt - 1_000
       );
+      const ready = await call(a.url, "GET", "/readyz");
+      assert.equal(ready.status, 200, "still ready: ingestion does not need Redis");
+      assert.equal(ready.body.checks.bus, "down");
       await stream(10); // ingestion goes on without Redis
       await cluster.redis.start();
       await stream(10);
