@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { Redis } from "ioredis";
+import { Cluster, Redis } from "ioredis";
 import type { Cache, CacheFill, CacheKey, CacheLookup } from "../cache/cache.ts";
 import { LruCache } from "../cache/lru_cache.ts";
 import { ReadCache, type ReadCacheOptions, type StoreReads } from "../cache/read_cache.ts";
@@ -16,6 +16,7 @@ import { meterRoutes } from "../routes/meters.ts";
 import { TokenService } from "../services/tokens.ts";
 import { UserStateCache } from "../services/user_state.ts";
 import { probeTcp, redactUrl, redisUrl, requireService } from "./_services.ts";
+import { redisBinariesAvailable, startRedisCluster } from "./_redis_cluster.ts";
 
 const MIN = 60_000;
 const HOUR = 60 * MIN;
@@ -247,6 +248,47 @@ cacheContract("LruCache", () => {
 });
 
 cacheContract(`RedisCache${skipped}`, redisFixture, { ignore });
+
+// A Redis Cluster of its own per case: an entry's keys share a hash slot, invalidations of one
+// batch span slots.
+const clusterBinaries = await redisBinariesAvailable();
+cacheContract(
+  `RedisCache on a 3-node Redis Cluster${
+    clusterBinaries.ok ? "" : ` (skipped: ${clusterBinaries.reason})`
+  }`,
+  async () => {
+    const cluster = await startRedisCluster();
+    const nodes = cluster.nodes.map((node) => {
+      const [host, port] = node.split(":");
+      return { host, port: Number(port) };
+    });
+    const clients: Cluster[] = [];
+    try {
+      for (let i = 0; i < 2; i++) {
+        const client = new Cluster(nodes, { enableOfflineQueue: true });
+        clients.push(client);
+        await new Promise<void>((resolve, reject) => {
+          client.once("ready", () => resolve());
+          client.once("error", reject);
+        });
+      }
+      const prefix = "gtx-test:cache:";
+      return {
+        cache: new RedisCache(clients[0], { prefix }),
+        peer: new RedisCache(clients[1], { prefix }),
+        async cleanup() {
+          await Promise.all(clients.map((c) => c.quit()));
+          await cluster.close();
+        },
+      };
+    } catch (error) {
+      for (const c of clients) c.disconnect();
+      await cluster.close();
+      throw error;
+    }
+  },
+  { ignore: !clusterBinaries.ok },
+);
 
 // ---- adapter specifics ----------------------------------------------------------------------------
 
