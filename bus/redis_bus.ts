@@ -1,3 +1,4 @@
+import { keySlot } from "../core/key_slot.ts";
 import type { Cluster, Redis } from "ioredis";
 import type { RedisSpec } from "../core/config.ts";
 import { type GatewayEvent, type Topic, topicKind, topicsOf } from "../core/events.ts";
@@ -645,27 +646,4 @@ async function quit(client: Redis | Cluster): Promise<void> {
   } finally {
     clearTimeout(timer);
   }
-}
-
-/** The cluster slot of `key` (CRC16/XMODEM mod 16384, honouring a `{hash tag}`). */
-export function keySlot(key: string): number {
-  const bytes = new TextEncoder().encode(key);
-  let start = 0;
-  let end = bytes.length;
-  const open = bytes.indexOf(0x7b);
-  if (open >= 0) {
-    const close = bytes.indexOf(0x7d, open + 1);
-    if (close > open + 1) {
-      start = open + 1;
-      end = close;
-    }
-  }
-  let crc = 0;
-  for (let i = start; i < end; i++) {
-    crc ^= bytes[i] << 8;
-    for (let bit = 0; bit < 8; bit++) {
-      crc = crc & 0x8000 ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
-    }
-  }
-  return crc % 16384;
 }

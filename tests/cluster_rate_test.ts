@@ -17,7 +17,12 @@ import { canonicalMessage, signHmac } from "../core/signature.ts";
 import { TokenBucket } from "../core/token_bucket.ts";
 import { KvStore } from "../db/kv_store.ts";
 import { hmacDevice, plainUser, storeDevice } from "./_devices.ts";
-import { binariesAvailable, freePort } from "./_mosquitto.ts";
+import {
+  cli,
+  redisBinariesAvailable,
+  startRedisCluster,
+  startRedisServer,
+} from "./_redis_cluster.ts";
 import { redisUrl } from "./_services.ts";
 
 const KEK = new Uint8Array(32).fill(3);
@@ -31,7 +36,7 @@ const REFILL = 1 / 1000;
 const BUCKET = { burst: BURST, refillPerMs: REFILL };
 const SYNC_MS = 250;
 
-const redisBinaries = await binariesAvailable(["redis-server", "redis-cli"]);
+const redisBinaries = await redisBinariesAvailable();
 
 /** A sink that "stores" every row at once (the writer is not what is tested here). */
 class InstantSink implements ReadingSink {
@@ -289,59 +294,6 @@ Deno.test("start() syncs on its timer and close() stops it", async () => {
   }
 });
 
-// ---- private servers -------------------------------------------------------------------------
-
-interface Server {
-  port: number;
-  kill(): Promise<void>;
-  start(): Promise<void>;
-}
-
-/** A redis-server without persistence on `port`, in `dir`. */
-async function redisServer(port: number, dir: string, args: string[] = []): Promise<Server> {
-  let child: Deno.ChildProcess | null = null;
-  const server: Server = {
-    port,
-    async start() {
-      child = new Deno.Command("redis-server", {
-        args: [
-          "--port",
-          String(port),
-          "--bind",
-          "127.0.0.1",
-          "--save",
-          "",
-          "--appendonly",
-          "no",
-          "--dir",
-          dir,
-          ...args,
-        ],
-        stdout: "null",
-        stderr: "null",
-      }).spawn();
-      await until(async () => (await cli(port, "PING")) === "PONG", 10_000);
-    },
-    async kill() {
-      if (!child) return;
-      child.kill("SIGKILL");
-      await child.status;
-      child = null;
-    },
-  };
-  await server.start();
-  return server;
-}
-
-async function cli(port: number, ...args: string[]): Promise<string> {
-  const out = await new Deno.Command("redis-cli", {
-    args: ["-p", String(port), ...args],
-    stdout: "piped",
-    stderr: "null",
-  }).output();
-  return new TextDecoder().decode(out.stdout).trim();
-}
-
 async function until(probe: () => Promise<boolean> | boolean, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await probe())) {
@@ -350,22 +302,8 @@ async function until(probe: () => Promise<boolean> | boolean, timeoutMs: number)
   }
 }
 
-/** A port whose cluster bus port (+10000) is free too. */
-function clusterPort(): number {
-  for (;;) {
-    const port = freePort();
-    if (port + 10_000 > 65_535) continue;
-    try {
-      Deno.listen({ hostname: "127.0.0.1", port: port + 10_000 }).close();
-      return port;
-    } catch {
-      // taken: try another
-    }
-  }
-}
-
 async function commandCalls(port: number, command: string): Promise<number> {
-  const info = await cli(port, "INFO", "commandstats");
+  const info = await cli(port, ["INFO", "commandstats"]);
   const match = new RegExp(`cmdstat_${command}:calls=(\\d+)`).exec(info);
   return match ? Number(match[1]) : 0;
 }
@@ -380,8 +318,7 @@ Deno.test({
   name: "one script call per sync round however many readings and meters",
   ignore: !redisBinaries.ok,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "gw-rate-" });
-    const server = await redisServer(freePort(), dir);
+    const server = await startRedisServer();
     const redis = new Redis(server.port, "127.0.0.1", {
       lazyConnect: true,
       enableOfflineQueue: false,
@@ -426,8 +363,7 @@ Deno.test({
     } finally {
       await store.close();
       redis.disconnect();
-      await server.kill();
-      await Deno.remove(dir, { recursive: true });
+      await server.close();
     }
   },
 });
@@ -436,8 +372,7 @@ Deno.test({
   name: "with Redis down each instance decides alone, logs once, and recovers by itself",
   ignore: !redisBinaries.ok,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "gw-rate-" });
-    const server = await redisServer(freePort(), dir);
+    const server = await startRedisServer();
     const redis = new Redis(server.port, "127.0.0.1", {
       lazyConnect: true,
       enableOfflineQueue: false,
@@ -484,8 +419,7 @@ Deno.test({
     } finally {
       await store.close();
       redis.disconnect();
-      await server.kill();
-      await Deno.remove(dir, { recursive: true });
+      await server.close();
     }
   },
 });
@@ -494,9 +428,8 @@ Deno.test({
   name: "on a Redis Cluster a round sends one call per slot and every bucket is right",
   ignore: !redisBinaries.ok,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "gw-rate-cluster-" });
-    const ports = [clusterPort(), clusterPort(), clusterPort()];
-    const servers: Server[] = [];
+    const redisCluster = await startRedisCluster();
+    const ports = redisCluster.servers.map((server) => server.port);
     const cluster = new Cluster(ports.map((port) => ({ host: "127.0.0.1", port })), {
       lazyConnect: true,
       enableOfflineQueue: false,
@@ -504,28 +437,6 @@ Deno.test({
     const meters = Array.from({ length: 40 }, (_, i) => `m-cl-${i}`);
     const store = await sharedStore(meters);
     try {
-      for (const port of ports) {
-        servers.push(
-          await redisServer(port, dir, [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            `${dir}/nodes-${port}.conf`,
-          ]),
-        );
-      }
-      const created = await new Deno.Command("redis-cli", {
-        args: ["--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`), "--cluster-yes"],
-        stdout: "null",
-        stderr: "piped",
-      }).output();
-      assert.ok(created.success, new TextDecoder().decode(created.stderr));
-      await until(async () => {
-        for (const port of ports) {
-          if (!(await cli(port, "CLUSTER", "INFO")).includes("cluster_state:ok")) return false;
-        }
-        return true;
-      }, 20_000);
       await cluster.connect();
       await until(() => cluster.status === "ready", 10_000);
 
@@ -538,7 +449,7 @@ Deno.test({
       await Promise.all(pair.map((p) => p.limiter!.sync()));
       const slots = new Set(meters.map((id) => keySlot(`gtx:rate:${id}`)));
       for (const id of meters.slice(0, 5)) {
-        const viaServer = await cli(ports[0], "CLUSTER", "KEYSLOT", `gtx:rate:${id}`);
+        const viaServer = await cli(ports[0], ["CLUSTER", "KEYSLOT", `gtx:rate:${id}`]);
         assert.equal(Number(viaServer), keySlot(`gtx:rate:${id}`));
       }
       for (const p of pair) {
@@ -577,8 +488,7 @@ Deno.test({
     } finally {
       await store.close();
       cluster.disconnect();
-      for (const server of servers) await server.kill();
-      await Deno.remove(dir, { recursive: true });
+      await redisCluster.close();
     }
   },
 });
