@@ -11,6 +11,7 @@ import { silentLogger } from "../core/logger.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import type { Role } from "../core/user.ts";
 import { PostgresStore } from "../db/postgres_store.ts";
+import { DeviceRecheck } from "../services/device_recheck.ts";
 import { eventOf, type HubClient, type HubStore, WsHub } from "../ws/hub.ts";
 import { deviceRecord, plainUser, storeDevice } from "./_devices.ts";
 import {
@@ -357,5 +358,63 @@ hostileTest(
     await subscribing;
     await waitFor(() => positionsOf(client).length >= 4, "m1@4, committed during the outage");
     assert.deepEqual(positionsOf(client), ["m1@1", "m1@2", "m1@3", "m1@4"]);
+  },
+);
+
+hostileTest(
+  "Redis flapping: an outage that begins while the post-outage recheck runs is rechecked too",
+  async () => {
+    // Before the fix the second outage had no recheck timer and, once over, no recheck at all:
+    // a device revoked during it stayed accepted by this instance's cached actor.
+    const schema = await createTestSchema(PG_URL);
+    const store = await PostgresStore.connect(schema.url, { dedupeWindowMs: 1000, max: 2 });
+    const bus = new SwitchedBus();
+    const changed: string[] = [];
+    let hold: PromiseWithResolvers<void> | null = null;
+    const recheck = new DeviceRecheck({
+      bus,
+      store: {
+        async devicesChangedSince(since) {
+          const gate = hold;
+          hold = null;
+          await gate?.promise;
+          return store.devicesChangedSince(since);
+        },
+      },
+      clock: { now: () => Date.now() },
+      logger: silentLogger,
+      intervalMs: 3_600_000, // the test runs the checks itself
+      onChanged: (meterId, status) => changed.push(`${meterId}:${status}`),
+    });
+    try {
+      await store.createUser(plainUser("u1", Date.now()));
+      await storeDevice(store, deviceRecord("flap-1", "u1", { algorithm: "hmac-sha256" }));
+      bus.setConnected(false);
+      await recheck.check();
+      changed.length = 0; // the registration above is not what this test is about
+      hold = Promise.withResolvers();
+      const gate = hold;
+      bus.setConnected(true); // the recheck after the outage starts, and waits on the store
+      bus.setConnected(false); // Redis is gone again before it is done
+      gate.resolve();
+      await recheck.check(); // joins the running one
+      await store.updateDevice("flap-1", (device) => ({
+        device: { ...device, status: "revoked", revoked_at: Date.now(), updated_at: Date.now() },
+        audit: {
+          id: crypto.randomUUID(),
+          meter_id: "flap-1",
+          action: "revoked",
+          actor: "test",
+          at: Date.now(),
+        },
+      }));
+      await recheck.check(); // what the interval does during the second outage
+      assert.deepEqual(changed, ["flap-1:revoked"]);
+    } finally {
+      await recheck.close();
+      await bus.close();
+      await store.close();
+      await schema.drop();
+    }
   },
 );
