@@ -98,6 +98,8 @@ interface Reads {
   /** lastSeqs calls answered. */
   lastSeqsDone: number;
   listDevices: number;
+  /** Makes the next listDevices call fail (the store is down). */
+  failListDevices: boolean;
   /**
    * Holds the next readingsAfter call: `waiting` resolves once it waits, `done` once it was
    * answered after `release` and the hub had a turn to act on the answer.
@@ -124,6 +126,7 @@ async function fixture(resumeMax = 1000): Promise<Fixture> {
     lastSeqs: 0,
     lastSeqsDone: 0,
     listDevices: 0,
+    failListDevices: false,
     hold() {
       const h: Held = {
         waiting: Promise.withResolvers(),
@@ -161,6 +164,10 @@ async function fixture(resumeMax = 1000): Promise<Fixture> {
     },
     listDevices(query) {
       reads.listDevices++;
+      if (reads.failListDevices) {
+        reads.failListDevices = false;
+        return Promise.reject(new Error("connection refused"));
+      }
       return store.listDevices(query);
     },
   };
@@ -336,6 +343,27 @@ hostileTest(
     await f.bus.publish([eventOf(row)]);
     assert.deepEqual(positionsOf(phone), ["a2@1"]);
     assert.deepEqual(positionsOf(laptop), ["a2@1"]);
+  },
+);
+
+hostileTest(
+  "an account subscription the store could not answer adds nothing and can be retried",
+  async () => {
+    await using f = await fixture();
+    await f.store.createUser(plainUser("u1", Date.now()));
+    await storeDevice(f.store, deviceRecord("a1", "u1", { algorithm: "hmac-sha256" }));
+    const client = recorder("u1");
+    f.hub.attach(client);
+    f.reads.failListDevices = true;
+    await assert.rejects(
+      f.hub.subscribe(client, { meters: ["a1"], account: true }),
+      (e: Error & { code?: string }) => e.code === "unavailable",
+    );
+    const view = f.hub.subscriptions(client);
+    assert.equal(view.meter_count, 0, "no phantom meter counted against the 1,000");
+    assert.equal(view.account, false);
+    await f.hub.subscribe(client, { account: true });
+    assert.deepEqual(Object.keys(f.hub.accountPositions(client)), ["a1"]);
   },
 );
 

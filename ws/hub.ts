@@ -281,7 +281,15 @@ export class WsHub {
         // A second connection of the owner waits for the first one's read.
         await this.#ownerLoads.get(owner);
       } catch (error) {
-        if (!state.detached) this.#dropAccount(client, state);
+        if (!state.detached) {
+          // Adds nothing: the meters named with it are not counted either.
+          for (const meter of added) {
+            const follow = state.follows.get(meter);
+            if (follow) follow.explicit = false;
+            state.explicitCount--;
+          }
+          this.#dropAccount(client, state);
+        }
         this.#logger.error("WebSocket account meters could not be read", { error });
         throw new GatewayError("unavailable", "The store is unavailable; subscribe again shortly", {
           retryAfter: 1,
@@ -476,6 +484,7 @@ export class WsHub {
     follow.held = null;
     held.sort((a, b) => seqOf(a) - seqOf(b));
     for (const event of held) {
+      if (state.follows.get(meter) !== follow) return; // disowned by one of them
       if (!fill && seqOf(event) > follow.seq + 1) break;
       this.#deliver(client, state, meter, follow, event, seqOf(event), undefined);
     }
