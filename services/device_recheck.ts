@@ -40,9 +40,9 @@ export class DeviceRecheck {
   }
 
   #lost(): void {
-    if (this.#since !== null) return;
-    this.#since = this.#o.clock.now() - SKEW_MARGIN_MS;
-    this.#timer = setInterval(() => this.check(), this.#o.intervalMs);
+    // Lost again while the check after the last outage runs: that outage's start still holds.
+    this.#since ??= this.#o.clock.now() - SKEW_MARGIN_MS;
+    this.#timer ??= setInterval(() => this.check(), this.#o.intervalMs);
   }
 
   #recovered(): void {

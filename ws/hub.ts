@@ -90,6 +90,8 @@ interface Follow {
   viaAccount: boolean;
   /** Non-null while a replay or catch-up runs: live events wait here, in arrival order. */
   held: ReadingAcceptedEvent[] | null;
+  /** A store head that a catch-up after a bus outage found while a replay ran (0: none). */
+  behind: number;
 }
 
 interface ClientState {
@@ -135,6 +137,8 @@ export class WsHub {
   /** Clients with an account subscription, by owner; and the meters each such owner has. */
   #accountClients = new Map<string, Set<HubClient>>();
   #ownerMeters = new Map<string, Set<string>>();
+  /** Owners whose meters are being read for their first account subscriber. */
+  #ownerLoads = new Map<string, Promise<void>>();
   #all = new Set<HubClient>();
   #topics = new Map<Topic, Subscription>();
   /** Connections being opened (upgrade answered, socket not open yet), by account. */
@@ -265,7 +269,31 @@ export class WsHub {
       state.account = true;
       const owner = client.principal.user_id;
       if (addTo(this.#accountClients, owner, client)) {
-        this.#ownerMeters.set(owner, new Set(await this.#metersOf(owner)));
+        const loading = this.#metersOf(owner).then((meters) => {
+          if (this.#accountClients.has(owner)) this.#ownerMeters.set(owner, new Set(meters));
+        });
+        this.#ownerLoads.set(owner, loading);
+        loading.catch(() => {}).finally(() => {
+          if (this.#ownerLoads.get(owner) === loading) this.#ownerLoads.delete(owner);
+        });
+      }
+      try {
+        // A second connection of the owner waits for the first one's read.
+        await this.#ownerLoads.get(owner);
+      } catch (error) {
+        if (!state.detached) {
+          // Adds nothing: the meters named with it are not counted either.
+          for (const meter of added) {
+            const follow = state.follows.get(meter);
+            if (follow) follow.explicit = false;
+            state.explicitCount--;
+          }
+          this.#dropAccount(client, state);
+        }
+        this.#logger.error("WebSocket account meters could not be read", { error });
+        throw new GatewayError("unavailable", "The store is unavailable; subscribe again shortly", {
+          retryAfter: 1,
+        });
       }
       if (state.detached) return;
       for (const meter of this.#ownerMeters.get(owner) ?? []) {
@@ -364,6 +392,7 @@ export class WsHub {
         explicit: named.includes(meter),
         viaAccount: accountMeters?.has(meter) ?? false,
         held: [],
+        behind: 0,
       });
       if (addTo(this.#followers, meter, client)) ready.push(this.#retain(`meter:${meter}`));
       else ready.push(this.#topics.get(`meter:${meter}`)?.ready ?? Promise.resolve());
@@ -413,7 +442,9 @@ export class WsHub {
     follow: Follow,
     head: number,
   ): Promise<void> {
-    while (follow.seq < head && !state.detached) {
+    // Until the client stops following the meter (unsubscribed, or no longer its owner).
+    const following = () => !state.detached && state.follows.get(meter) === follow;
+    while (follow.seq < head && following()) {
       const rows = await this.#store.readingsAfter(
         meter,
         follow.seq,
@@ -421,8 +452,14 @@ export class WsHub {
       );
       if (rows.length === 0) break; // deleted by retention meanwhile: nothing left to send
       for (const row of rows) {
+        if (!following()) return;
         const seq = row.seq ?? 0;
         if (seq <= follow.seq) continue;
+        // Readings stored while the meter had another owner are not this client's to see.
+        if (!mayRead(client, row.user_id)) {
+          follow.seq = seq;
+          continue;
+        }
         this.stats.replayed++;
         if (!this.#send(client, JSON.stringify(eventOf(row)))) return;
         follow.seq = seq;
@@ -430,13 +467,33 @@ export class WsHub {
     }
   }
 
-  /** Sends what was held during a replay, filling any gap from the store first. */
-  #releaseHeld(client: HubClient, state: ClientState, meter: string, follow: Follow): void {
+  /**
+   * Sends what was held during a replay, filling any gap from the store first. After a fill
+   * that the store could not complete (`fill` false), held events past a gap are dropped: the
+   * store does not have what precedes them, and a new fill would only ask it again; the next
+   * live event fills whatever was real.
+   */
+  #releaseHeld(
+    client: HubClient,
+    state: ClientState,
+    meter: string,
+    follow: Follow,
+    fill = true,
+  ): void {
     const held = follow.held ?? [];
     follow.held = null;
     held.sort((a, b) => seqOf(a) - seqOf(b));
     for (const event of held) {
+      if (state.follows.get(meter) !== follow) return; // disowned by one of them
+      if (!fill && seqOf(event) > follow.seq + 1) break;
       this.#deliver(client, state, meter, follow, event, seqOf(event), undefined);
+    }
+    if (follow.behind > follow.seq && follow.held === null && state.follows.get(meter) === follow) {
+      // A bus outage ended while this replay ran: catch up to what the store had then.
+      const head = follow.behind;
+      follow.behind = 0;
+      follow.held = [];
+      this.#fill(client, state, meter, follow, head + 1);
     }
   }
 
@@ -455,6 +512,12 @@ export class WsHub {
       return text;
     }
     if (seq <= follow.seq) return text; // already sent (replayed, or from two topics)
+    if (!mayRead(client, event.data.user_id)) {
+      // A reading of another owner: the meter changed hands (a device.changed event lost, or
+      // one that crossed this subscription's ownership check).
+      this.#disown(client, state, meter);
+      return text;
+    }
     if (seq === follow.seq + 1) {
       text ??= JSON.stringify(event);
       if (this.#send(client, text)) follow.seq = seq;
@@ -468,12 +531,17 @@ export class WsHub {
 
   /** Fills a gap up to `upTo` from the store, then releases what was held meanwhile. */
   #fill(client: HubClient, state: ClientState, meter: string, follow: Follow, upTo: number) {
-    const head = upTo - 1;
+    let head = upTo - 1;
     const run = async () => {
       if (head - follow.seq > this.#resumeMax) {
-        follow.seq = head;
-        this.#resync(client, state, [meter], "gap_too_large");
-        return;
+        // An event's seq is trusted only as far as the store has it (a forged or foreign
+        // event must not move the client past every reading to come).
+        head = Math.min(head, (await this.#store.lastSeqs([meter])).get(meter) ?? 0);
+        if (head - follow.seq > this.#resumeMax) {
+          follow.seq = head;
+          this.#resync(client, state, [meter], "gap_too_large");
+          return;
+        }
       }
       await this.#replay(client, state, meter, follow, head);
     };
@@ -483,7 +551,7 @@ export class WsHub {
       this.#resync(client, state, [meter], "store_unavailable");
     }).finally(() => {
       if (!state.detached && state.follows.get(meter) === follow) {
-        this.#releaseHeld(client, state, meter, follow);
+        this.#releaseHeld(client, state, meter, follow, follow.seq >= upTo - 1);
       }
     });
   }
@@ -499,7 +567,12 @@ export class WsHub {
         for (const client of clients) {
           const state = this.#clients.get(client);
           const follow = state?.follows.get(meter);
-          if (!state || !follow || follow.held || follow.seq >= head) continue;
+          if (!state || !follow || follow.seq >= head) continue;
+          if (follow.held) {
+            // A replay runs: it catches up to this head once it is done.
+            follow.behind = Math.max(follow.behind, head);
+            continue;
+          }
           follow.held = [];
           this.#fill(client, state, meter, follow, head + 1);
         }
@@ -638,20 +711,8 @@ export class WsHub {
       const state = this.#clients.get(client);
       const follow = state?.follows.get(meter);
       if (!state || !follow) continue;
-      const principal = client.principal;
-      if (principal.role === "admin" || principal.user_id === owner) continue;
-      if (follow.explicit) state.explicitCount--;
-      follow.explicit = false;
-      follow.viaAccount = false;
-      this.#unfollow(client, state, meter);
-      this.#send(
-        client,
-        JSON.stringify({
-          type: "unsubscribed",
-          meters: [meter],
-          reason: `Meter "${meter}" is no longer yours`,
-        }),
-      );
+      if (mayRead(client, owner)) continue;
+      this.#disown(client, state, meter);
     }
     for (const [other, meters] of this.#ownerMeters) {
       if (other !== owner) meters.delete(meter);
@@ -671,6 +732,25 @@ export class WsHub {
         this.#logger.warn("could not follow a newly registered meter", { error, meter_id: meter })
       );
     }
+  }
+
+  /** Ends a client's following of a meter it no longer owns, and tells it so. */
+  #disown(client: HubClient, state: ClientState, meter: string): void {
+    const follow = state.follows.get(meter);
+    if (!follow) return;
+    if (follow.explicit) state.explicitCount--;
+    follow.explicit = false;
+    follow.viaAccount = false;
+    this.#unfollow(client, state, meter);
+    this.#ownerMeters.get(client.principal.user_id)?.delete(meter);
+    this.#send(
+      client,
+      JSON.stringify({
+        type: "unsubscribed",
+        meters: [meter],
+        reason: `Meter "${meter}" is no longer yours`,
+      }),
+    );
   }
 
   // --- sending ---------------------------------------------------------------------------
@@ -703,6 +783,11 @@ export function eventOf(row: ReadingRow): ReadingAcceptedEvent {
     data: toReading(row),
     position: formatPosition(row.meter_id, row.seq ?? 0),
   };
+}
+
+/** Whether a client may see readings owned by `userId` (admins see every meter's). */
+function mayRead(client: HubClient, userId: string | undefined): boolean {
+  return client.principal.role === "admin" || client.principal.user_id === userId;
 }
 
 function seqOf(event: ReadingAcceptedEvent): number {
