@@ -77,6 +77,8 @@ const envSchema = z.object({
   WS_SEND_BUFFER_MAX: int(1024 * 1024, 1024),
   WS_MAX_CONNECTIONS_PER_USER: int(16, 1, 100_000),
   WS_RESUME_MAX: int(1000, 1, 100_000),
+  // 0 turns the check off.
+  WS_POSITION_CHECK_INTERVAL: duration("10s"),
   DEVICE_RECHECK_INTERVAL: duration("10s").pipe(z.number().min(100, "must be at least 100ms")),
   // Read cache (cache/read_cache.ts); a TTL of 0 turns that read's caching off.
   CACHE_USER_STATS_TTL: duration("300s").pipe(z.number().max(86_400_000, "must be at most 1d")),
@@ -275,6 +277,8 @@ export interface Config {
   wsMaxPerUser: number;
   /** Readings a resume replays per meter at most; a larger gap gets `resync_required`. */
   wsResumeMax: number;
+  /** How often the hub compares followed meters' store positions with what it sent (0: never). */
+  wsPositionCheckMs: number;
   /** While the bus is down, how often live actors re-check their devices in the store. */
   deviceRecheckMs: number;
   /** Who disconnects revoked devices at an external broker (MQTT_BROKER_ADMIN). */
@@ -488,6 +492,7 @@ export function loadConfig(
     wsSendBufferMax: e.WS_SEND_BUFFER_MAX,
     wsMaxPerUser: e.WS_MAX_CONNECTIONS_PER_USER,
     wsResumeMax: e.WS_RESUME_MAX,
+    wsPositionCheckMs: e.WS_POSITION_CHECK_INTERVAL,
     deviceRecheckMs: e.DEVICE_RECHECK_INTERVAL,
     brokerAdmin: brokerAdminOf(e, e.MQTT_CLIENT_ID ?? `gridtokenx-gateway-${instanceId}`),
     redis,

@@ -218,6 +218,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     sendBufferMax: config.wsSendBufferMax,
     maxPerUser: config.wsMaxPerUser,
     resumeMax: config.wsResumeMax,
+    positionCheckMs: config.wsPositionCheckMs,
   });
   const userState = new UserStateCache({ load: (id) => store.getUser(id), clock });
   let broker: EmbeddedBroker | undefined;

@@ -49,11 +49,18 @@ interface Fixture extends AsyncDisposable {
   commit(meter: string, n: number, owner?: string): Promise<ReadingRow[]>;
 }
 
-async function fixture(resumeMax = 1000): Promise<Fixture> {
+async function fixture(resumeMax = 1000, positionCheckMs?: number): Promise<Fixture> {
   const dir = await Deno.makeTempDir({ prefix: "gw-hub-" });
   const store = await KvStore.open(`${dir}/gateway.kv`, { dedupeWindowMs: 1000 });
   const bus = new LocalBus();
-  const hub = new WsHub({ bus, store, logger: silentLogger, sendBufferMax: 1 << 20, resumeMax });
+  const hub = new WsHub({
+    bus,
+    store,
+    logger: silentLogger,
+    sendBufferMax: 1 << 20,
+    resumeMax,
+    positionCheckMs,
+  });
   const next = new Map<string, number>();
   return {
     store,
@@ -244,4 +251,16 @@ Deno.test("WsHub re-checks subscriptions when a meter changes owner", async (t) 
     });
     assert.equal(account.closedWith, 4001);
   });
+});
+
+Deno.test("WsHub sends a reading whose event was lost, at the next position check", async () => {
+  await using f = await fixture(1000, 20);
+  const client = recorder("u1");
+  f.hub.attach(client);
+  await f.hub.subscribe(client, { meters: ["m1"] });
+  const [first, last] = await f.commit("m1", 2);
+  await f.bus.publish([eventOf(first)]); // the last one's event never comes: no gap shows it
+  await waitFor(() => positionsOf(client).length === 2, "the lost reading from the store");
+  assert.deepEqual(positionsOf(client), ["m1@1", "m1@2"]);
+  assert.equal(last.seq, 2);
 });

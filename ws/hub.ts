@@ -62,6 +62,14 @@ export interface WsHubOptions {
   maxMetersPerClient?: number;
   /** Readings replayed per meter at most; a larger gap gets `resync_required`. Default 1 000. */
   resumeMax?: number;
+  /**
+   * How often followed meters' store positions are compared with what clients were sent
+   * (`WS_POSITION_CHECK_INTERVAL`); 0 or absent: never. Pub/sub is at most once: an event lost
+   * where no outage was seen (a publish that failed on another instance while this one was
+   * connected) is then sent from the store within this interval, even when no later reading of
+   * the meter reveals the gap.
+   */
+  positionCheckMs?: number;
 }
 
 /** What one subscribe or unsubscribe asks for. */
@@ -144,6 +152,8 @@ export class WsHub {
   /** Connections being opened (upgrade answered, socket not open yet), by account. */
   #reserved = new Map<string, number>();
   #stopBusWatch: () => void;
+  #positionTimer: ReturnType<typeof setInterval> | undefined;
+  #checking = false;
   readonly stats: HubStats = { dropped: 0, replayed: 0, resyncs: 0, busOutages: 0 };
 
   constructor(options: WsHubOptions) {
@@ -154,6 +164,13 @@ export class WsHub {
     this.#maxPerUser = options.maxPerUser ?? 16;
     this.#maxMeters = options.maxMetersPerClient ?? MAX_METERS_PER_CLIENT;
     this.#resumeMax = options.resumeMax ?? RESUME_MAX;
+    if (options.positionCheckMs) {
+      this.#positionTimer = setInterval(() => {
+        if (this.#checking) return;
+        this.#checking = true;
+        this.#catchUpAll(null).finally(() => this.#checking = false);
+      }, options.positionCheckMs);
+    }
     this.#stopBusWatch = this.#bus.onConnectionChange((up) => {
       if (up) {
         this.#logger.info("bus reconnected; catching WebSocket clients up from the store", {});
@@ -365,6 +382,7 @@ export class WsHub {
   /** Unsubscribes from the bus and forgets every client (the sockets are closed elsewhere). */
   close(): void {
     this.#stopBusWatch();
+    clearInterval(this.#positionTimer);
     for (const client of [...this.#clients.keys()]) this.detach(client);
     for (const sub of this.#topics.values()) sub.unsubscribe();
     this.#topics.clear();
@@ -557,11 +575,14 @@ export class WsHub {
   }
 
   /** After a bus outage: every followed meter whose store head moved is caught up. */
-  #catchUpAll(reason: string): void {
-    for (const client of this.#all) this.#resync(client, this.#clients.get(client)!, [], reason);
+  #catchUpAll(reason: string | null): Promise<void> {
+    // The firehose is live only: after an outage its clients are told to resync.
+    if (reason !== null) {
+      for (const client of this.#all) this.#resync(client, this.#clients.get(client)!, [], reason);
+    }
     const meters = [...this.#followers.keys()];
-    if (meters.length === 0) return;
-    this.#store.lastSeqs(meters).then((heads) => {
+    if (meters.length === 0) return Promise.resolve();
+    return this.#store.lastSeqs(meters).then((heads) => {
       for (const [meter, clients] of this.#followers) {
         const head = heads.get(meter) ?? 0;
         for (const client of clients) {
@@ -578,6 +599,8 @@ export class WsHub {
         }
       }
     }).catch((error) => {
+      // A periodic check tries again at its next interval.
+      if (reason === null) return this.#logger.debug("position check failed", { error });
       this.#logger.error("catch-up after the bus outage failed", { error });
       for (const client of this.#clients.keys()) {
         const state = this.#clients.get(client)!;
