@@ -52,9 +52,10 @@ import {
  *      the same lock to be race-free and cannot report the colliding reading; measured, the
  *      trigger's probe alone took an unnest insert from ~60k to ~36k rows/s, about the rate
  *      of this whole scheme with locks and conflict reporting.
- *      The same statement numbers the rows it stores (`seq`, last_seq + 1, ... of the locked
- *      meter row, which it moves on): the lock, held to commit, makes each meter's numbers
- *      dense and commit-ordered, so a reader that sees seq = k also sees 1 .. k - 1.
+ *      The function numbers the rows it stores (`seq`, last_seq + 1, ... of the locked meter
+ *      row, moved on by the statement that takes the lock and set back for rows that turned out
+ *      duplicates): the lock, held to commit, makes each meter's numbers dense and
+ *      commit-ordered, so a reader that sees seq = k also sees 1 .. k - 1.
  *   3. Only when the batch itself holds collisions (two rows of a meter strictly within the
  *      window) the stored neighbours are fetched first and the batch is judged in input
  *      order, as the port requires, before the accepted rows go through step 2.
@@ -476,7 +477,7 @@ export class PostgresStore implements Store {
   /**
    * Locks the meters (`sortedMeters`, those of `rows[indices]`) and inserts `rows[indices]`
    * except those with a stored reading strictly within the window, numbering them, in one
-   * statement (`gateway_insert_readings_seq`, migration 0006); returns one result per input row
+   * call (`gateway_insert_readings_seq`, migration 0006); returns one result per input row
    * (entries of rows outside `indices` are left empty).
    */
   async #insertNew(
