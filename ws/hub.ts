@@ -1,5 +1,6 @@
 import type { Bus, Subscription } from "../bus/bus.ts";
 import { GatewayError } from "../core/errors.ts";
+import { Semaphore } from "../core/semaphore.ts";
 import {
   type DeviceChangedEvent,
   formatPosition,
@@ -46,6 +47,9 @@ const ENDED_REASON: Record<UserChangedEvent["data"]["change"], string> = {
 export const MAX_METERS_PER_CLIENT = 1_000;
 /** Readings one resume may replay per meter by default; a larger gap gets `resync_required`. */
 export const RESUME_MAX = 1_000;
+// Replays and gap fills reading the store at once, and waiting for a turn, per instance.
+const STORE_READS = 8;
+const STORE_READS_WAITING = 1_000_000;
 // An account subscription follows at most this many of the owner's meters.
 const MAX_ACCOUNT_METERS = 10_000;
 
@@ -153,6 +157,7 @@ export class WsHub {
   #reserved = new Map<string, number>();
   #stopBusWatch: () => void;
   #positionTimer: ReturnType<typeof setInterval> | undefined;
+  #reads = new Semaphore(STORE_READS, STORE_READS_WAITING);
   #checking = false;
   readonly stats: HubStats = { dropped: 0, replayed: 0, resyncs: 0, busOutages: 0 };
 
@@ -463,11 +468,15 @@ export class WsHub {
     // Until the client stops following the meter (unsubscribed, or no longer its owner).
     const following = () => !state.detached && state.follows.get(meter) === follow;
     while (follow.seq < head && following()) {
-      const rows = await this.#store.readingsAfter(
-        meter,
-        follow.seq,
-        Math.min(head - follow.seq, 500),
-      );
+      // After an outage every (client, meter) behind the store starts here at once: the store
+      // sees a bounded number of these reads, the rest wait their turn.
+      if (!await this.#reads.acquire()) throw new Error("too many store reads waiting");
+      let rows: ReadingRow[];
+      try {
+        rows = await this.#store.readingsAfter(meter, follow.seq, Math.min(head - follow.seq, 500));
+      } finally {
+        this.#reads.release();
+      }
       if (rows.length === 0) break; // deleted by retention meanwhile: nothing left to send
       for (const row of rows) {
         if (!following()) return;
