@@ -15,7 +15,7 @@ import { authRoutes } from "./auth.ts";
 import { docsRoutes } from "./docs.ts";
 import { errorHandler } from "./errors.ts";
 import { healthRoutes } from "./health.ts";
-import { meterRoutes } from "./meters.ts";
+import { type MeterOwners, meterRoutes } from "./meters.ts";
 import { metricsRoutes } from "./metrics.ts";
 import type { Metrics } from "../core/metrics.ts";
 import { type AuthEnv, bearerAuth } from "./middleware.ts";
@@ -52,6 +52,8 @@ export interface AppDeps {
   /** The Redis bus's connection (advisory in /readyz); absent in-process. */
   busConnected?: () => boolean | undefined;
   metrics: Metrics;
+  /** Each meter's owner, cached (ownership checks of every read and subscribe). */
+  owners?: MeterOwners;
   /** Read-through cache of reading listings and stats (cache/read_cache.ts); absent: none. */
   cache?: StoreReads;
 }

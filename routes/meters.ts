@@ -163,6 +163,13 @@ export interface MeterRoutesDeps {
   clock: Clock;
   /** Read-through cache of listings and stats (cache/read_cache.ts); absent: the store. */
   cache?: StoreReads;
+  /** Each meter's owner, cached and invalidated by device events; absent: the store. */
+  owners?: MeterOwners;
+}
+
+/** Who owns a meter (`null`: unknown meter). */
+export interface MeterOwners {
+  get(meterId: string): Promise<string | null>;
 }
 
 /** `/api/meters`: submission, listing and stats. */
@@ -174,8 +181,10 @@ export function meterRoutes(deps: MeterRoutesDeps): OpenAPIHono<AuthEnv> {
   /** Users may only name their own meters; unknown ones get the same answer as others'. */
   async function assertOwner(principal: Principal, meterId: string): Promise<void> {
     if (principal.role === "admin") return;
-    const device = await deps.store.getDevice(meterId);
-    if (!mayUseMeter(principal, device?.user_id)) {
+    const owner = deps.owners
+      ? await deps.owners.get(meterId)
+      : (await deps.store.getDevice(meterId))?.user_id;
+    if (!mayUseMeter(principal, owner ?? undefined)) {
       throw new GatewayError("forbidden", notYourMeter(meterId));
     }
   }

@@ -5,6 +5,7 @@ import { GatewayError } from "../core/errors.ts";
 import { meterIdSchema } from "../core/reading.ts";
 import type { Principal } from "../core/user.ts";
 import type { Store } from "../db/store.ts";
+import type { MeterOwners } from "./meters.ts";
 import type { TokenService } from "../services/tokens.ts";
 import { clientAddress } from "./middleware.ts";
 import { CLOSE_TOKEN_ENDED, type HubClient, type WsHub } from "../ws/hub.ts";
@@ -51,7 +52,7 @@ export type WsEnv = { Variables: { principal: Principal; release: () => void } }
  * ended (expired, logout, password change, account changed or deleted; the reason says which).
  */
 export function wsRoutes(
-  deps: { hub: WsHub; tokens: TokenService; store: Store },
+  deps: { hub: WsHub; tokens: TokenService; store: Store; owners?: MeterOwners },
 ): Hono<WsEnv> {
   const app = new Hono<WsEnv>();
 
@@ -59,8 +60,10 @@ export function wsRoutes(
     if (principal.role === "admin") return;
     if (msg.all) throw new GatewayError("forbidden", "Only admins may subscribe to all meters");
     for (const meter of msg.meters ?? []) {
-      const device = await deps.store.getDevice(meter);
-      if (!device || device.user_id !== principal.user_id) {
+      const owner = deps.owners
+        ? await deps.owners.get(meter)
+        : (await deps.store.getDevice(meter))?.user_id;
+      if (owner !== principal.user_id) {
         throw new GatewayError("forbidden", `Meter "${meter}" is not one of yours`);
       }
     }

@@ -24,7 +24,7 @@ import { MqttIntake } from "../mqtt/intake.ts";
 import { DeviceService } from "../services/devices.ts";
 import { TokenService } from "../services/tokens.ts";
 import { UserService } from "../services/users.ts";
-import { UserStateCache } from "../services/user_state.ts";
+import { StateCache, UserStateCache } from "../services/user_state.ts";
 import { DeviceRecheck } from "../services/device_recheck.ts";
 import { openBrokerAdmin } from "../mqtt/broker_admin.ts";
 import type { Cache } from "../cache/cache.ts";
@@ -221,11 +221,17 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     positionCheckMs: config.wsPositionCheckMs,
   });
   const userState = new UserStateCache({ load: (id) => store.getUser(id), clock });
+  // Read on every per-meter read and subscribe; changed only by (re-)registration.
+  const owners = new StateCache<string>({
+    load: async (meterId) => (await store.getDevice(meterId))?.user_id ?? null,
+    clock,
+  });
   let broker: EmbeddedBroker | undefined;
   let external: ExternalIngress | undefined;
   const control = bus.subscribe("control", (event) => {
     if (event.type === "device.changed") {
       registry.invalidate(event.data.meter_id);
+      owners.invalidate(event.data.meter_id);
       if (event.data.change === "revoked") broker?.disconnect(event.data.meter_id);
     }
     if (event.type === "user.changed") userState.invalidate(event.data.user_id);
@@ -239,6 +245,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     intervalMs: config.deviceRecheckMs,
     onChanged: (meterId, status) => {
       registry.invalidate(meterId);
+      owners.invalidate(meterId);
       if (status === "revoked") broker?.disconnect(meterId);
     },
   });
@@ -378,6 +385,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const app = createApp({
     store,
     cache: reads,
+    owners,
     registry,
     users,
     devices,

@@ -1,10 +1,10 @@
 import type { Clock } from "../core/clock.ts";
 import type { UserState } from "../core/user.ts";
 
-/** Options of {@linkcode UserStateCache}. */
-export interface UserStateCacheOptions {
-  /** Reads a user's current state from the store; `null` for an unknown (deleted) user. */
-  load: (userId: string) => Promise<UserState | null>;
+/** Options of {@linkcode StateCache}. */
+export interface StateCacheOptions<T> {
+  /** Reads the current state from the store; `null` for an unknown key (a deleted user). */
+  load: (key: string) => Promise<T | null>;
   clock: Clock;
   /**
    * How long an entry is trusted without a bus event, in ms (default 30 s). Changes are
@@ -16,34 +16,36 @@ export interface UserStateCacheOptions {
   max?: number;
 }
 
-interface Entry {
-  state: UserState | null;
+/** Options of {@linkcode UserStateCache}. */
+export type UserStateCacheOptions = StateCacheOptions<UserState>;
+
+interface Entry<T> {
+  state: T | null;
   at: number;
 }
 
 /**
- * Per-user role, disabled flag and token generation, held in memory so that every request can
- * re-check its token against the account's current state without a store round trip.
- * Invalidated by `user.changed` bus events (and by this instance's own changes at once).
+ * State read on every request, held in memory (LRU, TTL) and invalidated by bus events, so that
+ * a request need not read the store for it; a load that an invalidation overtook is not kept.
  */
-export class UserStateCache {
-  #load: (userId: string) => Promise<UserState | null>;
+export class StateCache<T> {
+  #load: (key: string) => Promise<T | null>;
   #clock: Clock;
   #ttlMs: number;
   #max: number;
-  #entries = new Map<string, Entry>();
+  #entries = new Map<string, Entry<T>>();
   /** Counts invalidations: a load that saw one happen meanwhile does not write its result back. */
   #epoch = 0;
 
-  constructor(options: UserStateCacheOptions) {
+  constructor(options: StateCacheOptions<T>) {
     this.#load = options.load;
     this.#clock = options.clock;
     this.#ttlMs = options.ttlMs ?? 30_000;
     this.#max = options.max ?? 100_000;
   }
 
-  /** The user's current state (cached), or `null` when the user does not exist. */
-  async get(userId: string): Promise<UserState | null> {
+  /** The current state (cached), or `null` when the key does not exist. */
+  async get(userId: string): Promise<T | null> {
     const now = this.#clock.now();
     const entry = this.#entries.get(userId);
     if (entry && now - entry.at < this.#ttlMs) {
@@ -76,3 +78,10 @@ export class UserStateCache {
     return this.#entries.size;
   }
 }
+
+/**
+ * Per-user role, disabled flag and token generation, so that every request can re-check its
+ * token against the account's current state without a store round trip. Invalidated by
+ * `user.changed` bus events (and by this instance's own changes at once).
+ */
+export class UserStateCache extends StateCache<UserState> {}

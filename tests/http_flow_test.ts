@@ -979,3 +979,17 @@ Deno.test("an import returns the secrets of the devices registered before an une
     ["imp-1", "imp-2"],
   );
 });
+
+Deno.test("a meter's cached owner is forgotten when it is registered: no stale 403", async () => {
+  await using gw = await startTestGateway();
+  const alice = await gw.createUser("owner-cache@flow.test");
+  const path = "/api/meters/readings?meter_id=owner-cache-1";
+  // Unknown meter: refused, and the answer (no owner) is cached.
+  equal((await gw.request("GET", path, { token: alice.token })).status, 403);
+  equal((await gw.request("GET", path, { token: alice.token })).status, 403);
+  await gw.registerMeter("owner-cache-1", alice.id);
+  const after = await gw.request("GET", path, { token: alice.token });
+  equal(after.status, 200, JSON.stringify(after.body));
+  const other = await gw.createUser("not-owner@flow.test");
+  equal((await gw.request("GET", path, { token: other.token })).status, 403);
+});
