@@ -11,6 +11,7 @@ import {
   type TestGateway,
 } from "./_gateway.ts";
 import { within as withinDefault } from "./_mosquitto.ts";
+import { deviceRecord, storeDevice } from "./_devices.ts";
 
 /** Upper bound for any single awaited event; a guard against hangs, not a synchronisation. */
 const EVENT_TIMEOUT_MS = 10_000;
@@ -633,16 +634,29 @@ Deno.test("a WebSocket client that stops reading is disconnected once its send b
   }
 });
 
+/**
+ * `n` meters `<prefix>-1` … of `userId`, written straight to the store (the API's registration
+ * limit would take minutes): their owners are not cached yet, so checking them reads the store.
+ */
+async function ownMeters(gw: TestGateway, userId: string, prefix: string, n: number) {
+  const ids = Array.from({ length: n }, (_, i) => `${prefix}-${i + 1}`);
+  for (const id of ids) {
+    await storeDevice(gw.gateway.store, deviceRecord(id, userId, { algorithm: "hmac-sha256" }));
+  }
+  return ids;
+}
+
 Deno.test("a WebSocket client with more than 16 messages pending is closed with 1008", async () => {
   await using gw = await startTestGateway();
   const user = await gw.createUser("flood@ws.test");
-  await gw.registerMeter("flood-1", user.id);
+  const meters = await ownMeters(gw, user.id, "flood", 1000);
   await using flooder = await WsClient.connect(gw, user.token);
-  // Each message makes the server look the owner of 1 000 meters up, one after the other, so
-  // all 17 arrive long before the first is handled: the 17th finds 16 pending and is refused.
+  // The first message makes the server look the owners of 1 000 meters up in the store, one
+  // after the other, so all 17 arrive long before it is handled: the 17th finds 16 pending and
+  // is refused.
   // (Exactly 17: frames that arrive after the server's close frame make Deno drop the
   // connection without completing the close handshake, and the client would not see the code.)
-  const message = { type: "subscribe", meters: Array(1000).fill("flood-1") };
+  const message = { type: "subscribe", meters };
   for (let i = 0; i < 17; i++) flooder.send(message);
   const event = await Promise.race([
     flooder.closed,
@@ -669,9 +683,9 @@ Deno.test("a WebSocket client with more than 16 messages pending is closed with 
 Deno.test("20 WebSocket messages sent back to back get the close code 1008 with its reason", async () => {
   await using gw = await startTestGateway();
   const user = await gw.createUser("burst20@ws.test");
-  await gw.registerMeter("burst20-1", user.id);
+  const meters = await ownMeters(gw, user.id, "burst20", 1000);
   await using flooder = await WsClient.connect(gw, user.token);
-  const message = { type: "subscribe", meters: Array(1000).fill("burst20-1") };
+  const message = { type: "subscribe", meters };
   for (let i = 0; i < 20; i++) flooder.send(message);
   const event = await within(flooder.closed, "the flooder's close");
   assert.equal(event.code, 1008, `closed with ${event.code} "${event.reason}"`);
