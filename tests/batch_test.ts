@@ -196,7 +196,7 @@ Deno.test("batch submission reports every reading by index and stores exactly th
   await t.step("what is not a batch gets a clear 4xx and creates nothing", async () => {
     const before = await countJobs(gw);
     const reading = signedReading("bm-0", meters[0].secret_hex, isoAgo(MINUTE, now));
-    const cases: [string, RequestInit["body"], number][] = [
+    const cases: [string, string, number][] = [
       ["too many", JSON.stringify({ readings: Array(1001).fill(reading) }), 400],
       ["readings not an array", JSON.stringify({ readings: { a: reading } }), 400],
       ["not an object", JSON.stringify([reading]), 400],
