@@ -29,6 +29,8 @@ export interface Submission {
   caller?: Principal;
   /** The client's network address, when the transport knows it (for the security log). */
   address?: string;
+  /** The batch job submitting it (`source: "batch"`): the stored row carries it. */
+  batch_job_id?: string;
 }
 
 /** What an actor knows of its device, loaded at activation. */
@@ -147,6 +149,7 @@ export class MeterActor {
         source: msg.source,
         submitted_at: now,
         minted: false,
+        ...(msg.batch_job_id === undefined ? {} : { batch_job_id: msg.batch_job_id }),
       },
     };
   }

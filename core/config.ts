@@ -22,6 +22,13 @@ const int = (fallback: number, min = 1, max = Number.MAX_SAFE_INTEGER) =>
 
 const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 
+/**
+ * Bytes one reading of a batch may take in the body: the largest legal reading (64-character
+ * meter and key ids, a 42-character amount, a 40-character timestamp, a 256-character signature,
+ * field names and punctuation) is under 600; whitespace between readings gets the rest.
+ */
+const BATCH_READING_BYTES = 640;
+
 /** Every environment variable the gateway reads, with its default. */
 const envSchema = z.object({
   HOST: z.string().min(1).default("0.0.0.0"),
@@ -64,6 +71,14 @@ const envSchema = z.object({
   WRITER_FLUSH_MS: int(5, 0, 10_000),
   WRITER_QUEUE_MAX: int(20_000),
   WRITER_CONCURRENCY: int(1, 1, 64),
+  // Batch ingestion (services/batch_runner.ts).
+  BATCH_MAX_SIZE: int(1000, 1, 10_000),
+  BATCH_SYNC_MAX: int(100, 1, 10_000),
+  BATCH_WORKER_CONCURRENCY: int(2, 1, 64),
+  BATCH_LEASE: duration("15s").pipe(z.number().min(300, "must be at least 300ms")),
+  BATCH_MAX_ATTEMPTS: int(3, 1, 100),
+  BATCH_RETRY_BACKOFF: duration("5s").pipe(z.number().min(10, "must be at least 10ms")),
+  BATCH_RETENTION: duration("7d").pipe(z.number().min(60_000, "must be at least 1m")),
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
   HTTP_BODY_BUDGET: int(64 * 1024 * 1024, 1024),
@@ -262,6 +277,23 @@ export interface Config {
   };
   httpBodyLimit: number;
   importBodyLimit: number;
+  /** Batch ingestion: limits, the runner's lease and retries (services/batch_runner.ts). */
+  batch: {
+    /** Readings per batch at most. */
+    maxSize: number;
+    /** Batches up to this size may be submitted with `?mode=sync`. */
+    syncMax: number;
+    /** Jobs one instance runs at once. */
+    concurrency: number;
+    leaseMs: number;
+    maxAttempts: number;
+    /** The first wait after a transient failure, doubled per attempt (with jitter). */
+    retryBackoffMs: number;
+    /** Finished jobs are purged this long after they finished. */
+    retentionMs: number;
+    /** The batch route's body limit: room for `maxSize` readings of the largest legal size. */
+    bodyLimit: number;
+  };
   /** The HTTP listener's limits (see server/http_listener.ts). */
   http: {
     /** Bytes of request bodies being read at once, over all requests. */
@@ -396,6 +428,11 @@ export function loadConfig(
       );
     }
   }
+  // Sized for BATCH_MAX_SIZE readings (never below the general limit, never above the budget).
+  const batchBodyLimit = Math.min(
+    e.HTTP_BODY_BUDGET,
+    Math.max(e.HTTP_BODY_LIMIT, e.BATCH_MAX_SIZE * BATCH_READING_BYTES),
+  );
   const redis = redisOf(e);
   const instanceId = e.GATEWAY_INSTANCE_ID ?? options.hostname ??
     `gw-${crypto.randomUUID().slice(0, 8)}`;
@@ -481,6 +518,16 @@ export function loadConfig(
     },
     httpBodyLimit: e.HTTP_BODY_LIMIT,
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,
+    batch: {
+      maxSize: e.BATCH_MAX_SIZE,
+      syncMax: Math.min(e.BATCH_SYNC_MAX, e.BATCH_MAX_SIZE),
+      concurrency: e.BATCH_WORKER_CONCURRENCY,
+      leaseMs: e.BATCH_LEASE,
+      maxAttempts: e.BATCH_MAX_ATTEMPTS,
+      retryBackoffMs: e.BATCH_RETRY_BACKOFF,
+      retentionMs: e.BATCH_RETENTION,
+      bodyLimit: batchBodyLimit,
+    },
     http: {
       bodyBudget: e.HTTP_BODY_BUDGET,
       maxConnections: e.HTTP_MAX_CONNECTIONS,

@@ -15,6 +15,8 @@ export type ErrorCode =
   | "unauthorized"
   | "not_found"
   | "conflict"
+  /** An `Idempotency-Key` used again with a different request body. */
+  | "idempotency_mismatch"
   | "overloaded"
   | "unavailable"
   | "internal";

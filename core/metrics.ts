@@ -59,6 +59,20 @@ export class Metrics {
     this.#families.set(name, { help, type: "gauge", values: new Map(), read });
   }
 
+  /** Declares a gauge whose labelled series are set with {@linkcode Metrics.set}. */
+  gaugeSet(name: string, help: string): void {
+    this.#families.set(name, { help, type: "gauge", values: new Map() });
+  }
+
+  /** Sets a labelled series of a gauge declared with {@linkcode Metrics.gaugeSet}. */
+  set(name: string, labels: Labels, value: number): void {
+    const family = this.#families.get(name);
+    if (!family || family.type !== "gauge" || family.read) {
+      throw new RangeError(`Unknown settable gauge "${name}"`);
+    }
+    family.values.set(this.#keyOf(labels), value);
+  }
+
   /** Declares a counter kept elsewhere and read at scrape time (it only ever grows). */
   counterOf(name: string, help: string, read: () => number): void {
     this.#families.set(name, { help, type: "counter", values: new Map(), read });

@@ -109,6 +109,8 @@ export interface ReadingRow {
   minted: boolean;
   /** The reading's number among its meter's stored readings, once stored (see `Store`). */
   seq?: number;
+  /** The batch job that stored it (`source = "batch"`); absent otherwise. */
+  batch_job_id?: string;
 }
 
 /** A reading as the API shows it. */

@@ -1,13 +1,33 @@
 import { decodeCursor, encodeCursor, malformedCursor } from "./_cursor.ts";
+import {
+  BATCH_STATUSES,
+  type BatchFinish,
+  type BatchProgress,
+  checkClaim,
+  checkFinish,
+  checkProgress,
+  decodeJobCursor,
+  encodeJobCursor,
+  FINISHED_STATUSES,
+  finishedJob,
+  newBatchJob,
+  retriedJob,
+  RETRYABLE_STATUSES,
+  zeroCounts,
+} from "./_batch_jobs.ts";
+import type { BatchItemError, BatchJob, BatchStatus } from "../core/batch.ts";
 import type { AuditEntry, DeviceRecord } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import { insertSorted, nearestColliding } from "../core/rules.ts";
 import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 import {
+  type BatchJobQuery,
+  type ClaimedBatchJob,
   type DeviceChange,
   type HourlyStat,
   type InsertResult,
+  type NewBatchJob,
   ownsDevices,
   type Page,
   type ReadingQuery,
@@ -46,6 +66,26 @@ import {
  *                                               checking its versionstamp makes a whole batch's
  *                                               dedupe decisions atomic (see insertReadings)
  *   ["totals", field] / ["totals_by_user", user_id, field]   KvU64 counters
+ *   ["readings_by_batch", job_id, meter_id, ts]  null: readings stored by a batch job (the row
+ *                                               carries `batch_job_id` too)
+ *
+ * Batch jobs (every change of a job is one commit that checks the job's versionstamp and keeps
+ * its indexes in step):
+ *   ["batch_jobs", id]                          KvJob: the job without its errors
+ *   ["batch_items", id, n]                      Uint8Array: piece n of the UTF-8 JSON of the
+ *                                               job's readings (at most PIECE_BYTES each)
+ *   ["batch_errors", id, rev, n]                Uint8Array: piece n of the JSON of its errors,
+ *                                               revision `rev` (replaced as a whole)
+ *   ["batch_idem", user_id, key]                job id: one job per user and Idempotency-Key
+ *   ["batch_pending", id]                       created_at: pieces uploaded, job not committed
+ *                                               yet (cleared by the commit, or by a purge)
+ *   ["batch_live", created_at, id]              LiveEntry of a queued or running job: what a
+ *                                               claim scans, oldest first
+ *   ["batch_by_time", created_at, id]           null: listings, newest first
+ *   ["batch_by_user", user_id, created_at, id]  null
+ *   ["batch_by_status", status, created_at, id] null
+ *   ["batch_finished", finished_at, id]         null: purging by age
+ *   ["batch_counts", status]                    KvU64: jobs per status
  */
 
 /**
@@ -577,6 +617,9 @@ export class KvStore implements Store {
           op.set(["readings_by_seq", meter, seq], row.ts);
           op.set(["readings_by_user", row.user_id, row.ts, meter], null);
           op.set(["readings_by_time", row.ts, meter], null);
+          if (row.batch_job_id !== undefined) {
+            op.set(["readings_by_batch", row.batch_job_id, meter, row.ts], null);
+          }
           const totals = totalsOf(byUser, row.user_id);
           totals.count++;
           totals.kwh_e4 += row.kwh_e4;
@@ -869,6 +912,395 @@ export class KvStore implements Store {
     return rows;
   }
 
+  // ---- batch jobs --------------------------------------------------------------------------
+
+  /**
+   * The readings are stored as the UTF-8 bytes of their JSON, cut into values of at most
+   * {@linkcode PIECE_BYTES}. A small job is one atomic commit; a larger one uploads its pieces
+   * first (under a `["batch_pending", id]` marker that a purge clears should the submission
+   * die), then commits the job. That commit checks that `["batch_idem", user, key]` is absent
+   * and writes it: of two concurrent submissions with one key, one makes the job, the other
+   * fails its check, drops its pieces and returns that job.
+   */
+  async createBatchJob(
+    input: NewBatchJob,
+    readings: unknown[],
+  ): Promise<{ job: BatchJob; created: boolean }> {
+    const job = newBatchJob(input, readings);
+    const existing = await this.#jobOfKey(job);
+    if (existing !== null) return { job: existing, created: false };
+    const pieces = splitPieces(encoder.encode(JSON.stringify(readings)));
+    const record: KvJob = { ...withoutErrors(job), items_pieces: pieces.length, errors_rev: null };
+    const inline = pieces.length <= PIECES_PER_COMMIT;
+    if (!inline) {
+      await this.#uploadPieces(["batch_items", job.id], pieces, {
+        key: ["batch_pending", job.id],
+        value: job.created_at,
+      });
+    }
+    const idemKey: Deno.KvKey | null = job.idempotency_key === null
+      ? null
+      : ["batch_idem", job.user_id, job.idempotency_key];
+    const op = this.#kv.atomic().check({ key: ["batch_jobs", job.id], versionstamp: null });
+    if (idemKey !== null) op.check({ key: idemKey, versionstamp: null }).set(idemKey, job.id);
+    if (inline) pieces.forEach((piece, n) => op.set(["batch_items", job.id, n], piece));
+    else op.delete(["batch_pending", job.id]);
+    writeJob(op, null, record);
+    if ((await commit(op)).ok) return { job, created: true };
+    // Lost to a submission with the same key (or the id is taken).
+    if (!inline) await this.#deletePieces(["batch_items", job.id], pieces.length, job.id);
+    const winner = await this.#jobOfKey(job);
+    if (winner !== null) return { job: winner, created: false };
+    throw new GatewayError("conflict", `Batch job "${job.id}" already exists`);
+  }
+
+  /** The job of `job`'s user and idempotency key, if there is one. */
+  async #jobOfKey(job: BatchJob): Promise<BatchJob | null> {
+    if (job.idempotency_key === null) return null;
+    const ref = await this.#kv.get<string>(["batch_idem", job.user_id, job.idempotency_key]);
+    return ref.value === null ? null : await this.getBatchJob(ref.value);
+  }
+
+  /** Sets `pieces` under `prefix` in commits within KV's limits; the first also sets `marker`. */
+  async #uploadPieces(
+    prefix: Deno.KvKey,
+    pieces: Uint8Array[],
+    marker?: { key: Deno.KvKey; value: number },
+  ): Promise<void> {
+    for (let i = 0; i < pieces.length; i += PIECES_PER_COMMIT) {
+      const op = this.#kv.atomic();
+      if (i === 0 && marker !== undefined) op.set(marker.key, marker.value);
+      for (let n = i; n < Math.min(pieces.length, i + PIECES_PER_COMMIT); n++) {
+        op.set([...prefix, n], pieces[n]);
+      }
+      await commitOrThrow(op);
+    }
+  }
+
+  /** Deletes `count` pieces under `prefix` (and the pending marker of `jobId`). */
+  async #deletePieces(prefix: Deno.KvKey, count: number, jobId?: string): Promise<void> {
+    for (let i = 0; i < count || i === 0; i += MAX_MUTATIONS - 1) {
+      const op = this.#kv.atomic();
+      if (i === 0 && jobId !== undefined) op.delete(["batch_pending", jobId]);
+      for (let n = i; n < Math.min(count, i + MAX_MUTATIONS - 1); n++) op.delete([...prefix, n]);
+      await commitOrThrow(op);
+    }
+  }
+
+  /** Reads and joins `count` pieces; `null` when one is missing (replaced meanwhile). */
+  async #readPieces(prefix: Deno.KvKey, count: number): Promise<unknown[] | null> {
+    if (count === 0) return [];
+    const keys = Array.from({ length: count }, (_, n) => [...prefix, n]);
+    const groups: Deno.KvKey[][] = [];
+    for (let i = 0; i < keys.length; i += GET_MANY_MAX) {
+      groups.push(keys.slice(i, i + GET_MANY_MAX));
+    }
+    const got = (await mapPool(groups, READ_CONCURRENCY, (g) => this.#kv.getMany<Uint8Array[]>(g)))
+      .flat();
+    if (got.some((entry) => entry.value === null)) return null;
+    return JSON.parse(decoder.decode(joinPieces(got.map((entry) => entry.value!)))) as unknown[];
+  }
+
+  /** The job of a stored record, with its errors (`null` when they were replaced meanwhile). */
+  async #withErrors(record: KvJob): Promise<BatchJob | null> {
+    const { items_pieces: _, errors_rev, ...rest } = record;
+    let errors: BatchItemError[] = [];
+    if (errors_rev !== null) {
+      const read = await this.#readPieces(
+        ["batch_errors", record.id, errors_rev.rev],
+        errors_rev.pieces,
+      );
+      if (read === null) return null;
+      errors = read as BatchItemError[];
+    }
+    return { ...rest, errors };
+  }
+
+  async getBatchJob(id: string): Promise<BatchJob | null> {
+    for (;;) {
+      const { value } = await this.#kv.get<KvJob>(["batch_jobs", id]);
+      if (value === null) return null;
+      const job = await this.#withErrors(value);
+      if (job !== null) return job;
+    }
+  }
+
+  async listBatchJobs(query: BatchJobQuery): Promise<Page<BatchJob>> {
+    const limit = checkLimit(query.limit);
+    // With both filters: the user's jobs, filtered by status (a user has few jobs).
+    const prefix: Deno.KvKey = query.user_id !== undefined
+      ? ["batch_by_user", query.user_id]
+      : query.status !== undefined
+      ? ["batch_by_status", query.status]
+      : ["batch_by_time"];
+    const filter = query.user_id !== undefined && query.status !== undefined;
+    const selector: Deno.KvListSelector = query.cursor === undefined ? { prefix } : (() => {
+      const after = decodeJobCursor(query.cursor!);
+      return { prefix, end: [...prefix, after.created_at, after.id] };
+    })();
+    const iter = this.#kv.list<null>(selector, {
+      reverse: true,
+      limit: filter ? undefined : limit + 1,
+      batchSize: filter ? 100 : batchSizeFor(limit + 1),
+    });
+    const items: BatchJob[] = [];
+    let more = false;
+    let ids: string[] = [];
+    const drain = async (): Promise<boolean> => {
+      const jobs = await Promise.all(ids.map((id) => this.getBatchJob(id)));
+      ids = [];
+      for (const job of jobs) {
+        if (job === null || (filter && job.status !== query.status)) continue;
+        if (items.length === limit) {
+          more = true;
+          return false;
+        }
+        items.push(job);
+      }
+      return true;
+    };
+    let open = true;
+    for await (const entry of iter) {
+      ids.push(entry.key.at(-1) as string);
+      if (ids.length === FILTER_GROUP && !(open = await drain())) break;
+    }
+    if (open && ids.length > 0) await drain();
+    return { items, next_cursor: more ? encodeJobCursor(items.at(-1)!) : null };
+  }
+
+  async countBatchJobs(): Promise<Record<BatchStatus, number>> {
+    const got = await this.#kv.getMany<Deno.KvU64[]>(
+      BATCH_STATUSES.map((status) => ["batch_counts", status]),
+    );
+    const counts = zeroCounts();
+    BATCH_STATUSES.forEach((status, i) => {
+      counts[status] = got[i].value === null ? 0 : Number(got[i].value!.value);
+    });
+    return counts;
+  }
+
+  /**
+   * Scans the live jobs (`["batch_live", created_at, id]`: queued and running, oldest first)
+   * for the first claimable one and takes it with a commit that checks the job's versionstamp;
+   * a claimer that lost the race to another goes on with the next.
+   */
+  async claimBatchJob(
+    owner: string,
+    now: number,
+    leaseMs: number,
+  ): Promise<ClaimedBatchJob | null> {
+    checkClaim(owner, now, leaseMs);
+    const iter = this.#kv.list<LiveEntry>({ prefix: ["batch_live"] }, { batchSize: 100 });
+    for await (const entry of iter) {
+      if (!claimable(entry.value, now)) continue;
+      const id = entry.key[2] as string;
+      const current = await this.#kv.get<KvJob>(["batch_jobs", id]);
+      if (current.value === null || !claimable(current.value, now)) continue;
+      const before = current.value;
+      const after: KvJob = {
+        ...before,
+        status: "running",
+        lease_owner: owner,
+        lease_until: now + leaseMs,
+        attempts: before.attempts + 1,
+        started_at: before.started_at ?? now,
+        updated_at: now,
+      };
+      const op = this.#kv.atomic().check(current);
+      writeJob(op, before, after);
+      if (!(await commit(op)).ok) continue;
+      // The claim holds the job: its readings and errors are not replaced under us.
+      const [job, readings] = await Promise.all([
+        this.#withErrors(after),
+        this.#readPieces(["batch_items", id], after.items_pieces),
+      ]);
+      if (job === null || readings === null) {
+        throw new GatewayError("internal", `Batch job "${id}" lost part of its stored data`);
+      }
+      return { job, readings };
+    }
+    return null;
+  }
+
+  async heartbeatBatchJob(
+    id: string,
+    owner: string,
+    leaseUntil: number,
+    progress?: BatchProgress,
+  ): Promise<boolean> {
+    if (progress !== undefined) checkProgress(progress);
+    if (!Number.isSafeInteger(leaseUntil)) {
+      throw new RangeError(`leaseUntil must be epoch milliseconds, got ${leaseUntil}`);
+    }
+    return await this.#changeLeased(id, owner, (job) => {
+      const after: KvJob = { ...job, lease_until: leaseUntil };
+      if (progress !== undefined) {
+        after.successful = progress.successful;
+        after.failed = progress.failed;
+        after.duplicates = progress.duplicates;
+      }
+      return { after, errors: progress?.errors };
+    });
+  }
+
+  async finishBatchJob(
+    id: string,
+    owner: string,
+    change: BatchFinish,
+    now: number,
+  ): Promise<boolean> {
+    checkFinish(change, now);
+    return await this.#changeLeased(id, owner, (job) => {
+      const { errors: _, ...next } = finishedJob({ ...job, errors: [] }, change, now);
+      return {
+        after: { ...next, items_pieces: job.items_pieces, errors_rev: job.errors_rev },
+        errors: change.errors,
+      };
+    });
+  }
+
+  /**
+   * Applies `change` to a running job while its lease is `owner`'s (false once it is not),
+   * replacing its errors when `change` gives new ones: small errors in the same commit, larger
+   * ones uploaded first under a new revision (dropped again should the commit fail).
+   */
+  async #changeLeased(
+    id: string,
+    owner: string,
+    change: (job: KvJob) => { after: KvJob; errors?: BatchItemError[] },
+  ): Promise<boolean> {
+    for (let attempt = 0;; attempt++) {
+      const current = await this.#kv.get<KvJob>(["batch_jobs", id]);
+      const before = current.value;
+      if (before === null || before.status !== "running" || before.lease_owner !== owner) {
+        return false;
+      }
+      const { after, errors } = change(before);
+      const op = this.#kv.atomic().check(current);
+      let uploaded: { rev: string; pieces: number } | null = null;
+      if (errors !== undefined) {
+        if (errors.length === 0) after.errors_rev = null;
+        else {
+          const pieces = splitPieces(encoder.encode(JSON.stringify(errors)));
+          const rev = crypto.randomUUID();
+          const prefix = ["batch_errors", id, rev];
+          if (pieces.length <= PIECES_PER_COMMIT) {
+            pieces.forEach((piece, n) => op.set([...prefix, n], piece));
+          } else {
+            await this.#uploadPieces(prefix, pieces);
+            uploaded = { rev, pieces: pieces.length };
+          }
+          after.errors_rev = { rev, pieces: pieces.length };
+        }
+      }
+      writeJob(op, before, after);
+      const old = before.errors_rev;
+      const replaced = errors !== undefined && old !== null;
+      // The old revision goes in the same commit when it is small, else right after it.
+      if (replaced && old.pieces <= PIECES_PER_COMMIT) {
+        for (let n = 0; n < old.pieces; n++) op.delete(["batch_errors", id, old.rev, n]);
+      }
+      const ok = (await commit(op)).ok;
+      if (!ok) {
+        if (uploaded !== null) {
+          await this.#deletePieces(["batch_errors", id, uploaded.rev], uploaded.pieces);
+        }
+        if (attempt === MAX_ATTEMPTS) {
+          throw new GatewayError("unavailable", `Batch job "${id}" is changing too often; retry`);
+        }
+        continue;
+      }
+      if (replaced && old.pieces > PIECES_PER_COMMIT) {
+        await this.#deletePieces(["batch_errors", id, old.rev], old.pieces);
+      }
+      return true;
+    }
+  }
+
+  async retryBatchJob(id: string, now: number): Promise<BatchJob> {
+    for (let attempt = 0;; attempt++) {
+      const current = await this.#kv.get<KvJob>(["batch_jobs", id]);
+      const before = current.value;
+      if (before === null) throw new GatewayError("not_found", `Batch job "${id}" not found`);
+      if (!RETRYABLE_STATUSES.includes(before.status)) {
+        throw new GatewayError(
+          "conflict",
+          `Batch job "${id}" is ${before.status}: only dead or failed jobs can be retried`,
+          { details: { status: before.status } },
+        );
+      }
+      const { errors: _, ...next } = retriedJob({ ...before, errors: [] }, now);
+      const after: KvJob = { ...next, items_pieces: before.items_pieces, errors_rev: null };
+      const op = this.#kv.atomic().check(current);
+      writeJob(op, before, after);
+      const old = before.errors_rev;
+      if (old !== null && old.pieces <= PIECES_PER_COMMIT) {
+        for (let n = 0; n < old.pieces; n++) op.delete(["batch_errors", id, old.rev, n]);
+      }
+      if ((await commit(op)).ok) {
+        if (old !== null && old.pieces > PIECES_PER_COMMIT) {
+          await this.#deletePieces(["batch_errors", id, old.rev], old.pieces);
+        }
+        return { ...withoutStorage(after), errors: [] };
+      }
+      if (attempt === MAX_ATTEMPTS) {
+        throw new GatewayError("unavailable", `Batch job "${id}" is changing too often; retry`);
+      }
+    }
+  }
+
+  /**
+   * Deletes finished jobs by `["batch_finished", finished_at, id]`, each with its indexes and
+   * idempotency key in one commit checked against the job (a job retried meanwhile stays), then
+   * its pieces. Also clears submissions that died between uploading and committing.
+   */
+  async purgeBatchJobs(before: number): Promise<number> {
+    if (!Number.isSafeInteger(before)) {
+      throw new RangeError(`before must be epoch milliseconds, got ${before}`);
+    }
+    let purged = 0;
+    const iter = this.#kv.list<null>({
+      start: ["batch_finished"],
+      end: ["batch_finished", before],
+    }, { batchSize: 100 });
+    for await (const entry of iter) {
+      const id = entry.key[2] as string;
+      const current = await this.#kv.get<KvJob>(["batch_jobs", id]);
+      const job = current.value;
+      if (job === null || !FINISHED_STATUSES.includes(job.status)) continue;
+      const op = this.#kv.atomic().check(current);
+      writeJob(op, job, null);
+      if (job.idempotency_key !== null) {
+        op.delete(["batch_idem", job.user_id, job.idempotency_key]);
+      }
+      if (!(await commit(op)).ok) continue;
+      purged++;
+      await this.#deletePieces(["batch_items", id], job.items_pieces);
+      if (job.errors_rev !== null) {
+        await this.#deletePieces(["batch_errors", id, job.errors_rev.rev], job.errors_rev.pieces);
+      }
+    }
+    for await (const entry of this.#kv.list<number>({ prefix: ["batch_pending"] })) {
+      if (entry.value >= before) continue;
+      const id = entry.key[1] as string;
+      const pieces: Deno.KvKey[] = [];
+      for await (const piece of this.#kv.list({ prefix: ["batch_items", id] })) {
+        pieces.push(piece.key);
+      }
+      await this.#deletePieces(["batch_items", id], pieces.length, id);
+    }
+    return purged;
+  }
+
+  async readingsOfBatchJob(id: string): Promise<{ meter_id: string; ts: number }[]> {
+    const out: { meter_id: string; ts: number }[] = [];
+    const iter = this.#kv.list<null>({ prefix: ["readings_by_batch", id] }, { batchSize: 1000 });
+    for await (const entry of iter) {
+      out.push({ meter_id: entry.key[2] as string, ts: entry.key[3] as number });
+    }
+    return out;
+  }
+
   // ---- lifecycle ---------------------------------------------------------------------------
 
   async ping(): Promise<void> {
@@ -970,11 +1402,16 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
     for (const i of plan.accepted) {
       const row = rows[i];
       const userBytes = keyPartBytes(row.user_id);
+      // A row of a batch job has one more index entry.
+      const batchKeyBytes = row.batch_job_id === undefined
+        ? 0
+        : 20 + keyPartBytes(row.batch_job_id) + meterBytes + 9;
       const rowKeyBytes = (10 + meterBytes + 9) + (18 + userBytes + 9 + meterBytes) +
-        (18 + 9 + meterBytes) + (17 + meterBytes + 9);
+        (18 + 9 + meterBytes) + (17 + meterBytes + 9) + batchKeyBytes;
       // The row carries its seq (SEQ_BYTES), and the seq index points at its ts.
       const rowBytes = rowKeyBytes + rowValueBytes(row) + SEQ_BYTES +
-        3 * (MUTATION_OVERHEAD + 1) + (MUTATION_OVERHEAD + SEQ_BYTES);
+        3 * (MUTATION_OVERHEAD + 1) + (MUTATION_OVERHEAD + SEQ_BYTES) +
+        (row.batch_job_id === undefined ? 0 : MUTATION_OVERHEAD + 1);
       const cost = () => {
         const newPart = part === null;
         const headUsers = newPart ? (head?.user_ids ?? []) : part!.headAfter.user_ids;
@@ -983,7 +1420,7 @@ function buildChunks(rows: ReadingRow[], plans: MeterPlan[]): ChunkPart[][] {
           (headUsers.includes(row.user_id) ? 0 : FIELD_METERS) | (row.minted ? FIELD_MINTED : 0);
         const had = users.get(row.user_id) ?? 0;
         const sums = popCount(fields & ~had);
-        let m = 4;
+        let m = row.batch_job_id === undefined ? 4 : 5;
         let k = rowKeyBytes;
         let b = rowBytes;
         if (newPart) {
@@ -1087,7 +1524,112 @@ function stringValueBytes(s: string | null): number {
 function rowValueBytes(row: ReadingRow): number {
   return 160 + stringValueBytes(row.meter_id) + stringValueBytes(row.user_id) +
     stringValueBytes(row.wallet_address) + stringValueBytes(row.key_id) +
-    stringValueBytes(row.device_signature) + stringValueBytes(row.source);
+    stringValueBytes(row.device_signature) + stringValueBytes(row.source) +
+    (row.batch_job_id === undefined ? 0 : 16 + stringValueBytes(row.batch_job_id));
+}
+
+// ---- batch jobs --------------------------------------------------------------------------------
+
+/** A job as stored: its errors live in pieces of their own (they may exceed a value's 64 KiB). */
+type KvJob = Omit<BatchJob, "errors"> & {
+  /** Pieces of the readings under ["batch_items", id]. */
+  items_pieces: number;
+  /** The errors' revision and pieces under ["batch_errors", id, rev]; `null`: none. */
+  errors_rev: { rev: string; pieces: number } | null;
+};
+
+/** What a claim judges a live job by (kept in step with the job). */
+type LiveEntry = Pick<BatchJob, "status" | "run_after" | "lease_until">;
+
+// A value holds at most 64 KiB; a commit at most 800 KiB of mutations: ten pieces leave room.
+const PIECE_BYTES = 65_536;
+const PIECES_PER_COMMIT = 10;
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+function isLive(job: KvJob | null): job is KvJob {
+  return job !== null && (job.status === "queued" || job.status === "running");
+}
+
+function claimable(job: LiveEntry, now: number): boolean {
+  return (job.status === "queued" && job.run_after <= now) ||
+    (job.status === "running" && job.lease_until !== null && job.lease_until < now);
+}
+
+/** Adds to `op` the change of a job from `before` to `after` (`null`: absent) with its indexes. */
+function writeJob(op: Deno.AtomicOperation, before: KvJob | null, after: KvJob | null): void {
+  const job = (after ?? before)!;
+  const { id, created_at } = job;
+  if (after === null) {
+    op.delete(["batch_jobs", id]);
+    op.delete(["batch_by_time", created_at, id]);
+    op.delete(["batch_by_user", job.user_id, created_at, id]);
+  } else {
+    op.set(["batch_jobs", id], after);
+    if (before === null) {
+      op.set(["batch_by_time", created_at, id], null);
+      op.set(["batch_by_user", job.user_id, created_at, id], null);
+    }
+  }
+  if (before?.status !== after?.status) {
+    if (before !== null) {
+      op.delete(["batch_by_status", before.status, created_at, id]);
+      op.sum(["batch_counts", before.status], 0xffff_ffff_ffff_ffffn);
+    }
+    if (after !== null) {
+      op.set(["batch_by_status", after.status, created_at, id], null);
+      op.sum(["batch_counts", after.status], 1n);
+    }
+  }
+  if (isLive(after)) {
+    const live: LiveEntry = {
+      status: after.status,
+      run_after: after.run_after,
+      lease_until: after.lease_until,
+    };
+    op.set(["batch_live", created_at, id], live);
+  } else if (isLive(before)) {
+    op.delete(["batch_live", created_at, id]);
+  }
+  const was = before?.finished_at ?? null;
+  const is = after !== null && FINISHED_STATUSES.includes(after.status) ? after.finished_at : null;
+  if (was !== null && was !== is) op.delete(["batch_finished", was, id]);
+  if (is !== null) op.set(["batch_finished", is, id], null);
+}
+
+function withoutErrors(job: BatchJob): Omit<BatchJob, "errors"> {
+  const { errors: _, ...rest } = job;
+  return rest;
+}
+
+function withoutStorage(job: KvJob): Omit<BatchJob, "errors"> {
+  const { items_pieces: _i, errors_rev: _e, ...rest } = job;
+  return rest;
+}
+
+/** `bytes` cut into values KV can hold. */
+function splitPieces(bytes: Uint8Array): Uint8Array[] {
+  const pieces: Uint8Array[] = [];
+  for (let i = 0; i < bytes.length; i += PIECE_BYTES) {
+    pieces.push(bytes.slice(i, i + PIECE_BYTES));
+  }
+  return pieces;
+}
+
+function joinPieces(pieces: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(pieces.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const piece of pieces) {
+    out.set(piece, at);
+    at += piece.length;
+  }
+  return out;
+}
+
+/** Commits an operation without checks (it cannot fail but for the backend). */
+async function commitOrThrow(op: Deno.AtomicOperation): Promise<void> {
+  const res = await commit(op);
+  if (!res.ok) throw new GatewayError("unavailable", "A KV commit without checks failed; retry");
 }
 
 /** Runs `fn` over `items` with at most `width` in flight; results in input order. */
@@ -1149,6 +1691,9 @@ function setAudit(op: Deno.AtomicOperation, audit: AuditEntry): Deno.AtomicOpera
 }
 
 function checkRow(row: ReadingRow): void {
+  if (row.batch_job_id !== undefined && typeof row.batch_job_id !== "string") {
+    throw new GatewayError("invalid_payload", "reading batch_job_id must be a string");
+  }
   if (!Number.isSafeInteger(row.ts)) {
     throw new GatewayError("invalid_payload", `reading ts must be an integer, got ${row.ts}`);
   }

@@ -1,5 +1,18 @@
 import { decodeCursor, encodeCursor, malformedCursor } from "./_cursor.ts";
 import postgres from "postgres";
+import {
+  type BatchFinish,
+  type BatchProgress,
+  checkClaim,
+  checkFinish,
+  checkProgress,
+  decodeJobCursor,
+  encodeJobCursor,
+  FINISHED_STATUSES,
+  newBatchJob,
+  zeroCounts,
+} from "./_batch_jobs.ts";
+import type { BatchItemError, BatchJob, BatchStatus } from "../core/batch.ts";
 import type { AuditEntry, DeviceRecord, StoredKey } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
@@ -17,8 +30,11 @@ import {
 } from "./migrate.ts";
 import { openPinnedPool } from "./postgres_pool.ts";
 import {
+  type BatchJobQuery,
+  type ClaimedBatchJob,
   type DeviceChange,
   type InsertResult,
+  type NewBatchJob,
   ownsDevices,
   type Page,
   type ReadingQuery,
@@ -32,7 +48,8 @@ import {
  * How insertReadings stays exact under concurrency
  *
  * One transaction per batch; in the common case a single statement, the function
- * `gateway_insert_readings_seq` of migration 0006 (one round trip), which does steps 1 and 2:
+ * `gateway_insert_readings_seq` of migration 0006 (in its version of 0008, which also stores
+ * the rows' batch jobs; one round trip), which does steps 1 and 2:
  *
  *   1. Lock the batch's meters: one row per meter in `reading_meters`, upserted in meter_id
  *      order with `ON CONFLICT DO UPDATE ... WHERE false`, which row-locks existing meters
@@ -127,7 +144,16 @@ const CONNECTION_CODES = new Set([
 ]);
 
 /** A reading as selected (a driver row object; `toReading` copies it to a plain one). */
-type ReadingRecord = Omit<ReadingRow, "seq"> & { seq: number | null };
+type ReadingRecord = Omit<ReadingRow, "seq" | "batch_job_id"> & {
+  seq: number | null;
+  batch_job_id: string | null;
+};
+
+/** A batch job as selected (`toJob` copies it to a plain one). */
+type JobRecord = BatchJob;
+
+// Readings of a batch job per row of batch_job_items (a chunk of ~100-300 KB of JSON).
+const JOB_CHUNK = 500;
 
 interface DeviceRow {
   meter_id: string;
@@ -477,7 +503,7 @@ export class PostgresStore implements Store {
   /**
    * Locks the meters (`sortedMeters`, those of `rows[indices]`) and inserts `rows[indices]`
    * except those with a stored reading strictly within the window, numbering them, in one
-   * call (`gateway_insert_readings_seq`, migration 0006); returns one result per input row
+   * call (`gateway_insert_readings_seq`, migrations 0006 and 0008); returns one result per input row
    * (entries of rows outside `indices` are left empty).
    */
   async #insertNew(
@@ -497,6 +523,8 @@ export class PostgresStore implements Store {
     const source = new Array<string>(n);
     const submitted = new Array<number>(n);
     const minted = new Array<boolean>(n);
+    // Sent as NULL (every row of no job) unless a row has one: the common case stays as cheap.
+    let batch: (string | null)[] | null = null;
     for (let j = 0; j < n; j++) {
       const r = rows[indices[j]];
       meter[j] = r.meter_id;
@@ -509,6 +537,10 @@ export class PostgresStore implements Store {
       source[j] = r.source;
       submitted[j] = r.submitted_at;
       minted[j] = r.minted;
+      if (r.batch_job_id !== undefined) {
+        batch ??= new Array<string | null>(n).fill(null);
+        batch[j] = r.batch_job_id;
+      }
     }
     const answers = await sql<{ ord: number; conflict_ts: number | null; seq: number | null }[]>`
       SELECT ord, conflict_ts, seq::float8 AS seq FROM gateway_insert_readings_seq(
@@ -518,7 +550,8 @@ export class PostgresStore implements Store {
         ${sql.array(wallet, 25)}::text[], ${sql.array(key, 25)}::text[],
         ${sql.array(signature, 25)}::text[], ${sql.array(source, 25)}::text[],
         ${sql.array(submitted, 20)}::int8[], ${sql.array(minted, 16)}::bool[],
-        ${`${this.#windowMs} milliseconds`}::interval)`;
+        ${`${this.#windowMs} milliseconds`}::interval,
+        ${batch === null ? null : sql.array(batch, 25)}::text[])`;
     // The function answers every row exactly once (or raises).
     const results = new Array<InsertResult>(rows.length);
     for (const a of answers) {
@@ -784,6 +817,220 @@ export class PostgresStore implements Store {
     }
   }
 
+  // ---- batch jobs --------------------------------------------------------------------------
+
+  /**
+   * One transaction: the job (`INSERT ... ON CONFLICT DO NOTHING`: a concurrent insert with the
+   * same user and key waits for the other transaction and then does nothing) and its readings
+   * in chunks of {@linkcode JOB_CHUNK} (`batch_job_items`). When nothing was inserted, the job
+   * of that key is read and returned.
+   */
+  async createBatchJob(
+    input: NewBatchJob,
+    readings: unknown[],
+  ): Promise<{ job: BatchJob; created: boolean }> {
+    const job = newBatchJob(input, readings);
+    const chunks: string[] = [];
+    for (let i = 0; i < readings.length; i += JOB_CHUNK) {
+      chunks.push(JSON.stringify(readings.slice(i, i + JOB_CHUNK)));
+    }
+    return await guard(this.#sql.begin(async (tx) => {
+      const inserted = await tx`
+        INSERT INTO batch_jobs (id, user_id, status, idempotency_key, body_sha256,
+          total_submitted, created_at, updated_at, run_after)
+        VALUES (${job.id}, ${job.user_id}, 'queued', ${job.idempotency_key}, ${job.body_sha256},
+          ${job.total_submitted}, ${date(job.created_at)}, ${date(job.created_at)},
+          ${date(job.created_at)})
+        ON CONFLICT DO NOTHING
+        RETURNING id`;
+      if (inserted.length === 0) {
+        const found = job.idempotency_key === null ? [] : await tx<JobRecord[]>`
+          SELECT ${jobColumns(tx)} FROM batch_jobs
+          WHERE user_id = ${job.user_id} AND idempotency_key = ${job.idempotency_key}`;
+        if (found.length === 0) {
+          throw new GatewayError("conflict", `Batch job "${job.id}" already exists`);
+        }
+        return { job: toJob(found[0]), created: false };
+      }
+      if (chunks.length > 0) {
+        await tx`
+          INSERT INTO batch_job_items (job_id, chunk_no, items)
+          SELECT ${job.id}, c.no - 1, c.items::json
+          FROM unnest(${tx.array(chunks, 25)}::text[]) WITH ORDINALITY AS c(items, no)`;
+      }
+      return { job, created: true };
+    }));
+  }
+
+  async getBatchJob(id: string): Promise<BatchJob | null> {
+    const sql = this.#sql;
+    const [row] = await guard(sql<JobRecord[]>`
+      SELECT ${jobColumns(sql)} FROM batch_jobs WHERE id = ${id}`);
+    return row === undefined ? null : toJob(row);
+  }
+
+  async listBatchJobs(query: BatchJobQuery): Promise<Page<BatchJob>> {
+    const sql = this.#sql;
+    const limit = checkLimit(query.limit);
+    const conds: Fragment[] = [];
+    if (query.user_id !== undefined) conds.push(sql`user_id = ${query.user_id}`);
+    if (query.status !== undefined) conds.push(sql`status = ${query.status}`);
+    if (query.cursor !== undefined) {
+      const after = decodeJobCursor(query.cursor);
+      conds.push(
+        sql`(created_at, id) < (${date(after.created_at)}::timestamptz, ${after.id}::text)`,
+      );
+    }
+    const rows = await guard(sql<JobRecord[]>`
+      SELECT ${jobColumns(sql)} FROM batch_jobs ${where(sql, conds)}
+      ORDER BY created_at DESC, id DESC LIMIT ${limit + 1}`);
+    const items = rows.slice(0, limit).map(toJob);
+    return {
+      items,
+      next_cursor: rows.length > limit ? encodeJobCursor(items.at(-1)!) : null,
+    };
+  }
+
+  async countBatchJobs(): Promise<Record<BatchStatus, number>> {
+    const rows = await guard(this.#sql<{ status: BatchStatus; n: number }[]>`
+      SELECT status, count(*)::float8 AS n FROM batch_jobs GROUP BY status`);
+    const counts = zeroCounts();
+    for (const r of rows) counts[r.status] = r.n;
+    return counts;
+  }
+
+  /**
+   * One transaction: the oldest claimable job, row-locked (`FOR UPDATE SKIP LOCKED`: a job
+   * another claimer is taking is passed over, and one it took no longer qualifies when its
+   * row is re-checked after the lock), leased, then its readings.
+   */
+  async claimBatchJob(
+    owner: string,
+    now: number,
+    leaseMs: number,
+  ): Promise<ClaimedBatchJob | null> {
+    checkClaim(owner, now, leaseMs);
+    const at = date(now);
+    return await guard(this.#sql.begin(async (tx) => {
+      // batch_jobs_claim_idx: the status condition matches its predicate.
+      const [candidate] = await tx<{ id: string }[]>`
+        SELECT id FROM batch_jobs
+        WHERE status IN ('queued', 'running')
+          AND ((status = 'queued' AND run_after <= ${at})
+            OR (status = 'running' AND lease_until < ${at}))
+        ORDER BY created_at, id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED`;
+      if (candidate === undefined) return null;
+      const [row] = await tx<JobRecord[]>`
+        UPDATE batch_jobs SET
+          status = 'running', lease_owner = ${owner}, lease_until = ${date(now + leaseMs)},
+          attempts = attempts + 1, started_at = coalesce(started_at, ${at}), updated_at = ${at}
+        WHERE id = ${candidate.id}
+        RETURNING ${jobColumns(tx)}`;
+      const chunks = await tx<{ items: string }[]>`
+        SELECT items::text AS items FROM batch_job_items
+        WHERE job_id = ${candidate.id} ORDER BY chunk_no`;
+      const readings: unknown[] = [];
+      for (const c of chunks) {
+        for (const item of JSON.parse(c.items) as unknown[]) readings.push(item);
+      }
+      return { job: toJob(row), readings };
+    }));
+  }
+
+  async heartbeatBatchJob(
+    id: string,
+    owner: string,
+    leaseUntil: number,
+    progress?: BatchProgress,
+  ): Promise<boolean> {
+    const sql = this.#sql;
+    if (progress !== undefined) checkProgress(progress);
+    const until = date(checkMs(leaseUntil, "leaseUntil"));
+    const result = progress === undefined
+      ? await guard(sql`
+        UPDATE batch_jobs SET lease_until = ${until}
+        WHERE id = ${id} AND status = 'running' AND lease_owner = ${owner}`)
+      : await guard(sql`
+        UPDATE batch_jobs SET lease_until = ${until}, successful = ${progress.successful},
+          failed = ${progress.failed}, duplicates = ${progress.duplicates},
+          errors = ${sql.json(jsonValue(progress.errors))}
+        WHERE id = ${id} AND status = 'running' AND lease_owner = ${owner}`);
+    return result.count === 1;
+  }
+
+  async finishBatchJob(
+    id: string,
+    owner: string,
+    change: BatchFinish,
+    now: number,
+  ): Promise<boolean> {
+    checkFinish(change, now);
+    const sql = this.#sql;
+    const at = date(now);
+    const finished = FINISHED_STATUSES.includes(change.status);
+    const set: Fragment[] = [
+      sql`status = ${change.status}`,
+      sql`lease_owner = NULL`,
+      sql`lease_until = NULL`,
+      sql`updated_at = ${at}`,
+      sql`finished_at = ${finished ? date(change.finished_at ?? now) : null}`,
+    ];
+    if (change.status === "queued") set.push(sql`run_after = ${date(change.run_after ?? now)}`);
+    if (change.successful !== undefined) set.push(sql`successful = ${change.successful}`);
+    if (change.failed !== undefined) set.push(sql`failed = ${change.failed}`);
+    if (change.duplicates !== undefined) set.push(sql`duplicates = ${change.duplicates}`);
+    if (change.errors !== undefined) {
+      set.push(sql`errors = ${sql.json(jsonValue(change.errors))}`);
+    }
+    if (change.last_error !== undefined) set.push(sql`last_error = ${change.last_error}`);
+    const assignments = set.slice(1).reduce((acc, s) => sql`${acc}, ${s}`, set[0]);
+    const result = await guard(sql`
+      UPDATE batch_jobs SET ${assignments}
+      WHERE id = ${id} AND status = 'running' AND lease_owner = ${owner}`);
+    return result.count === 1;
+  }
+
+  async retryBatchJob(id: string, now: number): Promise<BatchJob> {
+    const sql = this.#sql;
+    const at = date(checkMs(now, "now"));
+    const [row] = await guard(sql<JobRecord[]>`
+      UPDATE batch_jobs SET
+        status = 'queued', attempts = 0, successful = 0, failed = 0, duplicates = 0,
+        errors = '[]', run_after = ${at}, finished_at = NULL, updated_at = ${at},
+        lease_owner = NULL, lease_until = NULL
+      WHERE id = ${id} AND status IN ('dead', 'failed')
+      RETURNING ${jobColumns(sql)}`);
+    if (row !== undefined) return toJob(row);
+    const job = await this.getBatchJob(id);
+    if (job === null) throw new GatewayError("not_found", `Batch job "${id}" not found`);
+    throw new GatewayError(
+      "conflict",
+      `Batch job "${id}" is ${job.status}: only dead or failed jobs can be retried`,
+      { details: { status: job.status } },
+    );
+  }
+
+  async purgeBatchJobs(before: number): Promise<number> {
+    // Their readings go with them (ON DELETE CASCADE).
+    const result = await guard(this.#sql`
+      DELETE FROM batch_jobs
+      WHERE status IN ('completed', 'failed', 'dead')
+        AND finished_at < ${date(checkMs(before, "before"))}`);
+    return result.count;
+  }
+
+  async readingsOfBatchJob(id: string): Promise<{ meter_id: string; ts: number }[]> {
+    const sql = this.#sql;
+    // meter_readings_batch_idx (migration 0008).
+    const rows = await guard(sql<{ meter_id: string; ts: number }[]>`
+      SELECT meter_id, ${ms(sql, "reading_timestamp", "ts")} FROM meter_readings
+      WHERE batch_job_id = ${id}
+      ORDER BY meter_id, reading_timestamp`);
+    return rows.map((r) => ({ meter_id: r.meter_id, ts: r.ts }));
+  }
+
   // ---- lifecycle ---------------------------------------------------------------------------
 
   /** The schema's TimescaleDB policy jobs whose last run failed (none on plain PostgreSQL). */
@@ -814,7 +1061,14 @@ function ms(sql: postgres.ISql, expr: string, as = expr): Fragment {
 function readingColumns(sql: postgres.ISql): Fragment {
   return sql`meter_id, ${ms(sql, "reading_timestamp", "ts")},
     (kwh_amount * 10000)::float8 AS kwh_e4, user_id, wallet_address, key_id, device_signature,
-    source, ${ms(sql, "submitted_at")}, minted, seq::float8 AS seq`;
+    source, ${ms(sql, "submitted_at")}, minted, seq::float8 AS seq, batch_job_id`;
+}
+
+function jobColumns(sql: postgres.ISql): Fragment {
+  return sql`id, user_id, status, idempotency_key, body_sha256, total_submitted, successful,
+    failed, duplicates, attempts, errors, last_error, ${ms(sql, "created_at")},
+    ${ms(sql, "started_at")}, ${ms(sql, "finished_at")}, ${ms(sql, "updated_at")},
+    ${ms(sql, "run_after")}, lease_owner, ${ms(sql, "lease_until")}`;
 }
 
 function deviceColumns(sql: postgres.ISql): Fragment {
@@ -860,7 +1114,37 @@ function toReading(row: ReadingRecord): ReadingRow {
   };
   // Rows stored by releases before migration 0006 have none.
   if (row.seq !== null) reading.seq = row.seq;
+  if (row.batch_job_id !== null) reading.batch_job_id = row.batch_job_id;
   return reading;
+}
+
+function toJob(row: JobRecord): BatchJob {
+  return {
+    id: row.id,
+    user_id: row.user_id,
+    status: row.status,
+    idempotency_key: row.idempotency_key,
+    body_sha256: row.body_sha256,
+    total_submitted: row.total_submitted,
+    successful: row.successful,
+    failed: row.failed,
+    duplicates: row.duplicates,
+    attempts: row.attempts,
+    errors: row.errors as BatchItemError[],
+    last_error: row.last_error,
+    created_at: row.created_at,
+    started_at: row.started_at,
+    finished_at: row.finished_at,
+    updated_at: row.updated_at,
+    run_after: row.run_after,
+    lease_owner: row.lease_owner,
+    lease_until: row.lease_until,
+  };
+}
+
+/** A value as JSON: `undefined` members are dropped, as JSON has no such value. */
+function jsonValue(value: unknown): postgres.JSONValue {
+  return JSON.parse(JSON.stringify(value));
 }
 
 function toDevice(row: DeviceRow): DeviceRecord {
@@ -933,6 +1217,7 @@ function checkRow(row: ReadingRow): void {
       ["key_id", row.key_id],
       ["device_signature", row.device_signature],
       ["wallet_address", row.wallet_address ?? ""],
+      ["batch_job_id", row.batch_job_id ?? ""],
     ] as const
   ) {
     // PostgreSQL text cannot hold NUL; refuse it here rather than fail the whole batch there.

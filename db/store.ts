@@ -1,5 +1,6 @@
 import type { AuditEntry, DeviceRecord } from "../core/device.ts";
 import { GatewayError } from "../core/errors.ts";
+import type { BatchJob, BatchStatus } from "../core/batch.ts";
 import type { ReadingRow } from "../core/reading.ts";
 import type { NewUserRecord, User, UserRecord } from "../core/user.ts";
 
@@ -60,6 +61,27 @@ export interface HourlyStat {
   avg_kwh: number;
   min_kwh: number;
   max_kwh: number;
+}
+
+/** A new job for {@linkcode Store.createBatchJob}: queued, no attempt yet. */
+export type NewBatchJob = Pick<
+  BatchJob,
+  "id" | "user_id" | "idempotency_key" | "body_sha256" | "total_submitted" | "created_at"
+>;
+
+/** A claimed job: the job (now `running`, leased to the claimer) and all its readings. */
+export interface ClaimedBatchJob {
+  job: BatchJob;
+  /** The submitted readings, by index (as submitted: validated by the runner). */
+  readings: unknown[];
+}
+
+/** Filters of {@linkcode Store.listBatchJobs}. */
+export interface BatchJobQuery {
+  user_id?: string;
+  status?: BatchStatus;
+  limit: number;
+  cursor?: string;
 }
 
 /** Options every store honours. */
@@ -150,6 +172,74 @@ export interface Store {
   readingStats(query: { user_id?: string }): Promise<ReadingStats>;
   /** Per-hour statistics of one meter over `[from, to)` (rounded out to whole hours). */
   hourlyStats(meterId: string, from: number, to: number): Promise<HourlyStat[]>;
+
+  /**
+   * Stores a job and its readings durably (chunked: a Deno KV value holds at most 64 KiB).
+   * With an `idempotency_key`, a job of the same user with the same key is returned instead
+   * (`created: false`), whatever its body: the caller compares `body_sha256` (422 on a
+   * mismatch). Atomic: two concurrent submissions with one key make one job.
+   */
+  createBatchJob(
+    job: NewBatchJob,
+    readings: unknown[],
+  ): Promise<{ job: BatchJob; created: boolean }>;
+  getBatchJob(id: string): Promise<BatchJob | null>;
+  /** Jobs newest first, optionally one user's and/or of one status. */
+  listBatchJobs(query: BatchJobQuery): Promise<Page<BatchJob>>;
+  /** Jobs by status (queue depth for metrics and `jobs:list`). */
+  countBatchJobs(): Promise<Record<BatchStatus, number>>;
+  /**
+   * Claims the oldest claimable job for `owner` until `now + leaseMs`: a `queued` one whose
+   * `run_after` has come, or a `running` one whose lease ran out (its runner died). The claim
+   * starts an attempt (`attempts + 1`, `started_at` set once). Two claimers never get one job
+   * (PostgreSQL: `FOR UPDATE SKIP LOCKED` in the claiming transaction; Deno KV: an atomic
+   * check of the job's versionstamp). `null` when none is claimable.
+   */
+  claimBatchJob(owner: string, now: number, leaseMs: number): Promise<ClaimedBatchJob | null>;
+  /**
+   * Extends `owner`'s lease to `leaseUntil` and records progress (counters and errors so far);
+   * `false` when the lease is no longer `owner`'s (taken over: stop working on the job).
+   */
+  heartbeatBatchJob(
+    id: string,
+    owner: string,
+    leaseUntil: number,
+    progress?: Pick<BatchJob, "successful" | "failed" | "duplicates" | "errors">,
+  ): Promise<boolean>;
+  /**
+   * Ends `owner`'s attempt: `completed` (or `failed`) with final counts, or back to `queued`
+   * with `run_after` and `last_error` after a transient failure, or `dead` when attempts are
+   * exhausted. `false` (and nothing changed) when the lease is no longer `owner`'s.
+   */
+  finishBatchJob(
+    id: string,
+    owner: string,
+    change:
+      & Pick<BatchJob, "status">
+      & Partial<
+        Pick<
+          BatchJob,
+          | "successful"
+          | "failed"
+          | "duplicates"
+          | "errors"
+          | "run_after"
+          | "last_error"
+          | "finished_at"
+        >
+      >,
+    now: number,
+  ): Promise<boolean>;
+  /** Requeues a `dead` (or `failed`) job with its attempts reset; `not_found` / `conflict`. */
+  retryBatchJob(id: string, now: number): Promise<BatchJob>;
+  /** Deletes finished jobs (`completed`, `failed`, `dead`) finished before `before`; returns how many. */
+  purgeBatchJobs(before: number): Promise<number>;
+  /**
+   * The readings this job stored (natural keys `meter_id` + `ts`): a re-run after a crash
+   * counts them as its own successes, not as duplicates. Rows carry the job id they were
+   * stored by (`ReadingRow.batch_job_id`).
+   */
+  readingsOfBatchJob(id: string): Promise<{ meter_id: string; ts: number }[]>;
 
   /** Cheap liveness probe of the backend. */
   ping(): Promise<void>;

@@ -21,6 +21,8 @@ import type { Metrics } from "../core/metrics.ts";
 import { type AuthEnv, bearerAuth } from "./middleware.ts";
 import { BodyBudget, boundedBody } from "./body.ts";
 import { wsRoutes } from "./ws.ts";
+import { adminBatchRoutes, BATCH_SUBMIT_PATH, batchRoutes } from "./batches.ts";
+import type { BatchRunner } from "../services/batch_runner.ts";
 import type { WsHub } from "../ws/hub.ts";
 
 /** `/api` routes that take no bearer token. */
@@ -56,6 +58,11 @@ export interface AppDeps {
   owners?: MeterOwners;
   /** Read-through cache of reading listings and stats (cache/read_cache.ts); absent: none. */
   cache?: StoreReads;
+  /** Runs batch jobs (wakes it when a job is created, waits for sync ones). */
+  runner: Pick<BatchRunner, "submitted" | "awaitFinished" | "wake">;
+  batch: { maxSize: number; syncMax: number; bodyLimit: number };
+  /** How long `?mode=sync` waits for a batch's result. */
+  syncWaitMs: number;
 }
 
 /** Builds the Hono app: REST under /api, /ws, health, OpenAPI and docs. */
@@ -80,10 +87,13 @@ export function createApp(deps: AppDeps): OpenAPIHono {
     boundedBody({
       budget: new BodyBudget(deps.bodyBudget),
       // Fleet imports carry thousands of devices in one request; only their callers get more.
+      // Batches of readings get room for BATCH_MAX_SIZE readings; every other route keeps its own.
       limitOf: (c) =>
         c.req.path === "/api/admin/devices/import" &&
           IMPORTERS.has((c as Context<AuthEnv>).var.principal?.role)
           ? deps.importBodyLimit
+          : c.req.path === BATCH_SUBMIT_PATH
+          ? deps.batch.bodyLimit
           : deps.bodyLimit,
     }),
   );
@@ -96,6 +106,8 @@ export function createApp(deps: AppDeps): OpenAPIHono {
     "/api/admin/devices",
     adminDeviceRoutes({ ...deps, registerPerMinute: deps.registerPerMinute }),
   );
+  app.route("/api/admin/batches", adminBatchRoutes(deps));
+  app.route("/api/meters", batchRoutes(deps));
   app.route("/api/meters", meterRoutes(deps));
   app.route("/ws", wsRoutes(deps));
 

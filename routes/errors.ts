@@ -21,6 +21,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   unauthorized: 401,
   not_found: 404,
   conflict: 409,
+  idempotency_mismatch: 422,
   overloaded: 503,
   unavailable: 503,
   internal: 500,

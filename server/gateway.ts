@@ -31,6 +31,7 @@ import type { Cache } from "../cache/cache.ts";
 import { LruCache } from "../cache/lru_cache.ts";
 import { ReadCache } from "../cache/read_cache.ts";
 import type { ScryptParams } from "../core/password.ts";
+import { BatchRunner } from "../services/batch_runner.ts";
 
 /** Adapters and secrets chosen by the composition root. */
 export interface GatewayDeps {
@@ -64,6 +65,8 @@ export interface Gateway extends AsyncDisposable {
   broker?: EmbeddedBroker;
   /** The external-broker ingress, when `MQTT_URL` is set. */
   external?: ExternalIngress;
+  /** Runs batch jobs (this instance's share of them). */
+  batches: BatchRunner;
   close(): Promise<void>;
 }
 
@@ -376,6 +379,25 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     await unwind();
     throw error;
   }
+  // Batch jobs go through the registry and the writer like single readings: started once both
+  // exist, closed (its readings in flight settled, unfinished jobs requeued) before the writer.
+  const batches = new BatchRunner({
+    store,
+    registry,
+    writer,
+    writerQueueMax: config.writer.queueMax,
+    bus,
+    clock,
+    logger,
+    metrics,
+    instanceId: config.instanceId,
+    concurrency: config.batch.concurrency,
+    leaseMs: config.batch.leaseMs,
+    maxAttempts: config.batch.maxAttempts,
+    retryBackoffMs: config.batch.retryBackoffMs,
+    retentionMs: config.batch.retentionMs,
+  });
+  cleanups.push(() => batches.close());
   metrics.gauge(
     "mqtt_sessions",
     "Connected device sessions (embedded broker)",
@@ -404,6 +426,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // LocalBus never disconnects: only a network bus is worth reporting.
     busConnected: () => bus instanceof LocalBus ? undefined : bus.connected,
     metrics,
+    runner: batches,
+    batch: config.batch,
+    // Answered well within the request timeout (HTTP_REQUEST_TIMEOUT closes the connection).
+    syncWaitMs: Math.max(1_000, Math.min(30_000, config.http.requestTimeoutMs - 5_000)),
   });
 
   // TimescaleDB runs its policies in the background: a failing refresh leaves hourly stats of
@@ -456,6 +482,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     metrics,
     broker,
     external,
+    batches,
     close,
     [Symbol.asyncDispose]: close,
   };

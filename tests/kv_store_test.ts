@@ -12,7 +12,9 @@ const T0 = Date.UTC(2026, 10, 29, 10, 0, 0);
 storeContract("KvStore", async (options) => {
   const dir = await Deno.makeTempDir({ prefix: "kv_store_test_" });
   const store = await KvStore.open(`${dir}/gateway.kv`, options);
-  return { store, cleanup: () => Deno.remove(dir, { recursive: true }) };
+  // Another process's handle on the same file.
+  const open = () => KvStore.open(`${dir}/gateway.kv`, options);
+  return { store, open, cleanup: () => Deno.remove(dir, { recursive: true }) };
 });
 
 /** Runs `fn` with a temp directory that is removed afterwards. */

@@ -32,7 +32,9 @@ storeContract(`PostgresStore${skipped}`, async (options) => {
   const schema = await createTestSchema(PG_URL);
   try {
     const store = await PostgresStore.connect(schema.url, { ...options, max: 4 });
-    return { store, cleanup: schema.drop };
+    // Another instance: a pool of its own on the migrated schema.
+    const open = () => PostgresStore.connect(schema.url, { ...options, max: 2, migrate: false });
+    return { store, open, cleanup: schema.drop };
   } catch (error) {
     await schema.drop();
     throw error;

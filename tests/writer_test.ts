@@ -59,6 +59,39 @@ Deno.test("encodeRows() and decodeRows() round-trip rows through one buffer", ()
   assert.deepEqual(decodeRows(encodeRows([])), []);
 });
 
+Deno.test("encodeRows() and decodeRows() carry a row's batch job, and only where it has one", () => {
+  const rows: ReadingRow[] = [
+    { ...row("m-1", 0), source: "batch", batch_job_id: "job-1" },
+    row("m-2", 1),
+    { ...row("m-3", 2), source: "batch", batch_job_id: "job-2" },
+  ];
+  const decoded = decodeRows(encodeRows(rows));
+  assert.deepEqual(decoded, rows);
+  assert.ok(!("batch_job_id" in decoded[1]));
+});
+
+Deno.test("WriterClient stores each row's batch job with it", async () => {
+  let path = "";
+  await withWriter({ batchMax: 10, flushMs: 2 }, async (writer, p) => {
+    path = p;
+    const rows = [
+      { ...row("wb1", 0), source: "batch" as const, batch_job_id: "job-w" },
+      row("wb2", 0),
+    ];
+    const results = await Promise.all(rows.map((r) => writer.submit(r)!));
+    assert.deepEqual(results.map((r) => r.status), ["stored", "stored"]);
+    await writer.close();
+    const store = await KvStore.open(path, { dedupeWindowMs: WINDOW });
+    try {
+      assert.equal((await store.getReading("wb1", rows[0].ts))?.batch_job_id, "job-w");
+      assert.ok(!("batch_job_id" in (await store.getReading("wb2", rows[1].ts))!));
+      assert.deepEqual(await store.readingsOfBatchJob("job-w"), [{ meter_id: "wb1", ts: T0 }]);
+    } finally {
+      await store.close();
+    }
+  });
+});
+
 Deno.test("encodeResults() and decodeResults() round-trip seqs and conflicts", () => {
   const results: InsertResult[] = [
     { status: "stored", seq: 1 },

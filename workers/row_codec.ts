@@ -8,14 +8,15 @@ const RS = "\x1e";
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-/** Packs rows into one transferable buffer. */
+/** Packs rows into one transferable buffer (a row's `batch_job_id` as an 11th field, if any). */
 export function encodeRows(rows: ReadingRow[]): ArrayBuffer {
   const parts = new Array<string>(rows.length);
   for (let i = 0; i < rows.length; i++) {
     const r = rows[i];
     parts[i] = r.meter_id + FS + r.ts + FS + r.kwh_e4 + FS + r.user_id + FS +
       (r.wallet_address ?? "") + FS + r.key_id + FS + r.device_signature + FS + r.source + FS +
-      r.submitted_at + FS + (r.minted ? "1" : "0");
+      r.submitted_at + FS + (r.minted ? "1" : "0") +
+      (r.batch_job_id === undefined ? "" : FS + r.batch_job_id);
   }
   return encoder.encode(parts.join(RS)).buffer as ArrayBuffer;
 }
@@ -26,7 +27,7 @@ export function decodeRows(buffer: ArrayBuffer): ReadingRow[] {
   if (text === "") return [];
   return text.split(RS).map((line) => {
     const f = line.split(FS);
-    return {
+    const row: ReadingRow = {
       meter_id: f[0],
       ts: Number(f[1]),
       kwh_e4: Number(f[2]),
@@ -38,6 +39,8 @@ export function decodeRows(buffer: ArrayBuffer): ReadingRow[] {
       submitted_at: Number(f[8]),
       minted: f[9] === "1",
     };
+    if (f.length > 10) row.batch_job_id = f[10];
+    return row;
   });
 }
 

@@ -8,6 +8,7 @@ export type ToWriter =
    * `resent`: handed over again after a worker restart; part of it may have been committed by
    * the worker that died, and those rows must be claimed, not reported as duplicates.
    */
+  /** `rows`: packed by `encodeRows` (row_codec.ts), with each row's `batch_job_id` if any. */
   | { type: "batch"; id: number; rows: ArrayBuffer; resent?: boolean }
   | { type: "close" };
 

@@ -3,11 +3,24 @@ import type { AuditEntry, DeviceRecord, StoredKey } from "../../core/device.ts";
 import { GatewayError } from "../../core/errors.ts";
 import type { ReadingRow } from "../../core/reading.ts";
 import type { UserRecord } from "../../core/user.ts";
-import type { InsertResult, ReadingQuery, Store, StoreOptions } from "../../db/store.ts";
+import type { BatchJob } from "../../core/batch.ts";
+import type {
+  InsertResult,
+  NewBatchJob,
+  ReadingQuery,
+  Store,
+  StoreOptions,
+} from "../../db/store.ts";
 
 /** A store under test and how to dispose of what it made. */
 export interface StoreFixture {
   store: Store;
+  /**
+   * Opens another handle on the same backend (another pool, another KV handle on the file), as
+   * a second gateway instance would; the test closes it. Without it, concurrency steps use
+   * `store` twice.
+   */
+  open?: () => Promise<Store>;
   /** Runs after the suite has closed `store`: drop the schema, remove the files. */
   cleanup(): Promise<void>;
 }
@@ -39,7 +52,10 @@ export function storeContract(
   factory: StoreFactory,
   options: StoreContractOptions = {},
 ): void {
-  const test = (title: string, fn: (t: Deno.TestContext, store: Store) => Promise<void>) => {
+  const test = (
+    title: string,
+    fn: (t: Deno.TestContext, store: Store, open?: () => Promise<Store>) => Promise<void>,
+  ) => {
     Deno.test({
       name: `${name}: ${title}`,
       ignore: options.ignore ?? false,
@@ -48,7 +64,7 @@ export function storeContract(
       async fn(t) {
         const fixture = await factory({ dedupeWindowMs: WINDOW });
         try {
-          await fn(t, fixture.store);
+          await fn(t, fixture.store, fixture.open);
         } finally {
           await fixture.store.close();
           await fixture.cleanup();
@@ -966,6 +982,402 @@ export function storeContract(
       await store.ping();
     });
   });
+
+  test(
+    "batch jobs are created once per idempotency key, read back, listed and counted",
+    async (t, store) => {
+      await t.step(
+        "a new job is queued, claimable from its creation, with no attempt",
+        async () => {
+          const { job, created } = await store.createBatchJob(newJob("j1", "u1", "key-1"), [1, 2]);
+          assert.equal(created, true);
+          assert.deepEqual(job, expectedJob(newJob("j1", "u1", "key-1")));
+          assert.deepEqual(await store.getBatchJob("j1"), job);
+          assert.equal(await store.getBatchJob("nope"), null);
+        },
+      );
+
+      await t.step("the same user and key return that job, whatever the body", async () => {
+        const again = await store.createBatchJob(
+          { ...newJob("j1b", "u1", "key-1", T0 + 5, 1), body_sha256: "other" },
+          [3],
+        );
+        assert.equal(again.created, false);
+        assert.deepEqual(again.job, await store.getBatchJob("j1"));
+        assert.equal(await store.getBatchJob("j1b"), null);
+      });
+
+      await t.step("ten concurrent submissions with one key make one job", async () => {
+        const results = await Promise.all(
+          Array.from(
+            { length: 10 },
+            (_, i) => store.createBatchJob(newJob(`race-${i}`, "u1", "key-race", T0 + 10, 1), [i]),
+          ),
+        );
+        assert.equal(results.filter((r) => r.created).length, 1);
+        assert.equal(new Set(results.map((r) => r.job.id)).size, 1);
+      });
+
+      await t.step("another user's key, or no key, makes another job", async () => {
+        const other = await store.createBatchJob(newJob("j2", "u2", "key-1", T0 + 20, 0), []);
+        assert.equal(other.created, true);
+        assert.equal(other.job.id, "j2");
+        for (const id of ["j3", "j4"]) {
+          const r = await store.createBatchJob(newJob(id, "u1", null, T0 + 30, 1), [id]);
+          assert.equal(r.created, true);
+        }
+      });
+
+      await t.step("jobs are listed newest first, by user and by status", async () => {
+        const all = await store.listBatchJobs({ limit: 100 });
+        const ids = all.items.map((j) => j.id);
+        assert.equal(ids.length, 5);
+        assert.equal(all.next_cursor, null);
+        const times = all.items.map((j) => j.created_at);
+        assert.deepEqual(times, [...times].sort((a, b) => b - a));
+        const u1 = await store.listBatchJobs({ user_id: "u1", limit: 100 });
+        assert.deepEqual(u1.items.map((j) => j.id).sort(), ids.filter((id) => id !== "j2").sort());
+        const queued = await store.listBatchJobs({ status: "queued", user_id: "u2", limit: 100 });
+        assert.deepEqual(queued.items.map((j) => j.id), ["j2"]);
+        const none = await store.listBatchJobs({ status: "dead", limit: 100 });
+        assert.deepEqual(none.items, []);
+      });
+
+      await t.step("pages visit every job exactly once", async () => {
+        for (const query of [{}, { user_id: "u1" }, { status: "queued" as const }]) {
+          const seen: string[] = [];
+          let cursor: string | undefined;
+          do {
+            const page = await store.listBatchJobs({ ...query, limit: 2, cursor });
+            seen.push(...page.items.map((j) => j.id));
+            cursor = page.next_cursor ?? undefined;
+          } while (cursor !== undefined);
+          const all = await store.listBatchJobs({ ...query, limit: 100 });
+          assert.deepEqual(seen, all.items.map((j) => j.id));
+        }
+        await assertGatewayError(
+          store.listBatchJobs({ limit: 2, cursor: "x!" }),
+          "invalid_payload",
+        );
+      });
+
+      await t.step("jobs are counted by status", async () => {
+        assert.deepEqual(await store.countBatchJobs(), {
+          queued: 5,
+          running: 0,
+          completed: 0,
+          failed: 0,
+          dead: 0,
+        });
+      });
+    },
+  );
+
+  test("a job's readings come back exactly, however large", async (t, store) => {
+    // ~10,000 readings of ~250 bytes: far more than one Deno KV value (64 KiB) or commit.
+    const readings = Array.from({ length: 10_000 }, (_, i) => ({
+      meter_id: `meter-${i % 97}`,
+      timestamp: new Date(T0 + i * MIN).toISOString(),
+      kwh_amount: i % 7 === 0 ? 0.0001 * i : i,
+      signature: "ab".repeat(64),
+      note: i % 1000 === 0 ? "ünïcødé ✓ \u0000 \ud83d\ude00" : null,
+      // (No -0: JSON has none.)
+      nested: { ok: i % 2 === 0, list: [i, 5 - i, 1.5] },
+    }));
+    await t.step("a claim returns them as submitted, in order", async () => {
+      await store.createBatchJob(newJob("big", "u1", null, T0, readings.length), readings);
+      const claimed = await store.claimBatchJob("runner", T0 + 1, 30 * SEC);
+      assert.equal(claimed?.job.id, "big");
+      assert.equal(claimed!.readings.length, readings.length);
+      assert.deepEqual(claimed!.readings, readings);
+    });
+
+    await t.step("a job without readings has none", async () => {
+      await store.createBatchJob(newJob("empty", "u1", null, T0 + 1, 0), []);
+      const claimed = await store.claimBatchJob("runner", T0 + 2, 30 * SEC);
+      assert.equal(claimed?.job.id, "empty");
+      assert.deepEqual(claimed!.readings, []);
+    });
+
+    await t.step("many errors are recorded and read back exactly", async () => {
+      const errors = Array.from({ length: 8_000 }, (_, i) => ({
+        index: i,
+        meter_id: i % 3 === 0 ? null : `meter-${i}`,
+        code: "bad_signature" as const,
+        message: `The signature of reading ${i} does not verify ✗`,
+      }));
+      const progress = { successful: 2_000, failed: 8_000, duplicates: 0, errors };
+      assert.equal(await store.heartbeatBatchJob("big", "runner", T0 + MIN, progress), true);
+      assert.deepEqual((await store.getBatchJob("big"))!.errors, errors);
+      const done = { status: "completed" as const, ...progress, errors: errors.slice(0, 10) };
+      assert.equal(await store.finishBatchJob("big", "runner", done, T0 + 2 * SEC), true);
+      const job = (await store.getBatchJob("big"))!;
+      assert.deepEqual(job.errors, errors.slice(0, 10));
+      assert.equal(job.successful, 2_000);
+    });
+  });
+
+  test(
+    "batch jobs are claimed oldest first, leased to one runner, taken over when the lease ends",
+    async (t, store) => {
+      const LEASE = 1000 * SEC;
+      await t.step("nothing to claim in an empty store", async () => {
+        assert.equal(await store.claimBatchJob("a", T0, LEASE), null);
+      });
+
+      await t.step("the oldest claimable job is claimed, starting an attempt", async () => {
+        await store.createBatchJob(newJob("second", "u1", null, T0 + 2, 1), ["s"]);
+        await store.createBatchJob(newJob("first", "u1", null, T0 + 1, 1), ["f"]);
+        await store.createBatchJob(newJob("later", "u1", null, T0 + 100 * SEC, 1), ["l"]);
+        const claimed = await store.claimBatchJob("a", T0 + 10, LEASE);
+        assert.deepEqual(claimed, {
+          job: {
+            ...expectedJob(newJob("first", "u1", null, T0 + 1, 1)),
+            status: "running",
+            attempts: 1,
+            started_at: T0 + 10,
+            updated_at: T0 + 10,
+            lease_owner: "a",
+            lease_until: T0 + 10 + LEASE,
+          },
+          readings: ["f"],
+        });
+        assert.deepEqual(await store.getBatchJob("first"), claimed!.job);
+        assert.equal((await store.claimBatchJob("b", T0 + 20, LEASE))?.job.id, "second");
+      });
+
+      await t.step("a job whose run_after is ahead is not claimed before it", async () => {
+        // `later` was created (and may run) only at T0 + 100 s.
+        assert.equal(await store.claimBatchJob("c", T0 + 30, LEASE), null);
+        assert.equal((await store.claimBatchJob("c", T0 + 100 * SEC, LEASE))?.job.id, "later");
+        assert.equal(
+          await store.finishBatchJob("later", "c", {
+            status: "queued",
+            run_after: T0 + 200 * SEC,
+            last_error: "store down",
+          }, T0 + 101 * SEC),
+          true,
+        );
+        const requeued = (await store.getBatchJob("later"))!;
+        assert.equal(requeued.status, "queued");
+        assert.equal(requeued.last_error, "store down");
+        assert.equal(requeued.lease_owner, null);
+        assert.equal(requeued.attempts, 1);
+        assert.equal(await store.claimBatchJob("c", T0 + 199 * SEC, 1), null);
+        const again = await store.claimBatchJob("c", T0 + 200 * SEC, LEASE);
+        assert.equal(again?.job.id, "later");
+        assert.equal(again!.job.attempts, 2);
+        assert.equal(again!.job.started_at, T0 + 100 * SEC);
+      });
+
+      await t.step("heartbeats extend the lease and record progress", async () => {
+        const progress = {
+          successful: 1,
+          failed: 1,
+          duplicates: 0,
+          errors: [{ index: 0, meter_id: null, code: "invalid_payload" as const, message: "x" }],
+        };
+        assert.equal(await store.heartbeatBatchJob("first", "a", T0 + 2 * LEASE, progress), true);
+        const job = (await store.getBatchJob("first"))!;
+        assert.equal(job.lease_until, T0 + 2 * LEASE);
+        assert.equal(job.successful, 1);
+        assert.deepEqual(job.errors, progress.errors);
+        assert.equal(await store.heartbeatBatchJob("first", "a", T0 + 2 * LEASE + 1), true);
+      });
+
+      await t.step("an expired lease is taken over, and the old runner is refused", async () => {
+        const now = T0 + 2 * LEASE + 2;
+        const taken = await store.claimBatchJob("b2", now, LEASE);
+        assert.equal(taken?.job.id, "first");
+        assert.equal(taken!.job.attempts, 2);
+        assert.equal(taken!.job.lease_owner, "b2");
+        assert.equal(taken!.job.started_at, T0 + 10);
+        const before = await store.getBatchJob("first");
+        assert.equal(await store.heartbeatBatchJob("first", "a", now + LEASE), false);
+        assert.equal(
+          await store.finishBatchJob("first", "a", { status: "completed" }, now + 1),
+          false,
+        );
+        assert.deepEqual(await store.getBatchJob("first"), before);
+        assert.equal(await store.heartbeatBatchJob("nope", "a", now + LEASE), false);
+      });
+
+      await t.step("a finished job keeps its counts and is no one's any more", async () => {
+        const now = T0 + 3 * LEASE;
+        assert.equal(
+          await store.finishBatchJob("first", "b2", {
+            status: "completed",
+            successful: 1,
+            failed: 0,
+            duplicates: 0,
+            errors: [],
+          }, now),
+          true,
+        );
+        const job = (await store.getBatchJob("first"))!;
+        assert.equal(job.status, "completed");
+        assert.equal(job.finished_at, now);
+        assert.equal(job.updated_at, now);
+        assert.equal(job.lease_owner, null);
+        assert.equal(job.lease_until, null);
+        assert.deepEqual(job.errors, []);
+        assert.equal(await store.heartbeatBatchJob("first", "b2", now + LEASE), false);
+        assert.equal(await store.finishBatchJob("first", "b2", { status: "failed" }, now), false);
+      });
+
+      await t.step("only dead or failed jobs are retried, with attempts reset", async () => {
+        await assertGatewayError(store.retryBatchJob("first", T0), "conflict");
+        await assertGatewayError(store.retryBatchJob("later", T0), "conflict");
+        await assertGatewayError(store.retryBatchJob("nope", T0), "not_found");
+        const now = T0 + 4 * LEASE;
+        assert.equal(
+          await store.finishBatchJob("second", "b", {
+            status: "dead",
+            last_error: "attempts exhausted",
+          }, now),
+          true,
+        );
+        assert.deepEqual(await store.countBatchJobs(), {
+          queued: 0,
+          running: 1,
+          completed: 1,
+          failed: 0,
+          dead: 1,
+        });
+        const retried = await store.retryBatchJob("second", now + 1);
+        assert.equal(retried.status, "queued");
+        assert.equal(retried.attempts, 0);
+        assert.equal(retried.finished_at, null);
+        assert.equal(retried.run_after, now + 1);
+        assert.deepEqual(await store.getBatchJob("second"), retried);
+        const claimed = await store.claimBatchJob("d", now + 1, LEASE);
+        assert.equal(claimed?.job.id, "second");
+        assert.equal(claimed!.job.attempts, 1);
+        assert.deepEqual(claimed!.readings, ["s"]);
+      });
+
+      await t.step("purging deletes finished jobs finished before the cutoff only", async () => {
+        const now = T0 + 5 * LEASE;
+        assert.equal(
+          await store.finishBatchJob("second", "d", { status: "failed" }, now),
+          true,
+        );
+        // `first` finished at T0 + 3 LEASE, `second` at T0 + 5 LEASE; `later` is running.
+        assert.equal(await store.purgeBatchJobs(T0 + 3 * LEASE), 0);
+        assert.equal(await store.purgeBatchJobs(T0 + 4 * LEASE), 1);
+        assert.equal(await store.getBatchJob("first"), null);
+        assert.notEqual(await store.getBatchJob("second"), null);
+        assert.equal(await store.purgeBatchJobs(T0 + 1000 * LEASE), 1);
+        assert.equal(await store.getBatchJob("second"), null);
+        assert.equal((await store.getBatchJob("later"))?.status, "running");
+        assert.deepEqual((await store.listBatchJobs({ limit: 10 })).items.map((j) => j.id), [
+          "later",
+        ]);
+        assert.deepEqual(await store.countBatchJobs(), {
+          queued: 0,
+          running: 1,
+          completed: 0,
+          failed: 0,
+          dead: 0,
+        });
+      });
+    },
+  );
+
+  test("two runners claiming at once never get one job", async (t, store, open) => {
+    const other = open === undefined ? store : await open();
+    try {
+      for (let round = 0; round < 5; round++) {
+        await t.step(`round ${round}: exactly one of two claimers gets the job`, async () => {
+          const id = `contested-${round}`;
+          await store.createBatchJob(newJob(id, "u1", null, T0 + round, 1), [round]);
+          const now = T0 + 1000 + round;
+          const [a, b] = await Promise.all([
+            store.claimBatchJob("a", now, MIN),
+            other.claimBatchJob("b", now, MIN),
+          ]);
+          const winners = [a, b].filter((c) => c !== null);
+          assert.equal(winners.length, 1);
+          assert.equal(winners[0]!.job.id, id);
+          assert.equal(winners[0]!.job.attempts, 1);
+        });
+      }
+    } finally {
+      if (other !== store) await other.close();
+    }
+  });
+
+  test("readingsOfBatchJob finds the readings a job stored", async (t, store) => {
+    const ours = [
+      row("m-b1", T0, { source: "batch", batch_job_id: "job-1" }),
+      row("m-b2", T0, { source: "batch", batch_job_id: "job-1" }),
+      row("m-b1", T0 + WINDOW, { source: "batch", batch_job_id: "job-1" }),
+    ];
+    const others = [
+      row("m-b1", T0 + 2 * WINDOW),
+      row("m-b3", T0, { source: "batch", batch_job_id: "job-2" }),
+    ];
+    await t.step("rows with and without a job are stored", async () => {
+      const results = await store.insertReadings([ours[0], others[0], ours[1], others[1]]);
+      assert.ok(results.every((r) => r.status === "stored"));
+      assert.ok((await store.insertReadings([ours[2]])).every((r) => r.status === "stored"));
+    });
+
+    await t.step("each job finds exactly its own", async () => {
+      const key = (r: { meter_id: string; ts: number }) => `${r.meter_id}@${r.ts}`;
+      const found = await store.readingsOfBatchJob("job-1");
+      assert.deepEqual(found.map(key).sort(), ours.map(key).sort());
+      assert.deepEqual(await store.readingsOfBatchJob("job-2"), [{ meter_id: "m-b3", ts: T0 }]);
+      assert.deepEqual(await store.readingsOfBatchJob("job-none"), []);
+    });
+
+    await t.step("rows read back carry their job, and rows of none have none", async () => {
+      const got = await store.getReading("m-b1", T0);
+      assert.equal(got?.batch_job_id, "job-1");
+      const plain = await store.getReading("m-b1", T0 + 2 * WINDOW);
+      assert.ok(plain !== null && !("batch_job_id" in plain));
+      const after = await store.readingsAfter("m-b1", 0, 10);
+      assert.deepEqual(after.map((r) => r.batch_job_id), ["job-1", undefined, "job-1"]);
+      const listed = await store.listReadings({ meter_id: "m-b2", order: "asc", limit: 10 });
+      assert.equal(listed.items[0].batch_job_id, "job-1");
+    });
+  });
+}
+
+function newJob(
+  id: string,
+  userId: string,
+  key: string | null,
+  createdAt = T0,
+  total = 2,
+): NewBatchJob {
+  return {
+    id,
+    user_id: userId,
+    idempotency_key: key,
+    body_sha256: `sha-of-${id}`,
+    total_submitted: total,
+    created_at: createdAt,
+  };
+}
+
+function expectedJob(job: NewBatchJob): BatchJob {
+  return {
+    ...job,
+    status: "queued",
+    successful: 0,
+    failed: 0,
+    duplicates: 0,
+    attempts: 0,
+    errors: [],
+    last_error: null,
+    started_at: null,
+    finished_at: null,
+    updated_at: job.created_at,
+    run_after: job.created_at,
+    lease_owner: null,
+    lease_until: null,
+  };
 }
 
 function stored(seq: number): InsertResult {

@@ -1,0 +1,577 @@
+// The batch job runner of one gateway instance: claims durable batch jobs with a lease, runs
+// their readings through the same actors, rules, signatures and writer as single readings, and
+// records exact results (DESIGN.md §11).
+import type { Submission } from "../actors/meter_actor.ts";
+import type { Bus } from "../bus/bus.ts";
+import type { BatchItemError, BatchJob, BatchStatus } from "../core/batch.ts";
+import type { Clock } from "../core/clock.ts";
+import type { ErrorCode } from "../core/errors.ts";
+import type { Logger } from "../core/logger.ts";
+import type { Metrics } from "../core/metrics.ts";
+import type { Outcome } from "../core/outcome.ts";
+import { readingSubmissionSchema } from "../core/reading.ts";
+import type { Principal } from "../core/user.ts";
+import type { ClaimedBatchJob, Store } from "../db/store.ts";
+
+/** What the runner needs of the registry: the one path every reading takes. */
+export interface BatchIntake {
+  submit(msg: Submission): Promise<Outcome>;
+}
+
+/** What the runner reads of the writer to share its queue with live intake. */
+export interface WriterLoad {
+  readonly stats: { queued: number };
+}
+
+/** Options of {@linkcode BatchRunner}. */
+export interface BatchRunnerOptions {
+  store: Store;
+  registry: BatchIntake;
+  writer: WriterLoad;
+  /** The writer's queue capacity (WRITER_QUEUE_MAX). */
+  writerQueueMax: number;
+  bus: Bus;
+  clock: Clock;
+  logger: Logger;
+  metrics: Metrics;
+  /** The lease owner's name: this instance. */
+  instanceId: string;
+  /** Jobs run at once (BATCH_WORKER_CONCURRENCY). */
+  concurrency: number;
+  leaseMs: number;
+  maxAttempts: number;
+  /** First wait after a transient failure; doubled per attempt, with jitter. */
+  retryBackoffMs: number;
+  /** Finished jobs older than this are purged (BATCH_RETENTION). */
+  retentionMs: number;
+  /** Readings of one job in flight at most; default 64. */
+  window?: number;
+  /** How often the store is polled for claimable jobs; default min(1 s, lease / 3). */
+  pollMs?: number;
+  /** How often the queue-depth gauge is refreshed; default 15 s. */
+  statsEveryMs?: number;
+}
+
+/** Codes after which the same reading may succeed later: the attempt is retried. */
+const TRANSIENT = new Set<ErrorCode>(["unavailable", "overloaded"]);
+/** `overloaded` answers retried within the attempt (after a pause) before it counts as transient. */
+const OVERLOAD_RETRIES = 20;
+const OVERLOAD_PAUSE_MS = 25;
+/** While the writer's queue is over half full, the runner looks again this often. */
+const WRITER_BUSY_PAUSE_MS = 10;
+const MAX_BACKOFF_MS = 10 * 60_000;
+const PROGRESS_EVERY_MS = 1_000;
+const PURGE_EVERY_MS = 60 * 60_000;
+const STATUSES: BatchStatus[] = ["queued", "running", "completed", "failed", "dead"];
+
+/** One attempt at one job. */
+interface Run {
+  job: BatchJob;
+  readings: unknown[];
+  principal: Principal;
+  successful: number;
+  failed: number;
+  duplicates: number;
+  errors: BatchItemError[];
+  /** Natural keys (`meter_id\nts`) this job stored in earlier attempts, not yet matched. */
+  own: Set<string>;
+  /** The first transient failure of this attempt: the job is retried. */
+  transient: string | null;
+  /** Stop dispatching: the lease was lost or the instance is shutting down. */
+  stop: boolean;
+  lost: boolean;
+  lastProgressAt: number;
+  lastDecile: number;
+}
+
+/**
+ * Runs batch jobs: polls {@linkcode Store.claimBatchJob} (and wakes at once when this instance
+ * created one), at most `concurrency` at a time, heartbeats each lease every `leaseMs / 3` with
+ * the progress so far and stops a job whose heartbeat is refused (another instance took it over).
+ *
+ * **Sharing the writer.** A job never has more than `window` readings in flight, and hands a
+ * reading to the registry only while the writer's queue is under half its capacity: the other
+ * half stays free for MQTT and HTTP intake, which therefore never see `overloaded` because of a
+ * batch. A batch slows down when live traffic is heavy, never the other way round.
+ *
+ * **Exact results.** At the start of every attempt the runner reads which readings this job
+ * already stored ({@linkcode Store.readingsOfBatchJob}; rows carry the job id) and counts them as
+ * its own successes without submitting them again; any other duplicate is a `duplicate`. So an
+ * attempt after a crash reports exactly the counts of an uninterrupted run.
+ */
+export class BatchRunner implements AsyncDisposable {
+  #o: BatchRunnerOptions;
+  #window: number;
+  #pollMs: number;
+  #active = new Map<string, { run?: Run; done: Promise<void> }>();
+  #closed = false;
+  #wake: (() => void) | undefined;
+  #loop: Promise<void>;
+  #timers: ReturnType<typeof setInterval>[] = [];
+  #claimFailures = 0;
+
+  constructor(options: BatchRunnerOptions) {
+    this.#o = options;
+    this.#window = options.window ?? 64;
+    this.#pollMs = options.pollMs ?? Math.min(1_000, Math.max(50, options.leaseMs / 3));
+    const m = options.metrics;
+    m.counter("batch_jobs_submitted_total", "Batch jobs created");
+    m.counter("batch_jobs_completed_total", "Batch jobs finished, by final status");
+    m.histogram(
+      "batch_processing_duration_seconds",
+      "From a job's first start to its end",
+      [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600],
+    );
+    m.histogram(
+      "batch_readings_per_job",
+      "Readings submitted per finished job",
+      [1, 10, 100, 500, 1000, 2500, 5000, 10_000],
+    );
+    m.gaugeSet("batch_jobs", "Batch jobs by status (refreshed periodically)");
+    this.#timers.push(
+      setInterval(() => this.#refreshCounts(), options.statsEveryMs ?? 15_000),
+      setInterval(
+        () => this.#purge(),
+        Math.max(60_000, Math.min(PURGE_EVERY_MS, options.retentionMs / 4)),
+      ),
+    );
+    this.#loop = this.#run();
+    this.#refreshCounts();
+    this.#purge();
+  }
+
+  /** Jobs running on this instance now. */
+  get active(): number {
+    return this.#active.size;
+  }
+
+  /** A job was created on this instance: count it and look for work at once. */
+  submitted(_job: BatchJob): void {
+    this.#o.metrics.inc("batch_jobs_submitted_total");
+    this.wake();
+  }
+
+  /** Looks for claimable jobs now instead of at the next poll. */
+  wake(): void {
+    this.#wake?.();
+  }
+
+  /**
+   * Waits until the job is finished (its `batch.completed` event, or the store, polled in case
+   * another instance runs it and the bus is away); `null` after `timeoutMs`.
+   */
+  async awaitFinished(job: BatchJob, timeoutMs: number): Promise<BatchJob | null> {
+    const deadline = this.#o.clock.now() + timeoutMs;
+    let signal = Promise.withResolvers<void>();
+    const sub = this.#o.bus.subscribe(`user:${job.user_id}`, (event) => {
+      if (event.type === "batch.completed" && event.data.job_id === job.id) signal.resolve();
+    });
+    try {
+      await sub.ready;
+      for (;;) {
+        const current = await this.#o.store.getBatchJob(job.id);
+        if (current === null) return null;
+        if (isFinished(current.status)) return current;
+        const left = deadline - this.#o.clock.now();
+        if (left <= 0 || this.#closed) return null;
+        await pause(Math.min(left, 500), signal.promise);
+        signal = Promise.withResolvers<void>();
+      }
+    } finally {
+      sub.unsubscribe();
+    }
+  }
+
+  /**
+   * Stops claiming, lets each running job's readings in flight settle (the writer is still
+   * open), and hands the unfinished jobs back to the queue for the next instance or restart.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const timer of this.#timers) clearInterval(timer);
+    for (const { run } of this.#active.values()) if (run) run.stop = true;
+    this.wake();
+    await this.#loop;
+    await Promise.all([...this.#active.values()].map((a) => a.done));
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#closed) {
+      await this.#fill();
+      if (this.#closed) break;
+      const woken = Promise.withResolvers<void>();
+      this.#wake = woken.resolve;
+      await pause(this.#pollMs, woken.promise);
+      this.#wake = undefined;
+    }
+  }
+
+  /** Claims jobs until the concurrency is reached or none is claimable. */
+  async #fill(): Promise<void> {
+    while (!this.#closed && this.#active.size < this.#o.concurrency) {
+      let claim: ClaimedBatchJob | null;
+      try {
+        claim = await this.#o.store.claimBatchJob(
+          this.#o.instanceId,
+          this.#o.clock.now(),
+          this.#o.leaseMs,
+        );
+        if (this.#claimFailures > 0) {
+          this.#o.logger.info("batch jobs claimable again", { failures: this.#claimFailures });
+          this.#claimFailures = 0;
+        }
+      } catch (error) {
+        // The store is down: try again at the next poll, say so once.
+        if (this.#claimFailures++ === 0) {
+          this.#o.logger.warn("batch job claim failed; retrying", { error });
+        }
+        return;
+      }
+      if (claim === null) return;
+      if (this.#closed) {
+        // Claimed while closing: hand it back untouched (the attempt is spent, nothing done).
+        await this.#release(claim.job, "the instance is shutting down");
+        return;
+      }
+      const id = claim.job.id;
+      const entry: { run?: Run; done: Promise<void> } = { done: Promise.resolve() };
+      this.#active.set(id, entry);
+      entry.done = this.#attempt(claim, entry).catch((error) =>
+        this.#o.logger.error("batch job attempt crashed", { job_id: id, error })
+      ).finally(() => {
+        this.#active.delete(id);
+        this.wake();
+      });
+    }
+  }
+
+  async #attempt(claim: ClaimedBatchJob, entry: { run?: Run }): Promise<void> {
+    const { job, readings } = claim;
+    const o = this.#o;
+    // A job claimed more often than allowed: its runners died (perhaps because of it). Dead.
+    if (job.attempts > o.maxAttempts) {
+      await this.#end(job, "dead", {
+        successful: job.successful,
+        failed: job.failed,
+        duplicates: job.duplicates,
+        errors: job.errors,
+        last_error: job.last_error ?? "Attempts exhausted: the instances running it stopped",
+      });
+      return;
+    }
+    const run: Run = {
+      job,
+      readings,
+      principal: { user_id: job.user_id, role: "user" },
+      successful: 0,
+      failed: 0,
+      duplicates: 0,
+      errors: [],
+      own: new Set(),
+      transient: null,
+      stop: this.#closed,
+      lost: false,
+      lastProgressAt: o.clock.now(),
+      lastDecile: 0,
+    };
+    entry.run = run;
+    const heartbeat = this.#heartbeat(run);
+    try {
+      if (readings.length !== job.total_submitted) {
+        // The store lost part of the job's input: no attempt can do better.
+        await this.#end(job, "failed", {
+          ...counts(run),
+          last_error: `The job's stored readings are incomplete (${readings.length} of ` +
+            `${job.total_submitted})`,
+        });
+        return;
+      }
+      const user = await o.store.getUser(job.user_id);
+      // A deleted submitter keeps no rights beyond a user's (their meters may still be theirs).
+      run.principal = { user_id: job.user_id, role: user?.role ?? "user" };
+      for (const r of await o.store.readingsOfBatchJob(job.id)) {
+        run.own.add(`${r.meter_id}\n${r.ts}`);
+      }
+      await this.#dispatch(run);
+    } catch (error) {
+      run.transient ??= `The store failed: ${(error as Error)?.message ?? String(error)}`;
+      o.logger.warn("batch job attempt failed", { job_id: job.id, error });
+    } finally {
+      heartbeat.stop();
+    }
+    await heartbeat.settled;
+    if (run.lost) {
+      o.logger.info("batch job taken over by another instance", { job_id: job.id });
+      return;
+    }
+    const done = run.successful + run.failed + run.duplicates;
+    if (run.transient === null && done === job.total_submitted) {
+      await this.#end(job, "completed", counts(run));
+    } else if (run.transient === null) {
+      // Stopped before the end without a failure: the instance is shutting down.
+      await this.#release(job, "the instance shut down during the job", run);
+    } else if (job.attempts >= o.maxAttempts) {
+      await this.#end(job, "dead", { ...counts(run), last_error: run.transient });
+    } else {
+      const base = o.retryBackoffMs * 2 ** (job.attempts - 1);
+      const wait = Math.min(MAX_BACKOFF_MS, Math.round(base * (0.5 + Math.random())));
+      await this.#finish(job, {
+        status: "queued",
+        ...counts(run),
+        run_after: o.clock.now() + wait,
+        last_error: run.transient,
+      });
+      o.logger.info("batch job will be retried", {
+        job_id: job.id,
+        attempt: job.attempts,
+        retry_in_ms: wait,
+        reason: run.transient,
+      });
+    }
+  }
+
+  /** Hands the readings to the registry in index order, within the window and the writer's half. */
+  async #dispatch(run: Run): Promise<void> {
+    const inFlight = new Set<Promise<void>>();
+    const half = this.#o.writerQueueMax / 2;
+    for (let i = 0; i < run.readings.length; i++) {
+      for (;;) {
+        if (run.stop) break;
+        if (inFlight.size >= this.#window) {
+          await Promise.race(inFlight);
+        } else if (this.#o.writer.stats.queued >= half) {
+          await pause(WRITER_BUSY_PAUSE_MS, inFlight.size > 0 ? Promise.race(inFlight) : undefined);
+        } else break;
+      }
+      if (run.stop) break;
+      const item: Promise<void> = this.#item(run, i).finally(() => inFlight.delete(item));
+      inFlight.add(item);
+    }
+    await Promise.all(inFlight);
+  }
+
+  /** One reading: validated, recognised as this job's own, or submitted like any other. */
+  async #item(run: Run, index: number): Promise<void> {
+    const raw = run.readings[index];
+    const parsed = readingSubmissionSchema.safeParse(raw);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      const path = issue.path.join(".");
+      this.#fail(
+        run,
+        index,
+        meterIdOf(raw),
+        "invalid_payload",
+        `${path ? `${path}: ` : ""}${issue.message}`,
+      );
+      return;
+    }
+    const reading = parsed.data;
+    // Synchronous up to here, so the first index with a key claims this job's stored row.
+    if (run.own.delete(`${reading.meter_id}\n${Date.parse(reading.reading_timestamp)}`)) {
+      run.successful++;
+      this.#progress(run);
+      return;
+    }
+    for (let tries = 0;; tries++) {
+      const outcome = await this.#o.registry.submit({
+        ...reading,
+        source: "batch",
+        caller: run.principal,
+        batch_job_id: run.job.id,
+      });
+      if (outcome.status === "accepted") {
+        run.successful++;
+      } else if (outcome.status === "duplicate") {
+        run.duplicates++;
+        run.errors.push({
+          index,
+          meter_id: reading.meter_id,
+          code: "duplicate",
+          message: outcome.message,
+        });
+      } else if (!TRANSIENT.has(outcome.code)) {
+        // Permanent for this reading (rules, signature, rights, rate): reported, not retried.
+        this.#fail(run, index, reading.meter_id, outcome.code, outcome.message);
+        return;
+      } else if (outcome.code === "overloaded" && tries < OVERLOAD_RETRIES && !run.stop) {
+        await pause(OVERLOAD_PAUSE_MS);
+        continue;
+      } else {
+        // Left unresolved: the next attempt submits it again.
+        run.transient ??= `${outcome.code}: ${outcome.message}`;
+        return;
+      }
+      this.#progress(run);
+      return;
+    }
+  }
+
+  #fail(run: Run, index: number, meterId: string | null, code: ErrorCode, message: string): void {
+    run.failed++;
+    run.errors.push({ index, meter_id: meterId, code, message });
+    this.#progress(run);
+  }
+
+  /** Publishes `batch.progress` at most once a second or per tenth of the job. */
+  #progress(run: Run): void {
+    const done = run.successful + run.failed + run.duplicates;
+    const decile = Math.floor((done * 10) / run.job.total_submitted);
+    const now = this.#o.clock.now();
+    if (decile <= run.lastDecile && now - run.lastProgressAt < PROGRESS_EVERY_MS) return;
+    if (done === run.job.total_submitted) return; // batch.completed follows
+    run.lastDecile = decile;
+    run.lastProgressAt = now;
+    this.#publish("batch.progress", run.job, {
+      status: "running",
+      processed: done,
+      ...countsOnly(run),
+    });
+  }
+
+  /** Extends the lease every leaseMs / 3 with the progress so far; a refusal stops the run. */
+  #heartbeat(run: Run): { stop(): void; settled: Promise<void> } {
+    const o = this.#o;
+    let beating: Promise<void> = Promise.resolve();
+    const timer = setInterval(() => {
+      beating = beating.then(async () => {
+        if (run.lost) return;
+        try {
+          const held = await o.store.heartbeatBatchJob(
+            run.job.id,
+            o.instanceId,
+            o.clock.now() + o.leaseMs,
+            { ...countsOnly(run), errors: sortedErrors(run) },
+          );
+          if (!held) {
+            run.lost = true;
+            run.stop = true;
+          }
+        } catch (error) {
+          // The store is away: keep working; the lease holds until it runs out.
+          o.logger.debug("batch heartbeat failed", { job_id: run.job.id, error });
+        }
+      });
+    }, Math.max(10, Math.floor(o.leaseMs / 3)));
+    return {
+      stop: () => clearInterval(timer),
+      get settled() {
+        return beating;
+      },
+    };
+  }
+
+  /** Ends the job for good and tells its submitter. */
+  async #end(
+    job: BatchJob,
+    status: "completed" | "failed" | "dead",
+    result: ReturnType<typeof counts> & { last_error?: string },
+  ): Promise<void> {
+    const now = this.#o.clock.now();
+    const ok = await this.#finish(job, { status, ...result, finished_at: now });
+    if (!ok) return;
+    const m = this.#o.metrics;
+    m.inc("batch_jobs_completed_total", { status });
+    m.observe("batch_processing_duration_seconds", {}, (now - (job.started_at ?? now)) / 1000);
+    m.observe("batch_readings_per_job", {}, job.total_submitted);
+    this.#publish("batch.completed", job, {
+      status,
+      successful: result.successful,
+      failed: result.failed,
+      duplicates: result.duplicates,
+      total_submitted: job.total_submitted,
+    });
+  }
+
+  /** Back to the queue at once (shutdown), keeping the progress for the status endpoint. */
+  async #release(job: BatchJob, reason: string, run?: Run): Promise<void> {
+    await this.#finish(job, {
+      status: "queued",
+      ...(run ? counts(run) : {}),
+      run_after: this.#o.clock.now(),
+      last_error: reason,
+    });
+  }
+
+  async #finish(job: BatchJob, change: Parameters<Store["finishBatchJob"]>[2]): Promise<boolean> {
+    try {
+      const ok = await this.#o.store.finishBatchJob(
+        job.id,
+        this.#o.instanceId,
+        change,
+        this.#o.clock.now(),
+      );
+      if (!ok) this.#o.logger.info("batch job lease lost before its end", { job_id: job.id });
+      return ok;
+    } catch (error) {
+      // The lease runs out and another attempt (here or elsewhere) recognises this one's work.
+      this.#o.logger.warn("batch job end not recorded; it will run again", {
+        job_id: job.id,
+        error,
+      });
+      return false;
+    }
+  }
+
+  #publish(type: "batch.progress" | "batch.completed", job: BatchJob, data: object): void {
+    this.#o.bus.publish([{ type, data: { job_id: job.id, user_id: job.user_id, ...data } }])
+      .catch((error) => this.#o.logger.debug("batch event not published", { error }));
+  }
+
+  async #refreshCounts(): Promise<void> {
+    try {
+      const counts = await this.#o.store.countBatchJobs();
+      for (const status of STATUSES) {
+        this.#o.metrics.set("batch_jobs", { status }, counts[status] ?? 0);
+      }
+    } catch (error) {
+      this.#o.logger.debug("batch job count failed", { error });
+    }
+  }
+
+  async #purge(): Promise<void> {
+    try {
+      const purged = await this.#o.store.purgeBatchJobs(
+        this.#o.clock.now() - this.#o.retentionMs,
+      );
+      if (purged > 0) this.#o.logger.info("batch jobs purged", { purged });
+    } catch (error) {
+      this.#o.logger.debug("batch job purge failed", { error });
+    }
+  }
+}
+
+/** Whether a job has reached an end (no runner will touch it again unless retried). */
+export function isFinished(status: BatchStatus): boolean {
+  return status === "completed" || status === "failed" || status === "dead";
+}
+
+function countsOnly(run: Run): { successful: number; failed: number; duplicates: number } {
+  return { successful: run.successful, failed: run.failed, duplicates: run.duplicates };
+}
+
+function counts(run: Run) {
+  return { ...countsOnly(run), errors: sortedErrors(run) };
+}
+
+function sortedErrors(run: Run): BatchItemError[] {
+  return [...run.errors].sort((a, b) => a.index - b.index);
+}
+
+function meterIdOf(raw: unknown): string | null {
+  const id = (raw as { meter_id?: unknown } | null)?.meter_id;
+  return typeof id === "string" && id.length <= 64 ? id : null;
+}
+
+/** Resolves after `ms` or when `early` settles, whichever comes first; leaves no timer behind. */
+function pause(ms: number, early?: Promise<unknown>): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
+  const settle = early ? Promise.race([timeout, early.then(() => {}, () => {})]) : timeout;
+  return settle.finally(() => clearTimeout(timer));
+}
