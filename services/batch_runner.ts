@@ -233,6 +233,14 @@ export class BatchRunner implements AsyncDisposable {
         return;
       }
       if (claim === null) return;
+      const current = this.#active.get(claim.job.id);
+      if (current !== undefined) {
+        // Our own lease ran out while the store was away, and this instance claimed the job
+        // again: the attempt still running here goes on under the new claim. A second attempt
+        // beside it would count the first one's readings as duplicates.
+        if (current.run) current.run.job = claim.job;
+        continue;
+      }
       if (this.#closed) {
         // Claimed while closing: hand it back untouched (the attempt is spent, nothing done).
         await this.#release(claim.job, "the instance is shutting down");
@@ -305,30 +313,32 @@ export class BatchRunner implements AsyncDisposable {
       heartbeat.stop();
     }
     await heartbeat.settled;
+    // The claim this attempt runs under now (renewed if this instance claimed it again).
+    const current = run.job;
     if (run.lost) {
-      o.logger.info("batch job taken over by another instance", { job_id: job.id });
+      o.logger.info("batch job taken over by another instance", { job_id: current.id });
       return;
     }
     const done = run.successful + run.failed + run.duplicates;
-    if (run.transient === null && done === job.total_submitted) {
-      await this.#end(job, "completed", counts(run));
+    if (run.transient === null && done === current.total_submitted) {
+      await this.#end(current, "completed", counts(run));
     } else if (run.transient === null) {
       // Stopped before the end without a failure: the instance is shutting down.
-      await this.#release(job, "the instance shut down during the job", run);
-    } else if (job.attempts >= o.maxAttempts) {
-      await this.#end(job, "dead", { ...counts(run), last_error: run.transient });
+      await this.#release(current, "the instance shut down during the job", run);
+    } else if (current.attempts >= o.maxAttempts) {
+      await this.#end(current, "dead", { ...counts(run), last_error: run.transient });
     } else {
-      const base = o.retryBackoffMs * 2 ** (job.attempts - 1);
+      const base = o.retryBackoffMs * 2 ** (current.attempts - 1);
       const wait = Math.min(MAX_BACKOFF_MS, Math.round(base * (0.5 + Math.random())));
-      await this.#finish(job, {
+      await this.#finish(current, {
         status: "queued",
         ...counts(run),
         run_after: o.clock.now() + wait,
         last_error: run.transient,
       });
       o.logger.info("batch job will be retried", {
-        job_id: job.id,
-        attempt: job.attempts,
+        job_id: current.id,
+        attempt: current.attempts,
         retry_in_ms: wait,
         reason: run.transient,
       });

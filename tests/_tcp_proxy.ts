@@ -1,12 +1,23 @@
 // A TCP proxy whose link can be cut: simulates a database outage at the connection level
-// (open connections drop, new ones are refused) without stopping the machine's shared server.
+// (open connections drop, new ones are refused or reset) without stopping the machine's shared
+// server.
+
+/** Options of {@linkcode TcpProxy.cut}. */
+export interface CutOptions {
+  /**
+   * How new connections fail until `restore()`: `"refuse"` (default) stops listening, so they
+   * are refused; `"reset"` keeps accepting them and closes each at once, like a server that
+   * is restarting.
+   */
+  mode?: "refuse" | "reset";
+}
 
 /** A running proxy. */
 export interface TcpProxy extends AsyncDisposable {
   port: number;
-  /** Drops every open connection and refuses new ones until `restore()`. */
-  cut(): Promise<void>;
-  /** Listens again on the same port. */
+  /** Drops every open connection; new ones fail (see {@linkcode CutOptions}) until `restore()`. */
+  cut(options?: CutOptions): Promise<void>;
+  /** Forwards new connections again (listening again on the same port if it had stopped). */
   restore(): void;
   close(): Promise<void>;
 }
@@ -17,10 +28,12 @@ export function startTcpProxy(target: { hostname: string; port: number }): TcpPr
   const port = (listener.addr as Deno.NetAddr).port;
   const open = new Set<Deno.Conn>();
   const tasks = new Set<Promise<void>>();
+  let resetting = false;
 
   const track = (p: Promise<void>) => {
     tasks.add(p);
     p.finally(() => tasks.delete(p));
+    return p;
   };
   const closeQuietly = (conn: Deno.Conn) => {
     open.delete(conn);
@@ -39,6 +52,10 @@ export function startTcpProxy(target: { hostname: string; port: number }): TcpPr
     track((async () => {
       try {
         for await (const client of l) {
+          if (resetting) {
+            client.close();
+            continue;
+          }
           open.add(client);
           track((async () => {
             let server: Deno.Conn;
@@ -47,28 +64,45 @@ export function startTcpProxy(target: { hostname: string; port: number }): TcpPr
             } catch {
               return closeQuietly(client);
             }
+            if (resetting) {
+              // Cut while this link was being made.
+              server.close();
+              return closeQuietly(client);
+            }
             open.add(server);
             await Promise.all([pump(client, server), pump(server, client)]);
           })());
         }
       } catch { /* listener closed */ }
     })());
-  serve(listener);
+  let serving = serve(listener);
 
-  const cut = async () => {
+  const cut = async (options: CutOptions = {}) => {
+    if (options.mode === "reset") {
+      resetting = true;
+    } else {
+      listener?.close();
+      listener = null;
+    }
+    for (const conn of [...open]) closeQuietly(conn);
+    // The listener's own task runs until it is closed.
+    await Promise.allSettled([...tasks].filter((t) => t !== serving));
+  };
+  const close = async () => {
+    resetting = false;
     listener?.close();
     listener = null;
     for (const conn of [...open]) closeQuietly(conn);
     await Promise.allSettled([...tasks]);
   };
-  const close = () => cut();
   return {
     port,
     cut,
     restore() {
+      resetting = false;
       if (listener) return;
       listener = Deno.listen({ hostname: "127.0.0.1", port });
-      serve(listener);
+      serving = serve(listener);
     },
     close,
     [Symbol.asyncDispose]: close,
