@@ -1,4 +1,7 @@
 import type { ErrorCode } from "./errors.ts";
+import { mayUseMeter, notYourMeter } from "./ownership.ts";
+import { METER_ID_PATTERN, readingSubmissionSchema } from "./reading.ts";
+import type { Principal } from "./user.ts";
 
 /** Where a batch job is in its life. */
 export type BatchStatus = "queued" | "running" | "completed" | "failed" | "dead";
@@ -50,4 +53,77 @@ export interface BatchJob {
   /** The runner holding it and until when; a lease that ran out may be taken over. */
   lease_owner: string | null;
   lease_until: number | null;
+}
+
+/** Who owns a meter (`null`: unknown meter), as {@linkcode checkBatchReadings} asks. */
+export type OwnerLookup = (meterId: string) => Promise<string | null>;
+
+/** Options of {@linkcode checkBatchReadings}. */
+export interface CheckBatchOptions {
+  /** Owner lookups in flight at most; default 16. */
+  concurrency?: number;
+}
+
+/**
+ * The checks of a batch that need no actor, done at submission: each reading's schema, then the
+ * caller's right to its meter (admins may use every meter; another user's meter and an unknown
+ * one give the same `forbidden`). The refused readings, by index in ascending order; each meter
+ * is looked up once. Signatures, duplicates and rules are left to the runner.
+ */
+export async function checkBatchReadings(
+  readings: readonly unknown[],
+  caller: Principal,
+  ownerOf: OwnerLookup,
+  options: CheckBatchOptions = {},
+): Promise<BatchItemError[]> {
+  const errors: BatchItemError[] = [];
+  const byMeter = new Map<string, number[]>();
+  readings.forEach((raw, index) => {
+    const parsed = readingSubmissionSchema.safeParse(raw);
+    if (parsed.success) {
+      const indices = byMeter.get(parsed.data.meter_id);
+      if (indices) indices.push(index);
+      else byMeter.set(parsed.data.meter_id, [index]);
+      return;
+    }
+    const issue = parsed.error.issues[0];
+    const path = issue.path.join(".");
+    errors.push({
+      index,
+      meter_id: meterIdOf(raw),
+      code: "invalid_payload",
+      // Stored as JSON (jsonb refuses U+0000): key names quoted by a message lose their controls.
+      message: `${path ? `${path}: ` : ""}${issue.message}`.replace(CONTROLS, "\uFFFD"),
+    });
+  });
+  if (caller.role !== "admin") {
+    const meters = [...byMeter.keys()];
+    let next = 0;
+    const worker = async () => {
+      while (next < meters.length) {
+        const meterId = meters[next++];
+        if (mayUseMeter(caller, (await ownerOf(meterId)) ?? undefined)) continue;
+        for (const index of byMeter.get(meterId)!) {
+          errors.push({
+            index,
+            meter_id: meterId,
+            code: "forbidden",
+            message: notYourMeter(meterId),
+          });
+        }
+      }
+    };
+    const n = Math.max(1, Math.min(options.concurrency ?? 16, meters.length));
+    await Promise.all(Array.from({ length: n }, worker));
+  }
+  return errors.sort((a, b) => a.index - b.index);
+}
+
+// deno-lint-ignore no-control-regex -- the point is to find them
+const CONTROLS = /[\u0000-\u001f\u007f]/g;
+
+/** The meter id of a reading that failed its schema, when it has a well-formed one. */
+function meterIdOf(raw: unknown): string | null {
+  const id = (raw as { meter_id?: unknown } | null)?.meter_id;
+  return typeof id === "string" && METER_ID_PATTERN.test(id) ? id : null;
 }

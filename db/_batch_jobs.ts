@@ -1,7 +1,7 @@
 // What both store adapters share of batch jobs: the new job, checks of the port's inputs, the
 // change a finish makes, and listing cursors.
 import { decodeCursor, encodeCursor, malformedCursor } from "./_cursor.ts";
-import type { BatchJob, BatchStatus } from "../core/batch.ts";
+import type { BatchItemError, BatchJob, BatchStatus } from "../core/batch.ts";
 import type { NewBatchJob, Store } from "./store.ts";
 
 /** Every status, in the order `countBatchJobs` reports them. */
@@ -40,6 +40,7 @@ export function newBatchJob(input: NewBatchJob, readings: unknown[]): BatchJob {
         `(${Array.isArray(readings) ? readings.length : "not an array"})`,
     );
   }
+  const errors = checkSubmissionErrors(input);
   return {
     id: input.id,
     user_id: input.user_id,
@@ -48,10 +49,10 @@ export function newBatchJob(input: NewBatchJob, readings: unknown[]): BatchJob {
     body_sha256: input.body_sha256,
     total_submitted: input.total_submitted,
     successful: 0,
-    failed: 0,
+    failed: input.failed,
     duplicates: 0,
     attempts: 0,
-    errors: [],
+    errors,
     last_error: null,
     created_at: input.created_at,
     started_at: null,
@@ -61,6 +62,32 @@ export function newBatchJob(input: NewBatchJob, readings: unknown[]): BatchJob {
     lease_owner: null,
     lease_until: null,
   };
+}
+
+/**
+ * The submission's errors in index order; throws unless they are `failed` errors of distinct
+ * indices within the job (each one a reading refused at submission, none a duplicate).
+ */
+function checkSubmissionErrors(input: NewBatchJob): BatchItemError[] {
+  if (!Array.isArray(input.errors)) throw new TypeError("errors must be an array");
+  if (!Number.isSafeInteger(input.failed) || input.failed !== input.errors.length) {
+    throw new RangeError(
+      `failed (${input.failed}) must be the number of errors (${input.errors.length})`,
+    );
+  }
+  const errors = [...input.errors].sort((a, b) => a.index - b.index);
+  errors.forEach((e, i) => {
+    if (!Number.isSafeInteger(e.index) || e.index < 0 || e.index >= input.total_submitted) {
+      throw new RangeError(`An error's index must be a reading's index, got ${e.index}`);
+    }
+    if (i > 0 && errors[i - 1].index === e.index) {
+      throw new RangeError(`Two errors of reading ${e.index}`);
+    }
+    if (e.code === "duplicate") {
+      throw new TypeError("A submission error cannot be a duplicate (runners find those)");
+    }
+  });
+  return errors;
 }
 
 /** Throws `TypeError` for a lease request that cannot be right. */

@@ -75,7 +75,8 @@ import {
  *   ["batch_items", id, n]                      Uint8Array: piece n of the UTF-8 JSON of the
  *                                               job's readings (at most PIECE_BYTES each)
  *   ["batch_errors", id, rev, n]                Uint8Array: piece n of the JSON of its errors,
- *                                               revision `rev` (replaced as a whole)
+ *                                               revision `rev` (replaced as a whole; the
+ *                                               submission's errors are rev "submitted")
  *   ["batch_idem", user_id, key]                job id: one job per user and Idempotency-Key
  *   ["batch_pending", id]                       created_at: pieces uploaded, job not committed
  *                                               yet (cleared by the commit, or by a purge)
@@ -930,25 +931,42 @@ export class KvStore implements Store {
     const existing = await this.#jobOfKey(job);
     if (existing !== null) return { job: existing, created: false };
     const pieces = splitPieces(encoder.encode(JSON.stringify(readings)));
-    const record: KvJob = { ...withoutErrors(job), items_pieces: pieces.length, errors_rev: null };
-    const inline = pieces.length <= PIECES_PER_COMMIT;
+    // The submission's errors, under a revision of their own like any later one.
+    const errorPieces = job.errors.length === 0
+      ? []
+      : splitPieces(encoder.encode(JSON.stringify(job.errors)));
+    const errorsPrefix: Deno.KvKey = ["batch_errors", job.id, SUBMITTED_ERRORS_REV];
+    const record: KvJob = {
+      ...withoutErrors(job),
+      items_pieces: pieces.length,
+      errors_rev: errorPieces.length === 0
+        ? null
+        : { rev: SUBMITTED_ERRORS_REV, pieces: errorPieces.length },
+    };
+    const inline = pieces.length + errorPieces.length <= PIECES_PER_COMMIT;
     if (!inline) {
       await this.#uploadPieces(["batch_items", job.id], pieces, {
         key: ["batch_pending", job.id],
         value: job.created_at,
       });
+      await this.#uploadPieces(errorsPrefix, errorPieces);
     }
     const idemKey: Deno.KvKey | null = job.idempotency_key === null
       ? null
       : ["batch_idem", job.user_id, job.idempotency_key];
     const op = this.#kv.atomic().check({ key: ["batch_jobs", job.id], versionstamp: null });
     if (idemKey !== null) op.check({ key: idemKey, versionstamp: null }).set(idemKey, job.id);
-    if (inline) pieces.forEach((piece, n) => op.set(["batch_items", job.id, n], piece));
-    else op.delete(["batch_pending", job.id]);
+    if (inline) {
+      pieces.forEach((piece, n) => op.set(["batch_items", job.id, n], piece));
+      errorPieces.forEach((piece, n) => op.set([...errorsPrefix, n], piece));
+    } else op.delete(["batch_pending", job.id]);
     writeJob(op, null, record);
     if ((await commit(op)).ok) return { job, created: true };
     // Lost to a submission with the same key (or the id is taken).
-    if (!inline) await this.#deletePieces(["batch_items", job.id], pieces.length, job.id);
+    if (!inline) {
+      await this.#deletePieces(errorsPrefix, errorPieces.length);
+      await this.#deletePieces(["batch_items", job.id], pieces.length, job.id);
+    }
     const winner = await this.#jobOfKey(job);
     if (winner !== null) return { job: winner, created: false };
     throw new GatewayError("conflict", `Batch job "${job.id}" already exists`);
@@ -1283,6 +1301,10 @@ export class KvStore implements Store {
     for await (const entry of this.#kv.list<number>({ prefix: ["batch_pending"] })) {
       if (entry.value >= before) continue;
       const id = entry.key[1] as string;
+      const errorsPrefix: Deno.KvKey = ["batch_errors", id, SUBMITTED_ERRORS_REV];
+      let errorPieces = 0;
+      for await (const _ of this.#kv.list({ prefix: errorsPrefix })) errorPieces++;
+      if (errorPieces > 0) await this.#deletePieces(errorsPrefix, errorPieces);
       const pieces: Deno.KvKey[] = [];
       for await (const piece of this.#kv.list({ prefix: ["batch_items", id] })) {
         pieces.push(piece.key);
@@ -1543,6 +1565,8 @@ type LiveEntry = Pick<BatchJob, "status" | "run_after" | "lease_until">;
 
 // A value holds at most 64 KiB; a commit at most 800 KiB of mutations: ten pieces leave room.
 const PIECE_BYTES = 65_536;
+/** The revision of the errors a job is created with (later ones are random UUIDs). */
+const SUBMITTED_ERRORS_REV = "submitted";
 const PIECES_PER_COMMIT = 10;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

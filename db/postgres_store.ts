@@ -820,10 +820,10 @@ export class PostgresStore implements Store {
   // ---- batch jobs --------------------------------------------------------------------------
 
   /**
-   * One transaction: the job (`INSERT ... ON CONFLICT DO NOTHING`: a concurrent insert with the
-   * same user and key waits for the other transaction and then does nothing) and its readings
-   * in chunks of {@linkcode JOB_CHUNK} (`batch_job_items`). When nothing was inserted, the job
-   * of that key is read and returned.
+   * One transaction: the job with its submission errors (`INSERT ... ON CONFLICT DO NOTHING`: a
+   * concurrent insert with the same user and key waits for the other transaction and then does
+   * nothing) and its readings in chunks of {@linkcode JOB_CHUNK} (`batch_job_items`). When
+   * nothing was inserted, the job of that key is read and returned.
    */
   async createBatchJob(
     input: NewBatchJob,
@@ -837,10 +837,10 @@ export class PostgresStore implements Store {
     return await guard(this.#sql.begin(async (tx) => {
       const inserted = await tx`
         INSERT INTO batch_jobs (id, user_id, status, idempotency_key, body_sha256,
-          total_submitted, created_at, updated_at, run_after)
+          total_submitted, failed, errors, created_at, updated_at, run_after)
         VALUES (${job.id}, ${job.user_id}, 'queued', ${job.idempotency_key}, ${job.body_sha256},
-          ${job.total_submitted}, ${date(job.created_at)}, ${date(job.created_at)},
-          ${date(job.created_at)})
+          ${job.total_submitted}, ${job.failed}, ${tx.json(jsonValue(job.errors))},
+          ${date(job.created_at)}, ${date(job.created_at)}, ${date(job.created_at)})
         ON CONFLICT DO NOTHING
         RETURNING id`;
       if (inserted.length === 0) {

@@ -63,16 +63,27 @@ export interface HourlyStat {
   max_kwh: number;
 }
 
-/** A new job for {@linkcode Store.createBatchJob}: queued, no attempt yet. */
+/**
+ * A new job for {@linkcode Store.createBatchJob}: queued, no attempt yet. `errors` are the
+ * readings refused at submission (schema, the caller's right to the meter), by index; `failed`
+ * is their number. Runners keep them and run only the other readings.
+ */
 export type NewBatchJob = Pick<
   BatchJob,
-  "id" | "user_id" | "idempotency_key" | "body_sha256" | "total_submitted" | "created_at"
+  | "id"
+  | "user_id"
+  | "idempotency_key"
+  | "body_sha256"
+  | "total_submitted"
+  | "created_at"
+  | "failed"
+  | "errors"
 >;
 
 /** A claimed job: the job (now `running`, leased to the claimer) and all its readings. */
 export interface ClaimedBatchJob {
   job: BatchJob;
-  /** The submitted readings, by index (as submitted: validated by the runner). */
+  /** The submitted readings, by index, as submitted (the job's `errors` name those refused). */
   readings: unknown[];
 }
 

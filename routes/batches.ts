@@ -1,5 +1,5 @@
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
-import type { BatchJob } from "../core/batch.ts";
+import { type BatchJob, checkBatchReadings } from "../core/batch.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
 import { sha256 } from "../core/sha256.ts";
@@ -11,6 +11,7 @@ import { parseDuration } from "../core/duration.ts";
 import { type AuthEnv, bearerAuth, requireRole } from "./middleware.ts";
 import { commonErrors, ErrorSchema, jsonBody, jsonResponse, userIdSchema } from "./schemas.ts";
 import { validationHook } from "./validation.ts";
+import type { MeterOwners } from "./meters.ts";
 
 /** The path whose body limit is sized for batches (routes/app.ts). */
 export const BATCH_SUBMIT_PATH = "/api/meters/submit-readings-batch";
@@ -94,6 +95,8 @@ export interface BatchRoutesDeps {
   clock: Clock;
   runner: Pick<BatchRunner, "submitted" | "awaitFinished" | "wake">;
   batch: { maxSize: number; syncMax: number };
+  /** Each meter's owner, cached (the rights checked at submission); absent: the store. */
+  owners?: MeterOwners;
   /** How long `?mode=sync` waits for the result before answering 202. */
   syncWaitMs: number;
 }
@@ -112,7 +115,9 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
     summary: `Submit up to ${maxSize} signed readings as one durable job (202), or up to ` +
       `${syncMax} with ?mode=sync (200 with the result)`,
     description: "Each reading is checked like a single submission; readings that fail are " +
-      "reported by index in the job's `errors`, they do not refuse the batch. With an " +
+      "reported by index in the job's `errors`, they do not refuse the batch. Schema and the " +
+      "caller's right to each meter are checked before the answer, so the job shows those " +
+      "errors from the start; signatures, rules and duplicates as it runs. With an " +
       "`Idempotency-Key`, the same key and body give the same job; the same key with another " +
       "body is 422.",
     request: {
@@ -174,6 +179,10 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
     },
   });
 
+  const ownerOf = deps.owners
+    ? (meterId: string) => deps.owners!.get(meterId)
+    : async (meterId: string) => (await deps.store.getDevice(meterId))?.user_id ?? null;
+
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
   app.use("/submit-readings-batch", bearerAuth(deps.tokens));
   app.use("/batches", bearerAuth(deps.tokens));
@@ -201,6 +210,8 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
         );
       }
       const digest = hex(sha256(canonicalJson(body)));
+      // Schema and rights now, recorded by index with the job; the runner checks the rest.
+      const errors = await checkBatchReadings(body.readings, principal, ownerOf);
       const { job, created } = await deps.store.createBatchJob({
         id: crypto.randomUUID(),
         user_id: principal.user_id,
@@ -208,6 +219,8 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
         body_sha256: digest,
         total_submitted: body.readings.length,
         created_at: deps.clock.now(),
+        failed: errors.length,
+        errors,
       }, body.readings);
       if (!created && job.body_sha256 !== digest) {
         throw new GatewayError(

@@ -73,6 +73,8 @@ interface Run {
   failed: number;
   duplicates: number;
   errors: BatchItemError[];
+  /** Indices already reported (at submission, or permanently by an earlier attempt): skipped. */
+  settled: Set<number>;
   /** Natural keys (`meter_id\nts`) this job stored in earlier attempts, not yet matched. */
   own: Set<string>;
   /** The first transient failure of this attempt: the job is retried. */
@@ -96,8 +98,10 @@ interface Run {
  *
  * **Exact results.** At the start of every attempt the runner reads which readings this job
  * already stored ({@linkcode Store.readingsOfBatchJob}; rows carry the job id) and counts them as
- * its own successes without submitting them again; any other duplicate is a `duplicate`. So an
- * attempt after a crash reports exactly the counts of an uninterrupted run.
+ * its own successes without submitting them again; any other duplicate is a `duplicate`. The
+ * readings already in the job's `errors` (refused at submission, or permanently by an earlier
+ * attempt) are kept and skipped. So an attempt after a crash reports exactly the counts of an
+ * uninterrupted run.
  */
 export class BatchRunner implements AsyncDisposable {
   #o: BatchRunnerOptions;
@@ -280,6 +284,7 @@ export class BatchRunner implements AsyncDisposable {
       failed: 0,
       duplicates: 0,
       errors: [],
+      settled: new Set(),
       own: new Set(),
       transient: null,
       stop: this.#closed,
@@ -287,6 +292,14 @@ export class BatchRunner implements AsyncDisposable {
       lastProgressAt: o.clock.now(),
       lastDecile: 0,
     };
+    // Readings refused at submission, and those an earlier attempt reported, stay as they were.
+    for (const error of job.errors) {
+      if (run.settled.has(error.index)) continue;
+      run.settled.add(error.index);
+      run.errors.push(error);
+      if (error.code === "duplicate") run.duplicates++;
+      else run.failed++;
+    }
     entry.run = run;
     const heartbeat = this.#heartbeat(run);
     try {
@@ -350,6 +363,7 @@ export class BatchRunner implements AsyncDisposable {
     const inFlight = new Set<Promise<void>>();
     const half = this.#o.writerQueueMax / 2;
     for (let i = 0; i < run.readings.length; i++) {
+      if (run.settled.has(i)) continue;
       for (;;) {
         if (run.stop) break;
         if (inFlight.size >= this.#window) {

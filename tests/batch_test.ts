@@ -322,6 +322,85 @@ Deno.test("batch submission reports every reading by index and stores exactly th
   });
 });
 
+Deno.test(
+  "the 202's job already shows schema and ownership errors, before any runner touched it",
+  async () => {
+    await using gw = await startTestGateway();
+    // No runner: whatever the job shows was recorded at submission.
+    await gw.gateway.batches.close();
+    const alice = await gw.createUser("alice@early.test");
+    const bob = await gw.createUser("bob@early.test");
+    const [mine] = await importMeters(gw, "early-a", alice.id, 1);
+    const [bobs] = await importMeters(gw, "early-b", bob.id, 1);
+    const readings = [
+      signedReading(mine.meter_id, mine.secret_hex, isoAgo(MINUTE)),
+      { meter_id: mine.meter_id, kwh_amount: "abc" },
+      signedReading(bobs.meter_id, bobs.secret_hex, isoAgo(MINUTE)),
+      signedReading(mine.meter_id, "00".repeat(32), isoAgo(2 * MINUTE)), // the runner's to find
+      "not a reading",
+      signedReading("no-such-meter", "00".repeat(32), isoAgo(MINUTE)),
+      signedReading(bobs.meter_id, bobs.secret_hex, isoAgo(2 * MINUTE)),
+    ];
+    const res = await submitBatch(gw, alice.token, readings);
+    equal(res.status, 202, JSON.stringify(res.body));
+    equal(res.body.status, "queued");
+    const job = await gw.request("GET", res.body.status_url, { token: alice.token });
+    equal(job.status, 200);
+    deepEqual(
+      [job.body.status, job.body.started_at, job.body.successful, job.body.failed],
+      ["queued", null, 0, 5],
+    );
+    deepEqual(
+      job.body.errors.map((e: { index: number; code: string; meter_id: string | null }) => [
+        e.index,
+        e.code,
+        e.meter_id,
+      ]),
+      [
+        [1, "invalid_payload", mine.meter_id],
+        [2, "forbidden", bobs.meter_id],
+        [4, "invalid_payload", null],
+        [5, "forbidden", "no-such-meter"],
+        [6, "forbidden", bobs.meter_id],
+      ],
+    );
+    // Admins may use every meter: only the schema is refused at submission.
+    const admin = await submitBatch(gw, gw.adminToken, readings);
+    const adminJob = await gw.request("GET", admin.body.status_url, { token: gw.adminToken });
+    deepEqual(adminJob.body.errors.map((e: { index: number }) => e.index), [1, 4]);
+  },
+);
+
+Deno.test("a job runs only the readings not refused at submission, with exact counts", async () => {
+  await using gw = await startTestGateway();
+  const alice = await gw.createUser("alice@rest.test");
+  const bob = await gw.createUser("bob@rest.test");
+  const meters = await importMeters(gw, "rest-a", alice.id, 3);
+  const [bobs] = await importMeters(gw, "rest-b", bob.id, 1);
+  const good = (m: Meter, k: number) =>
+    signedReading(m.meter_id, m.secret_hex, isoAgo(k * 30 * MINUTE));
+  const readings = [
+    good(meters[0], 1),
+    { meter_id: meters[0].meter_id },
+    good(bobs, 1),
+    good(meters[1], 1),
+    good(meters[1], 1), // a duplicate of the one before
+    signedReading(meters[2].meter_id, "00".repeat(32), isoAgo(MINUTE)),
+    good(meters[2], 2),
+  ];
+  const res = await submitBatch(gw, alice.token, readings);
+  equal(res.status, 202, JSON.stringify(res.body));
+  const job = await waitForJob(gw, alice.token, res.body.job_id);
+  deepEqual(
+    [job.status, job.successful, job.failed, job.duplicates, job.total_submitted],
+    ["completed", 3, 3, 1, 7],
+  );
+  deepEqual(
+    job.errors.map((e: { index: number; code: string }) => [e.index, e.code]),
+    [[1, "invalid_payload"], [2, "forbidden"], [4, "duplicate"], [5, "bad_signature"]],
+  );
+});
+
 Deno.test("BATCH_MAX_SIZE is at most 10,000", () => {
   throws(() => loadConfig({ BATCH_MAX_SIZE: "10001" }), /BATCH_MAX_SIZE/);
   equal(loadConfig({ BATCH_MAX_SIZE: "10000" }).batch.maxSize, 10_000);

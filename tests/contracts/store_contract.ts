@@ -1117,6 +1117,65 @@ export function storeContract(
     });
   });
 
+  test("a job is created with the errors found at submission", async (t, store) => {
+    const LEASE = 30 * SEC;
+    const refused = (index: number) => ({
+      index,
+      meter_id: index % 2 === 0 ? null : `meter-${index}`,
+      code: index % 3 === 0 ? "forbidden" as const : "invalid_payload" as const,
+      message: `Reading ${index} is refused ✗`,
+    });
+
+    await t.step("they are stored with the job, in index order, and claimed with it", async () => {
+      const errors = [refused(3), refused(0)];
+      const input = { ...newJob("pre", "u1", null, T0, 5), failed: 2, errors };
+      const { job } = await store.createBatchJob(input, [0, 1, 2, 3, 4]);
+      const expected = { ...expectedJob(input), errors: [refused(0), refused(3)] };
+      assert.deepEqual(job, expected);
+      assert.deepEqual(await store.getBatchJob("pre"), expected);
+      const claimed = await store.claimBatchJob("a", T0 + 1, LEASE);
+      assert.deepEqual(claimed?.job.errors, expected.errors);
+      assert.equal(claimed?.job.failed, 2);
+      const done = { status: "completed" as const, successful: 3, failed: 2, duplicates: 0 };
+      assert.equal(await store.finishBatchJob("pre", "a", done, T0 + 2), true);
+      assert.deepEqual((await store.getBatchJob("pre"))!.errors, expected.errors);
+    });
+
+    await t.step("however many there are", async () => {
+      // ~10,000 errors of ~90 bytes: more than one Deno KV commit holds.
+      const errors = Array.from({ length: 10_000 }, (_, i) => refused(i));
+      const input = {
+        ...newJob("all-refused", "u1", null, T0 + 10, 10_000),
+        failed: 10_000,
+        errors,
+      };
+      await store.createBatchJob(input, errors.map((e) => e.index));
+      const job = (await store.getBatchJob("all-refused"))!;
+      assert.deepEqual(job.errors, errors);
+      assert.equal(job.failed, 10_000);
+      const claimed = await store.claimBatchJob("a", T0 + 11, LEASE);
+      assert.equal(claimed?.job.id, "all-refused");
+      assert.deepEqual(claimed!.job.errors, errors);
+    });
+
+    await t.step("errors that do not match the job are refused", async () => {
+      const base = newJob("bad", "u1", null, T0 + 20, 2);
+      const cases = [
+        { ...base, failed: 1 },
+        { ...base, failed: 1, errors: [refused(2)] },
+        { ...base, failed: 2, errors: [refused(1), refused(1)] },
+        { ...base, failed: 1, errors: [{ ...refused(0), code: "duplicate" as const }] },
+      ];
+      for (const input of cases) {
+        await assert.rejects(
+          store.createBatchJob(input, [0, 1]),
+          (e) => e instanceof TypeError || e instanceof RangeError,
+        );
+      }
+      assert.equal(await store.getBatchJob("bad"), null);
+    });
+  });
+
   test(
     "batch jobs are claimed oldest first, leased to one runner, taken over when the lease ends",
     async (t, store) => {
@@ -1358,6 +1417,8 @@ function newJob(
     body_sha256: `sha-of-${id}`,
     total_submitted: total,
     created_at: createdAt,
+    failed: 0,
+    errors: [],
   };
 }
 
@@ -1366,10 +1427,8 @@ function expectedJob(job: NewBatchJob): BatchJob {
     ...job,
     status: "queued",
     successful: 0,
-    failed: 0,
     duplicates: 0,
     attempts: 0,
-    errors: [],
     last_error: null,
     started_at: null,
     finished_at: null,
