@@ -1,6 +1,6 @@
 // What both store adapters share of batch jobs: the new job, checks of the port's inputs, the
 // change a finish makes, and listing cursors.
-import { decodeCursor, encodeCursor, malformedCursor } from "./_cursor.ts";
+import { decodeMsKeyCursor, encodeCursor, validMs } from "./_cursor.ts";
 import type { BatchItemError, BatchJob, BatchStatus } from "../core/batch.ts";
 import type { NewBatchJob, Store } from "./store.ts";
 
@@ -183,18 +183,8 @@ export function encodeJobCursor(job: BatchJob): string {
 
 /** The position a job cursor names: strictly older than `(created_at, id)`. */
 export function decodeJobCursor(cursor: string): { created_at: number; id: string } {
-  const parts = decodeCursor(cursor);
-  if (
-    !Array.isArray(parts) || parts.length !== 2 || !validMs(parts[0]) ||
-    typeof parts[1] !== "string" || parts[1].includes("\0")
-  ) {
-    throw malformedCursor();
-  }
-  return { created_at: parts[0], id: parts[1] };
-}
-
-function validMs(ms: unknown): ms is number {
-  return typeof ms === "number" && Number.isSafeInteger(ms) && Math.abs(ms) <= 8.64e15;
+  const [created_at, id] = decodeMsKeyCursor(cursor);
+  return { created_at, id };
 }
 
 function checkMs(ms: number, name: string): void {

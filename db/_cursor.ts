@@ -24,3 +24,20 @@ export function decodeCursor(cursor: string): unknown {
     throw malformedCursor();
   }
 }
+
+/** Whether `ms` is epoch milliseconds a `Date` (and PostgreSQL's timestamptz) can hold. */
+export function validMs(ms: unknown): ms is number {
+  return typeof ms === "number" && Number.isSafeInteger(ms) && Math.abs(ms) <= 8.64e15;
+}
+
+/** Decodes a `[epoch ms, key]` cursor; throws `invalid_payload` for anything else. */
+export function decodeMsKeyCursor(cursor: string): [number, string] {
+  const parts = decodeCursor(cursor);
+  if (
+    !Array.isArray(parts) || parts.length !== 2 || !validMs(parts[0]) ||
+    typeof parts[1] !== "string" || parts[1].includes("\0")
+  ) {
+    throw malformedCursor();
+  }
+  return [parts[0], parts[1]];
+}

@@ -1,4 +1,10 @@
-import { decodeCursor, encodeCursor, malformedCursor } from "./_cursor.ts";
+import {
+  decodeCursor,
+  decodeMsKeyCursor,
+  encodeCursor,
+  malformedCursor,
+  validMs,
+} from "./_cursor.ts";
 import postgres from "postgres";
 import {
   type BatchFinish,
@@ -1187,10 +1193,6 @@ function nullableDate(ms: number | null): Date | null {
 
 // ---- validation --------------------------------------------------------------------------------
 
-function validMs(ms: number): boolean {
-  return Number.isSafeInteger(ms) && Math.abs(ms) <= 8.64e15;
-}
-
 function checkMs(ms: number, name: string): number {
   if (!validMs(ms)) {
     throw new GatewayError("invalid_payload", `${name} must be epoch milliseconds, got ${ms}`);
@@ -1350,14 +1352,8 @@ async function liveRefreshStartOffsetMs(sql: Sql, schema: string): Promise<numbe
 // ---- cursors -----------------------------------------------------------------------------------
 
 function decodeReadingCursor(cursor: string): { ts: number; meter_id: string } {
-  const parts = decodeCursor(cursor);
-  if (
-    !Array.isArray(parts) || parts.length !== 2 || !validMs(parts[0]) ||
-    typeof parts[1] !== "string" || parts[1].includes("\0")
-  ) {
-    throw malformedCursor();
-  }
-  return { ts: parts[0], meter_id: parts[1] };
+  const [ts, meter_id] = decodeMsKeyCursor(cursor);
+  return { ts, meter_id };
 }
 
 function decodeDeviceCursor(cursor: string): string {

@@ -9,10 +9,10 @@ import { LocalBus } from "../bus/local_bus.ts";
 import type { GatewayEvent, ReadingAcceptedEvent, Topic } from "../core/events.ts";
 import { silentLogger } from "../core/logger.ts";
 import type { ReadingRow } from "../core/reading.ts";
-import type { Role } from "../core/user.ts";
 import { PostgresStore } from "../db/postgres_store.ts";
 import { DeviceRecheck } from "../services/device_recheck.ts";
-import { eventOf, type HubClient, type HubStore, WsHub } from "../ws/hub.ts";
+import { eventOf, type HubStore, WsHub } from "../ws/hub.ts";
+import { positionsOf, recorder, waitFor } from "./_hub_clients.ts";
 import { deviceRecord, plainUser, storeDevice } from "./_devices.ts";
 import {
   createTestSchema,
@@ -24,7 +24,6 @@ import {
 } from "./_services.ts";
 
 const MINUTE = 60_000;
-const DEADLINE_MS = 10_000;
 const PG_URL = postgresUrl();
 const service = await requireService(`PostgreSQL at ${redactUrl(PG_URL)}`, probePostgres(PG_URL));
 
@@ -34,34 +33,6 @@ function hostileTest(name: string, fn: () => Promise<void>): void {
     ignore: !service.ok,
     fn,
   });
-}
-
-interface Recorder extends HubClient {
-  sent: Record<string, unknown>[];
-  closedWith?: number;
-}
-
-function recorder(userId: string, role: Role = "user"): Recorder {
-  const client: Recorder = {
-    principal: { user_id: userId, role },
-    sent: [],
-    send: (text) => client.sent.push(JSON.parse(text)),
-    bufferedAmount: () => 0,
-    close: (code) => client.closedWith = code,
-  };
-  return client;
-}
-
-const positionsOf = (c: Recorder) =>
-  c.sent.filter((m) => m.type === "meter.reading.accepted").map((m) => m.position as string);
-
-/** Polls until `condition` holds (a catch-up from the store has no event to await). */
-async function waitFor(condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + DEADLINE_MS;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${DEADLINE_MS} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 /** The in-process bus, plus an outage the test switches on and off (as Redis would). */

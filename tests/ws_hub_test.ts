@@ -3,43 +3,12 @@ import assert from "node:assert/strict";
 import { LocalBus } from "../bus/local_bus.ts";
 import { silentLogger } from "../core/logger.ts";
 import type { ReadingRow } from "../core/reading.ts";
-import type { Role } from "../core/user.ts";
 import { KvStore } from "../db/kv_store.ts";
-import { eventOf, type HubClient, WsHub } from "../ws/hub.ts";
+import { eventOf, WsHub } from "../ws/hub.ts";
+import { positionsOf, recorder, waitFor } from "./_hub_clients.ts";
 import { deviceRecord, storeDevice } from "./_devices.ts";
 
 const MINUTE = 60_000;
-const DEADLINE_MS = 10_000;
-
-/** A client that records what it was sent. */
-interface Recorder extends HubClient {
-  sent: Record<string, unknown>[];
-  closedWith?: number;
-}
-
-function recorder(userId: string, role: Role = "user"): Recorder {
-  const client: Recorder = {
-    principal: { user_id: userId, role },
-    sent: [],
-    send: (text) => client.sent.push(JSON.parse(text)),
-    bufferedAmount: () => 0,
-    close: (code) => client.closedWith = code,
-  };
-  return client;
-}
-
-/** The positions of the reading events a client was sent, in order. */
-const positionsOf = (c: Recorder) =>
-  c.sent.filter((m) => m.type === "meter.reading.accepted").map((m) => m.position as string);
-
-/** Polls until `condition` holds (a catch-up from the store has no event to await). */
-async function waitFor(condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + DEADLINE_MS;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${DEADLINE_MS} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 interface Fixture extends AsyncDisposable {
   store: KvStore;
