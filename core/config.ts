@@ -78,6 +78,7 @@ const envSchema = z.object({
   BATCH_LEASE: duration("15s").pipe(z.number().min(300, "must be at least 300ms")),
   BATCH_MAX_ATTEMPTS: int(3, 1, 100),
   BATCH_RETRY_BACKOFF: duration("5s").pipe(z.number().min(10, "must be at least 10ms")),
+  BATCH_ATTEMPT_PATIENCE: duration("30s"),
   BATCH_RETENTION: duration("7d").pipe(z.number().min(60_000, "must be at least 1m")),
   HTTP_BODY_LIMIT: int(64 * 1024, 256),
   HTTP_IMPORT_BODY_LIMIT: int(8 * 1024 * 1024, 1024),
@@ -289,6 +290,8 @@ export interface Config {
     maxAttempts: number;
     /** The first wait after a transient failure, doubled per attempt (with jitter). */
     retryBackoffMs: number;
+    /** How long an attempt waits for a store answering `unavailable` before it ends. */
+    patienceMs: number;
     /** Finished jobs are purged this long after they finished. */
     retentionMs: number;
     /** The batch route's body limit: room for `maxSize` readings of the largest legal size. */
@@ -525,6 +528,7 @@ export function loadConfig(
       leaseMs: e.BATCH_LEASE,
       maxAttempts: e.BATCH_MAX_ATTEMPTS,
       retryBackoffMs: e.BATCH_RETRY_BACKOFF,
+      patienceMs: e.BATCH_ATTEMPT_PATIENCE,
       retentionMs: e.BATCH_RETENTION,
       bodyLimit: batchBodyLimit,
     },

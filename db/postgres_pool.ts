@@ -46,6 +46,7 @@ export async function openPinnedPool(url: string, options: PinnedPoolOptions): P
   const sql = postgres(pinned.href, {
     max: options.max,
     connect_timeout: connectTimeout,
+    backoff: reconnectBackoff,
     onnotice: (notice) => logger?.debug("postgres notice", { message: notice.message }),
     // Hour buckets and timestamptz text in UTC whatever the server's default.
     connection: {
@@ -55,4 +56,13 @@ export async function openPinnedPool(url: string, options: PinnedPoolOptions): P
     },
   });
   return { sql, schema };
+}
+
+/**
+ * Seconds before a pool connection tries again after a failed connect: 50 ms doubling to 1 s,
+ * with jitter. postgres.js's own grows to 10–20 s, so the first query after an outage could wait
+ * that long for a database that is back.
+ */
+export function reconnectBackoff(retries: number): number {
+  return Math.min(0.05 * 2 ** retries, 1) * (0.5 + Math.random() / 2);
 }

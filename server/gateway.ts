@@ -395,6 +395,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     leaseMs: config.batch.leaseMs,
     maxAttempts: config.batch.maxAttempts,
     retryBackoffMs: config.batch.retryBackoffMs,
+    patienceMs: config.batch.patienceMs,
     retentionMs: config.batch.retentionMs,
   });
   cleanups.push(() => batches.close());

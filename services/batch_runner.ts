@@ -21,6 +21,8 @@ export interface BatchIntake {
 /** What the runner reads of the writer to share its queue with live intake. */
 export interface WriterLoad {
   readonly stats: { queued: number };
+  /** The writer's last failure while it is failing, else `null`. */
+  readonly stalled: string | null;
 }
 
 /** Options of {@linkcode BatchRunner}. */
@@ -42,6 +44,11 @@ export interface BatchRunnerOptions {
   maxAttempts: number;
   /** First wait after a transient failure; doubled per attempt, with jitter. */
   retryBackoffMs: number;
+  /**
+   * How long an attempt keeps retrying readings answered `unavailable` (the store is away)
+   * before it ends and the job waits for its next attempt (BATCH_ATTEMPT_PATIENCE).
+   */
+  patienceMs: number;
   /** Finished jobs older than this are purged (BATCH_RETENTION). */
   retentionMs: number;
   /** Readings of one job in flight at most; default 64. */
@@ -60,6 +67,9 @@ const OVERLOAD_PAUSE_MS = 25;
 /** While the writer's queue is over half full, the runner looks again this often. */
 const WRITER_BUSY_PAUSE_MS = 10;
 const MAX_BACKOFF_MS = 10 * 60_000;
+/** Pauses between tries of a reading answered `unavailable`, within one attempt. */
+const UNAVAILABLE_PAUSE_MIN_MS = 100;
+const UNAVAILABLE_PAUSE_MAX_MS = 2_000;
 const PROGRESS_EVERY_MS = 1_000;
 const PURGE_EVERY_MS = 60 * 60_000;
 const STATUSES: BatchStatus[] = ["queued", "running", "completed", "failed", "dead"];
@@ -77,6 +87,14 @@ interface Run {
   settled: Set<number>;
   /** Natural keys (`meter_id\nts`) this job stored in earlier attempts, not yet matched. */
   own: Set<string>;
+  /** Keys counted `successful` in this attempt (stored now, or matched in `own`). */
+  claimed: Set<string>;
+  /** This attempt's `duplicate` answers: checked against the job's rows at the end. */
+  suspects: { index: number; key: string }[];
+  /** Since when readings have been answered `unavailable` without a success between. */
+  unavailableSince: number | null;
+  /** The store or the writer failed during this attempt (a commit may be in doubt). */
+  troubled: boolean;
   /** The first transient failure of this attempt: the job is retried. */
   transient: string | null;
   /** Stop dispatching: the lease was lost or the instance is shutting down. */
@@ -286,6 +304,10 @@ export class BatchRunner implements AsyncDisposable {
       errors: [],
       settled: new Set(),
       own: new Set(),
+      claimed: new Set(),
+      suspects: [],
+      unavailableSince: null,
+      troubled: false,
       transient: null,
       stop: this.#closed,
       lost: false,
@@ -319,6 +341,7 @@ export class BatchRunner implements AsyncDisposable {
         run.own.add(`${r.meter_id}\n${r.ts}`);
       }
       await this.#dispatch(run);
+      if (run.troubled && run.suspects.length > 0) await this.#reconcile(run);
     } catch (error) {
       run.transient ??= `The store failed: ${(error as Error)?.message ?? String(error)}`;
       o.logger.warn("batch job attempt failed", { job_id: job.id, error });
@@ -396,23 +419,31 @@ export class BatchRunner implements AsyncDisposable {
       return;
     }
     const reading = parsed.data;
+    const key = `${reading.meter_id}\n${Date.parse(reading.reading_timestamp)}`;
     // Synchronous up to here, so the first index with a key claims this job's stored row.
-    if (run.own.delete(`${reading.meter_id}\n${Date.parse(reading.reading_timestamp)}`)) {
+    if (run.own.delete(key)) {
       run.successful++;
+      run.claimed.add(key);
       this.#progress(run);
       return;
     }
-    for (let tries = 0;; tries++) {
+    for (let tries = 0, waits = 0;; tries++) {
+      if (this.#o.writer.stalled !== null) run.troubled = true;
       const outcome = await this.#o.registry.submit({
         ...reading,
         source: "batch",
         caller: run.principal,
         batch_job_id: run.job.id,
       });
+      if (outcome.status !== "rejected" || outcome.code !== "unavailable") {
+        run.unavailableSince = null;
+      }
       if (outcome.status === "accepted") {
         run.successful++;
+        run.claimed.add(key);
       } else if (outcome.status === "duplicate") {
         run.duplicates++;
+        run.suspects.push({ index, key });
         run.errors.push({
           index,
           meter_id: reading.meter_id,
@@ -426,6 +457,11 @@ export class BatchRunner implements AsyncDisposable {
       } else if (outcome.code === "overloaded" && tries < OVERLOAD_RETRIES && !run.stop) {
         await pause(OVERLOAD_PAUSE_MS);
         continue;
+      } else if (outcome.code === "unavailable" && !run.stop && this.#patient(run)) {
+        // The store is away: wait for it within this attempt rather than spend the attempt.
+        const ms = Math.min(UNAVAILABLE_PAUSE_MAX_MS, UNAVAILABLE_PAUSE_MIN_MS * 2 ** waits++);
+        await pause(Math.round(ms * (0.5 + Math.random() / 2)));
+        continue;
       } else {
         // Left unresolved: the next attempt submits it again.
         run.transient ??= `${outcome.code}: ${outcome.message}`;
@@ -434,6 +470,41 @@ export class BatchRunner implements AsyncDisposable {
       this.#progress(run);
       return;
     }
+  }
+
+  /** Whether an `unavailable` answer is still within the attempt's patience (and starts it). */
+  #patient(run: Run): boolean {
+    run.troubled = true;
+    const now = this.#o.clock.now();
+    run.unavailableSince ??= now;
+    return now - run.unavailableSince < this.#o.patienceMs;
+  }
+
+  /**
+   * After a failure of the store or the writer, a commit may have been in doubt and a reading
+   * this job stored answered as a duplicate of itself (or a later copy of it counted instead).
+   * The job's rows say which keys are its own: the first index of each that is not already
+   * counted becomes the success, as in an uninterrupted run.
+   */
+  async #reconcile(run: Run): Promise<void> {
+    const stored = new Set<string>();
+    for (const r of await this.#o.store.readingsOfBatchJob(run.job.id)) {
+      stored.add(`${r.meter_id}\n${r.ts}`);
+    }
+    const moved = new Set<number>();
+    for (const { index, key } of [...run.suspects].sort((a, b) => a.index - b.index)) {
+      if (!stored.has(key) || run.claimed.has(key)) continue;
+      run.claimed.add(key);
+      moved.add(index);
+    }
+    if (moved.size === 0) return;
+    run.errors = run.errors.filter((e) => !(e.code === "duplicate" && moved.has(e.index)));
+    run.duplicates -= moved.size;
+    run.successful += moved.size;
+    this.#o.logger.info("batch job results reconciled with its stored rows", {
+      job_id: run.job.id,
+      readings: moved.size,
+    });
   }
 
   #fail(run: Run, index: number, meterId: string | null, code: ErrorCode, message: string): void {
