@@ -54,13 +54,41 @@ export interface RegistryOptions {
   mailboxMax: number;
   /** Called after a reading is committed (publish to the bus). */
   onCommitted?: (reading: Reading) => void;
-  /** Called with every final outcome, for metrics. */
-  onOutcome?: (msg: Submission, outcome: Outcome) => void;
+  /** Called with every final outcome and the seconds from submission to it, for metrics. */
+  onOutcome?: (msg: Submission, outcome: Outcome, seconds: number) => void;
+  /**
+   * Called after each device signature check (a reading's, or MQTT CONNECT credentials') with
+   * its result and the seconds the actor's decision took, for metrics.
+   */
+  onVerify?: (kind: "reading" | "connect", result: VerifyResult, seconds: number) => void;
   /** Where bad signatures and forbidden submissions are reported (warn, rate-limited). */
   security?: SecurityLog;
   /** Shares token takes with other instances; without it each bucket is this process's alone. */
   rate?: RateShare;
 }
+
+/** The result of a signature check, as counted by `device_signature_verifications_total`. */
+export type VerifyResult = "valid" | "invalid" | "expired";
+
+/** Counters of the registry's life cycle, read at scrape time. */
+export interface RegistryStats {
+  activations: number;
+  activationFailures: number;
+  /** Idle actors dropped by the sweep. */
+  passivations: number;
+  /** Idle actors dropped to stay under the cap. */
+  evictions: number;
+  /** Messages refused because their meter's mailbox was full. */
+  mailboxOverflows: number;
+}
+
+/** Codes after which a signature was checked and did not verify, by result. */
+const FAILED_VERIFY: Record<string, VerifyResult> = {
+  bad_signature: "invalid",
+  key_expired: "expired",
+};
+/** Verdicts that come after a valid signature. */
+const PAST_VERIFY = new Set(["accept", "duplicate", "wait"]);
 
 /** Activations loading at once, at most: each holds a store round trip. */
 const MAX_ACTIVATIONS = 10_000;
@@ -82,6 +110,13 @@ export class ActorRegistry {
   /** Live actors in least-recently-used order (a Map iterates in insertion order). */
   #actors = new Map<string, MeterActor>();
   #activating = new Map<string, Activation>();
+  readonly stats: RegistryStats = {
+    activations: 0,
+    activationFailures: 0,
+    passivations: 0,
+    evictions: 0,
+    mailboxOverflows: 0,
+  };
 
   constructor(options: RegistryOptions) {
     this.#o = options;
@@ -96,8 +131,9 @@ export class ActorRegistry {
   submit(msg: Submission): Promise<Outcome> {
     const onOutcome = this.#o.onOutcome;
     if (!onOutcome) return this.#route(msg);
+    const started = performance.now();
     return this.#route(msg).then((outcome) => {
-      onOutcome(msg, outcome);
+      onOutcome(msg, outcome, (performance.now() - started) / 1000);
       return outcome;
     });
   }
@@ -123,7 +159,16 @@ export class ActorRegistry {
   ): Promise<Verdict | null> {
     const check = (actor: MeterActor) => {
       actor.lastActive = this.#o.clock.now();
-      return actor.checkCredentials(message, signature, actor.lastActive, this.#o.settings.keys);
+      const started = performance.now();
+      const verdict = actor.checkCredentials(
+        message,
+        signature,
+        actor.lastActive,
+        this.#o.settings.keys,
+      );
+      // Without a message and signature a client certificate proved the identity: no check.
+      if (message !== null && signature !== null) this.#verified("connect", verdict, started);
+      return verdict;
     };
     const actor = this.#actors.get(meterId);
     if (actor) return Promise.resolve(check(actor));
@@ -150,6 +195,7 @@ export class ActorRegistry {
       this.#activating.set(meterId, activation);
     }
     if (activation.mailbox.length >= this.#o.mailboxMax) {
+      this.stats.mailboxOverflows++;
       return Promise.resolve(refuse("overloaded"));
     }
     const result = new Promise<T>((resolve) =>
@@ -191,6 +237,7 @@ export class ActorRegistry {
       this.#actors.delete(id);
       dropped++;
     }
+    this.stats.passivations += dropped;
     return dropped;
   }
 
@@ -215,11 +262,13 @@ export class ActorRegistry {
       }
     } catch (error) {
       this.#activating.delete(meterId);
+      this.stats.activationFailures++;
       this.#o.logger.error("actor activation failed", { meter_id: meterId, error });
       for (const run of activation.mailbox) run(null);
       return;
     }
     this.#activating.delete(meterId);
+    if (!previous) this.stats.activations++;
     // Unknown meters are answered from the activation, then forgotten: anyone can name
     // arbitrary meter ids, and they must not push real meters out of the registry.
     if (actor.device !== null) {
@@ -233,6 +282,20 @@ export class ActorRegistry {
         this.#o.logger.error("actor turn failed", { meter_id: meterId, error });
       }
     }
+  }
+
+  /** Reports a decision that involved a signature check (earlier refusals did not check one). */
+  #verified(kind: "reading" | "connect", verdict: Verdict | null, started: number): void {
+    const onVerify = this.#o.onVerify;
+    if (!onVerify) return;
+    const result = verdict === null
+      ? "valid"
+      : verdict.kind === "reject"
+      ? FAILED_VERIFY[verdict.code] ?? (verdict.code === "rate_limited" ? "valid" : undefined)
+      : PAST_VERIFY.has(verdict.kind)
+      ? "valid"
+      : undefined;
+    if (result) onVerify(kind, result, (performance.now() - started) / 1000);
   }
 
   async #loadDevice(meterId: string): Promise<DeviceState | null> {
@@ -262,6 +325,7 @@ export class ActorRegistry {
     for (const [id, actor] of this.#actors) {
       if (actor.inFlight > 0) continue;
       this.#actors.delete(id);
+      this.stats.evictions++;
       if (this.#actors.size <= this.#o.maxActors) return;
     }
   }
@@ -275,7 +339,9 @@ export class ActorRegistry {
     if (this.#actors.delete(actor.meterId)) this.#actors.set(actor.meterId, actor);
 
     const settings = this.#o.settings;
+    const started = this.#o.onVerify ? performance.now() : 0;
     const verdict = actor.decide(msg, now, settings);
+    if (this.#o.onVerify) this.#verified("reading", verdict, started);
     if (verdict.kind === "reject") {
       if (verdict.code === "bad_signature" || verdict.code === "forbidden") {
         // Never the signature itself: it is what an attacker would want confirmed.

@@ -54,6 +54,10 @@ const envSchema = z.object({
   DEVICE_KEY_ROTATION_GRACE: duration("24h"),
   GATEWAY_INSTANCE_ID: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
   LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
+  METRICS_TOKEN: z.string().min(16, "must be at least 16 characters").regex(
+    /^[\x21-\x7e]+$/,
+    "must be printable ASCII without spaces",
+  ).optional(),
   // kWh are kept as integer ten-thousandths: beyond 1e9 they would not stay exact in a double.
   KWH_MAX: z.coerce.number().positive().max(1e9).default(100),
   READING_MAX_AGE: duration("7d"),
@@ -222,6 +226,8 @@ export interface Config {
   kvPath: string;
   adminEmail: string;
   adminPassword?: string;
+  /** Bearer token `/metrics` requires; absent: open to whoever reaches the port. */
+  metricsToken?: string;
   jwtSecret?: string;
   jwtTtlMs: number;
   /** 32-byte key-encryption key from hex, when given. */
@@ -445,6 +451,7 @@ export function loadConfig(
     kvPath: e.DENO_KV_PATH,
     adminEmail: e.ADMIN_EMAIL.toLowerCase(),
     adminPassword: e.ADMIN_PASSWORD,
+    metricsToken: e.METRICS_TOKEN,
     jwtSecret: e.JWT_SECRET,
     jwtTtlMs: e.JWT_TTL,
     kek: e.DEVICE_KEY_ENCRYPTION_KEY ? hexBytes(e.DEVICE_KEY_ENCRYPTION_KEY) : undefined,

@@ -5,6 +5,8 @@ interface Family {
   type: "counter" | "gauge" | "histogram";
   values: Map<string, number>;
   read?: () => number;
+  /** Labelled series read at scrape time. */
+  collect?: () => Iterable<readonly [Labels, number]>;
   /** Histograms: upper bounds, ascending, without `+Inf`. */
   buckets?: readonly number[];
   series?: Map<string, HistogramSeries>;
@@ -78,6 +80,19 @@ export class Metrics {
     this.#families.set(name, { help, type: "counter", values: new Map(), read });
   }
 
+  /**
+   * Declares a family whose labelled series are read at scrape time from counters kept by the
+   * component itself: nothing on its hot path but its own `+= 1`.
+   */
+  collect(
+    name: string,
+    help: string,
+    type: "counter" | "gauge",
+    read: () => Iterable<readonly [Labels, number]>,
+  ): void {
+    this.#families.set(name, { help, type, values: new Map(), collect: read });
+  }
+
   /** Declares a histogram with upper bounds `buckets` (ascending; `+Inf` is implied). */
   histogram(name: string, help: string, buckets: readonly number[] = DEFAULT_BUCKETS): void {
     for (let i = 0; i < buckets.length; i++) {
@@ -147,9 +162,17 @@ export class Metrics {
   render(): string {
     const lines: string[] = [];
     for (const [name, f] of this.#families) {
-      lines.push(`# HELP ${name} ${f.help}`, `# TYPE ${name} ${f.type}`);
-      if (f.read) lines.push(`${name} ${f.read()}`);
-      for (const [key, value] of f.values) lines.push(`${name}${key ? `{${key}}` : ""} ${value}`);
+      lines.push(`# HELP ${name} ${escapeHelp(f.help)}`, `# TYPE ${name} ${f.type}`);
+      if (f.read) lines.push(`${name} ${formatValue(f.read())}`);
+      if (f.collect) {
+        for (const [labels, value] of f.collect()) {
+          const key = this.#keyOf(labels);
+          lines.push(`${name}${key ? `{${key}}` : ""} ${formatValue(value)}`);
+        }
+      }
+      for (const [key, value] of f.values) {
+        lines.push(`${name}${key ? `{${key}}` : ""} ${formatValue(value)}`);
+      }
       if (f.series && f.buckets) renderHistogram(lines, name, f.buckets, f.series);
     }
     return lines.join("\n") + "\n";
@@ -174,6 +197,18 @@ function renderHistogram(
     const labels = key ? `{${key}}` : "";
     lines.push(`${name}_sum${labels} ${s.sum}`, `${name}_count${labels} ${s.count}`);
   }
+}
+
+/** HELP text as the exposition format wants it: backslashes and newlines escaped. */
+function escapeHelp(help: string): string {
+  return help.replace(/\\/g, "\\\\").replace(/\n/g, "\\n");
+}
+
+/** A sample value in the exposition format (`+Inf`, `-Inf`, `NaN` spelled as Prometheus does). */
+function formatValue(value: number): string {
+  if (Number.isFinite(value)) return String(value);
+  if (Number.isNaN(value)) return "NaN";
+  return value > 0 ? "+Inf" : "-Inf";
 }
 
 function child(node: KeyNode, name: string): KeyNode {

@@ -43,6 +43,7 @@ import {
   type NewBatchJob,
   ownsDevices,
   type Page,
+  type PoolStats,
   type ReadingQuery,
   type ReadingStats,
   type Store,
@@ -1050,6 +1051,10 @@ export class PostgresStore implements Store {
   }
 
   /** Ends the pool, letting running queries finish for up to 5 s. */
+  poolStats(): PoolStats {
+    return this.#sql.stats();
+  }
+
   close(): Promise<void> {
     this.#closed ??= this.#sql.end({ timeout: 5 });
     return this.#closed;

@@ -105,6 +105,19 @@ export interface StoreOptions {
  * The persistence port: users, devices (with keys and audit log) and readings.
  * Every adapter passes tests/contracts/store_contract.ts.
  */
+/** A connection pool's state, read by `/metrics`. */
+export interface PoolStats {
+  max: number;
+  /** Idle open connections. */
+  open: number;
+  busy: number;
+  /** Connections pipelining as many queries as they take. */
+  full: number;
+  /** Connections held by transactions (`begin`, `reserve`). */
+  reserved: number;
+  waiting: number;
+}
+
 export interface Store {
   /**
    * Creates a user (enabled, token generation 0 unless given); throws `GatewayError("conflict")`
@@ -254,6 +267,11 @@ export interface Store {
 
   /** Cheap liveness probe of the backend. */
   ping(): Promise<void>;
+  /**
+   * The connection pool's state (PostgreSQL; absent for Deno KV): connections by state and the
+   * queries waiting for one.
+   */
+  poolStats?(): PoolStats;
   close(): Promise<void>;
 }
 

@@ -3,6 +3,7 @@ import type { ActorRegistry } from "../actors/registry.ts";
 import type { ErrorCode } from "../core/errors.ts";
 import type { Outcome } from "../core/outcome.ts";
 import { signedFieldsSchema } from "../core/reading.ts";
+import type { ReadingCounters } from "../core/reading_counters.ts";
 
 /** The answer published on `meters/{meter_id}/acks` for every reading. */
 export interface AckMessage {
@@ -29,6 +30,8 @@ export interface IntakeOptions {
   maxPayload: number;
   /** Pause before retrying after the store was unavailable. */
   retryMs?: number;
+  /** Counts publishes received and those refused before their actor (metrics). */
+  counters?: ReadingCounters;
 }
 
 const utf8 = new TextDecoder("utf-8", { fatal: true });
@@ -49,8 +52,14 @@ export class MqttIntake {
 
   /** Parses and submits a payload published on the meter's readings topic. */
   async handle(meterId: string, payload: Uint8Array): Promise<AckMessage> {
+    this.#o.counters?.submitted("mqtt");
     const parsed = this.parse(meterId, payload);
-    if ("status" in parsed) return parsed;
+    if ("status" in parsed) {
+      if (parsed.status === "rejected" && parsed.code) {
+        this.#o.counters?.rejected("mqtt", parsed.code);
+      }
+      return parsed;
+    }
     for (;;) {
       const outcome = await this.#o.registry.submit(parsed);
       const transient = outcome.status === "rejected" &&

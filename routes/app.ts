@@ -17,6 +17,8 @@ import { errorHandler } from "./errors.ts";
 import { healthRoutes } from "./health.ts";
 import { type MeterOwners, meterRoutes } from "./meters.ts";
 import { metricsRoutes } from "./metrics.ts";
+import { httpMetrics } from "./http_metrics.ts";
+import type { ReadingCounters } from "../core/reading_counters.ts";
 import type { Metrics } from "../core/metrics.ts";
 import { type AuthEnv, bearerAuth } from "./middleware.ts";
 import { BodyBudget, boundedBody } from "./body.ts";
@@ -54,6 +56,10 @@ export interface AppDeps {
   /** The Redis bus's connection (advisory in /readyz); absent in-process. */
   busConnected?: () => boolean | undefined;
   metrics: Metrics;
+  /** Counts reading submissions and early refusals (metrics). */
+  counters?: ReadingCounters;
+  /** Bearer token `/metrics` requires (METRICS_TOKEN); absent: open. */
+  metricsToken?: string;
   /** Each meter's owner, cached (ownership checks of every read and subscribe). */
   owners?: MeterOwners;
   /** Read-through cache of reading listings and stats (cache/read_cache.ts); absent: none. */
@@ -69,6 +75,7 @@ export interface AppDeps {
 export function createApp(deps: AppDeps): OpenAPIHono {
   const app = new OpenAPIHono();
   app.onError(errorHandler(deps.logger));
+  app.use(httpMetrics(deps.metrics));
   app.notFound((c) => {
     throw new GatewayError("not_found", `No route for ${c.req.method} ${c.req.path}`);
   });
@@ -99,7 +106,7 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   );
 
   app.route("/", healthRoutes(deps));
-  app.route("/", metricsRoutes(deps.metrics));
+  app.route("/", metricsRoutes(deps.metrics, deps.metricsToken));
   app.route("/api/auth", authRoutes(deps));
   app.route("/api/admin/users", adminUserRoutes(deps));
   app.route(

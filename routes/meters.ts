@@ -1,3 +1,4 @@
+import type { ReadingCounters } from "../core/reading_counters.ts";
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
 import type { ActorRegistry } from "../actors/registry.ts";
 import { GatewayError } from "../core/errors.ts";
@@ -165,6 +166,8 @@ export interface MeterRoutesDeps {
   cache?: StoreReads;
   /** Each meter's owner, cached and invalidated by device events; absent: the store. */
   owners?: MeterOwners;
+  /** Counts submissions and those refused before their actor (metrics). */
+  counters?: ReadingCounters;
 }
 
 /** Who owns a meter (`null`: unknown meter). */
@@ -191,6 +194,7 @@ export function meterRoutes(deps: MeterRoutesDeps): OpenAPIHono<AuthEnv> {
 
   return app
     .openapi(submit, async (c) => {
+      deps.counters?.submitted("http");
       const outcome = await deps.registry.submit({
         ...c.req.valid("json"),
         source: "http",
@@ -199,6 +203,12 @@ export function meterRoutes(deps: MeterRoutesDeps): OpenAPIHono<AuthEnv> {
       });
       if (outcome.status !== "accepted") throw outcomeError(outcome);
       return c.json(outcome.reading as Reading, 201);
+    }, (result) => {
+      if (result.success) return;
+      deps.counters?.submitted("http");
+      deps.counters?.rejected("http", "invalid_payload");
+      validationHook(result);
+      return undefined as never;
     })
     .openapi(list, async (c) => {
       const q = c.req.valid("query");

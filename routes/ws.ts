@@ -72,26 +72,43 @@ export function wsRoutes(
   app.get(
     "/",
     async function wsAuth(c, next) {
-      const bearer = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
-      const token = c.req.query("token") ?? bearer;
-      if (!token) throw new GatewayError("unauthorized", "Pass the access token as ?token=<jwt>");
-      const principal = await deps.tokens.verify(token, clientAddress(c));
-      c.set("principal", principal);
-      if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
-        throw new GatewayError("invalid_payload", "Expected a WebSocket upgrade request");
-      }
-      // The slot is taken now, not when the socket opens: parallel upgrades all see it.
-      const release = deps.hub.reserve(principal.user_id);
-      if (!release) {
-        throw new GatewayError("rate_limited", "Too many WebSocket connections for this account", {
-          retryAfter: 10,
-        });
+      const stats = deps.hub.stats;
+      stats.connectAttempts++;
+      let release: (() => void) | null;
+      try {
+        const bearer = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
+        const token = c.req.query("token") ?? bearer;
+        if (!token) {
+          throw new GatewayError("unauthorized", "Pass the access token as ?token=<jwt>");
+        }
+        const principal = await deps.tokens.verify(token, clientAddress(c));
+        c.set("principal", principal);
+        if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
+          throw new GatewayError("invalid_payload", "Expected a WebSocket upgrade request");
+        }
+        // The slot is taken now, not when the socket opens: parallel upgrades all see it.
+        release = deps.hub.reserve(principal.user_id);
+        if (!release) {
+          throw new GatewayError(
+            "rate_limited",
+            "Too many WebSocket connections for this account",
+            { retryAfter: 10 },
+          );
+        }
+      } catch (error) {
+        const reason = error instanceof GatewayError ? error.code : "internal";
+        stats.connectFailures.set(reason, (stats.connectFailures.get(reason) ?? 0) + 1);
+        throw error;
       }
       c.set("release", release);
       try {
         await next();
       } finally {
-        if (c.res.status !== 101) release();
+        if (c.res.status !== 101) {
+          release();
+          const failures = deps.hub.stats.connectFailures;
+          failures.set("upgrade_failed", (failures.get("upgrade_failed") ?? 0) + 1);
+        }
       }
     },
     upgradeWebSocket((c) => {

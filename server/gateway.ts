@@ -22,6 +22,8 @@ import { AckPublisher } from "../mqtt/ack_publisher.ts";
 import { ExternalIngress } from "../mqtt/external_ingress.ts";
 import { MqttIntake } from "../mqtt/intake.ts";
 import { DeviceService } from "../services/devices.ts";
+import { IngestMetrics } from "../services/ingest_metrics.ts";
+import { broadcastMetrics, declareGatewayMetrics, writerMetrics } from "./gateway_metrics.ts";
 import { TokenService } from "../services/tokens.ts";
 import { UserService } from "../services/users.ts";
 import { StateCache, UserStateCache } from "../services/user_state.ts";
@@ -92,6 +94,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const writerSpec: StoreSpec = spec.kind === "postgres"
     ? { ...spec, migrate: false, max: 2 * concurrency }
     : spec;
+  const metrics = new Metrics();
+  const ingest = new IngestMetrics(metrics);
+  const onBatch = writerMetrics(metrics);
   let writer: WriterClient;
   try {
     writer = await WriterClient.start({
@@ -103,6 +108,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       maxInFlight: 2,
       // One bus message per topic per committed batch, never one round trip per reading.
       onCommitted: (rows) => onCommitted(rows),
+      onBatch,
       onStall: (message) =>
         message === null
           ? logger.info("writer recovered")
@@ -112,47 +118,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     await store.close();
     throw error;
   }
-
-  const metrics = new Metrics();
-  metrics.counter("gateway_readings_total", "Readings by source and final outcome");
-  metrics.gauge("gateway_actors_live", "Live meter actors", () => registry.size);
-  metrics.gauge(
-    "gateway_writer_queue",
-    "Readings accepted and not yet committed",
-    () => writer.stats.queued,
-  );
-  metrics.counterOf(
-    "gateway_writer_batches_total",
-    "Batches committed",
-    () => writer.stats.batches,
-  );
-  metrics.counterOf("gateway_writer_rows_total", "Rows written", () => writer.stats.rows);
-  metrics.gauge(
-    "gateway_writer_batch_max",
-    "Largest batch so far",
-    () => writer.stats.maxBatchSize,
-  );
-  metrics.gauge(
-    "gateway_writer_last_batch_ms",
-    "Duration of the last batch",
-    () => writer.stats.lastBatchMs,
-  );
-  metrics.gauge(
-    "gateway_writer_last_round_trip_ms",
-    "From handing the last batch to the writer until its results were back",
-    () => writer.stats.lastRoundTripMs,
-  );
-  metrics.gauge(
-    "gateway_writer_stalled",
-    "1 while the store is failing",
-    () => writer.stalled === null ? 0 : 1,
-  );
-  metrics.gauge("gateway_ws_clients", "Connected WebSocket clients", () => hub.size);
-  metrics.counterOf(
-    "gateway_ws_dropped_total",
-    "WebSocket clients dropped as too slow",
-    () => hub.stats.dropped,
-  );
 
   const reads = new ReadCache({
     cache: deps.cache ?? new LruCache({ maxEntries: config.cache.maxEntries, clock }),
@@ -165,31 +130,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       hourlyStatsMs: config.cache.hourlyStatsTtlMs,
     },
   });
-  metrics.gauge(
-    "gateway_bus_connected",
-    "1 while events of other instances arrive",
-    () => bus.connected ? 1 : 0,
-  );
-  metrics.counterOf(
-    "gateway_bus_disconnects_total",
-    "Times the bus lost its backend (fan-out across instances paused)",
-    () => bus.stats.disconnects,
-  );
-  metrics.counterOf(
-    "gateway_bus_publish_errors_total",
-    "Batches the bus backend did not take (other instances catch up from the store)",
-    () => bus.stats.publishErrors,
-  );
-  metrics.counterOf(
-    "gateway_ws_replayed_total",
-    "Readings sent to WebSocket clients from the store (resume, gaps, after a bus outage)",
-    () => hub.stats.replayed,
-  );
-  metrics.counterOf(
-    "gateway_ws_resyncs_total",
-    "resync_required messages sent",
-    () => hub.stats.resyncs,
-  );
   const security = new SecurityLog({ logger, clock });
   const registry = new ActorRegistry({
     store,
@@ -208,11 +148,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     maxActors: config.actors.max,
     mailboxMax: config.actors.mailboxMax,
     rate: deps.rate,
-    onOutcome: (msg, outcome) =>
-      metrics.inc("gateway_readings_total", {
-        source: msg.source,
-        outcome: outcome.status === "rejected" ? outcome.code : outcome.status,
-      }),
+    onOutcome: (msg, outcome, seconds) => ingest.outcome(msg, outcome, seconds),
+    onVerify: (kind, result, seconds) => ingest.verified(kind, result, seconds),
   });
   const hub = new WsHub({
     bus,
@@ -222,6 +159,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     maxPerUser: config.wsMaxPerUser,
     resumeMax: config.wsResumeMax,
     positionCheckMs: config.wsPositionCheckMs,
+    onBroadcast: broadcastMetrics(metrics),
   });
   const userState = new UserStateCache({ load: (id) => store.getUser(id), clock });
   // Read on every per-meter read and subscribe; changed only by (re-)registration.
@@ -314,6 +252,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   metrics.counter("mqtt_messages_received_total", "MQTT publishes received, by topic pattern");
   metrics.counter("mqtt_connection_errors_total", "Refused or failed MQTT connections, by reason");
   const intake = new MqttIntake({
+    counters: ingest,
     registry,
     capacity: writer,
     maxPayload: config.mqtt.maxPayload,
@@ -404,6 +343,22 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     "Connected device sessions (embedded broker)",
     () => broker?.connections ?? 0,
   );
+  if (config.mqtt.enabled) {
+    metrics.gauge(
+      "mqtt_broker_connected",
+      "1 while the gateway's MQTT broker is up: the embedded one listening, or the link to MQTT_URL",
+      () => (external ? external.connected : broker !== undefined) ? 1 : 0,
+    );
+  }
+  declareGatewayMetrics(metrics, {
+    registry,
+    writer,
+    hub,
+    bus,
+    store,
+    devices,
+    redis: !(bus instanceof LocalBus),
+  });
 
   const app = createApp({
     store,
@@ -427,7 +382,19 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // LocalBus never disconnects: only a network bus is worth reporting.
     busConnected: () => bus instanceof LocalBus ? undefined : bus.connected,
     metrics,
-    runner: batches,
+    metricsToken: config.metricsToken,
+    counters: ingest,
+    // Batch readings count as submitted when their job is stored; those refused at submission
+    // (schema, rights) are validation errors then.
+    runner: {
+      submitted: (job) => {
+        ingest.submitted("batch", job.total_submitted);
+        for (const e of job.errors) ingest.rejected("batch", e.code);
+        batches.submitted(job);
+      },
+      awaitFinished: (job, ms) => batches.awaitFinished(job, ms),
+      wake: () => batches.wake(),
+    },
     batch: config.batch,
     // Answered well within the request timeout (HTTP_REQUEST_TIMEOUT closes the connection).
     syncWaitMs: Math.max(1_000, Math.min(30_000, config.http.requestTimeoutMs - 5_000)),

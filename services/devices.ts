@@ -108,6 +108,8 @@ export class DeviceService {
   #policy: KeyPolicy;
   #logger: Logger;
   #brokerAdmin?: BrokerAdmin;
+  /** Keys issued (registrations and rotations) and devices revoked by this instance. */
+  readonly stats = { keysRegistered: 0, keysRevoked: 0 };
 
   /** Makes the service; it owns none of the things it is given. */
   constructor(options: DeviceServiceOptions) {
@@ -139,6 +141,7 @@ export class DeviceService {
     await this.#store.createDevice(device, this.#audit(device, "registered", actor, key.key_id), {
       ownerMustExist: true,
     });
+    this.stats.keysRegistered++;
     await this.#announce(input.meter_id, "registered", input.user_id);
     await this.#tellBroker("reinstate", input.meter_id);
     return issued;
@@ -179,6 +182,7 @@ export class DeviceService {
       }
       return { device: updated, audit };
     });
+    this.stats.keysRegistered++;
     await this.#announce(meterId, "rotated", rotated.user_id);
     return issued!;
   }
@@ -195,6 +199,7 @@ export class DeviceService {
       };
       return { device: revoked, audit: { ...this.#audit(revoked, "revoked", actor), note } };
     });
+    this.stats.keysRevoked++;
     await this.#announce(meterId, "revoked", updated.user_id);
     await this.#tellBroker("revoke", meterId);
     return this.view(updated);

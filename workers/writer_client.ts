@@ -37,6 +37,8 @@ export interface WriterOptions {
    * nothing). An error it throws is logged and changes nothing else.
    */
   onCommitted?: (rows: ReadingRow[]) => Promise<void> | void;
+  /** Told of every committed batch: its rows and the worker's milliseconds for it (metrics). */
+  onBatch?: (rows: number, ms: number) => void;
   /** Where a throwing `onCommitted` is reported. */
   logger?: Logger;
 }
@@ -338,6 +340,7 @@ export class WriterClient implements AsyncDisposable {
           lastBatchMs: message.ms,
           maxBatchSize: Math.max(this.#stats.maxBatchSize, size),
         });
+        this.#options.onBatch?.(size, message.ms);
         this.#setStalled(null);
         const wait = this.#options.onCommitted === undefined
           ? undefined

@@ -74,6 +74,8 @@ export interface WsHubOptions {
    * the meter reveals the gap.
    */
   positionCheckMs?: number;
+  /** Told how long each bus event's fan-out to this instance's clients took, in seconds. */
+  onBroadcast?: (seconds: number) => void;
 }
 
 /** What one subscribe or unsubscribe asks for. */
@@ -124,6 +126,13 @@ export interface HubStats {
   resyncs: number;
   /** Times fan-out from other instances stopped (bus disconnected). */
   busOutages: number;
+  /** Messages sent to clients by the hub, by event type (`resync_required`, …). */
+  sent: Map<string, number>;
+  /** Bus events fanned out to this instance's clients. */
+  broadcasts: number;
+  /** WebSocket upgrade requests, and those refused (by error code) before the socket opened. */
+  connectAttempts: number;
+  connectFailures: Map<string, number>;
 }
 
 /**
@@ -159,7 +168,17 @@ export class WsHub {
   #positionTimer: ReturnType<typeof setInterval> | undefined;
   #reads = new Semaphore(STORE_READS, STORE_READS_WAITING);
   #checking = false;
-  readonly stats: HubStats = { dropped: 0, replayed: 0, resyncs: 0, busOutages: 0 };
+  readonly stats: HubStats = {
+    dropped: 0,
+    replayed: 0,
+    resyncs: 0,
+    busOutages: 0,
+    sent: new Map(),
+    broadcasts: 0,
+    connectAttempts: 0,
+    connectFailures: new Map(),
+  };
+  #onBroadcast: ((seconds: number) => void) | undefined;
 
   constructor(options: WsHubOptions) {
     this.#bus = options.bus;
@@ -169,6 +188,7 @@ export class WsHub {
     this.#maxPerUser = options.maxPerUser ?? 16;
     this.#maxMeters = options.maxMetersPerClient ?? MAX_METERS_PER_CLIENT;
     this.#resumeMax = options.resumeMax ?? RESUME_MAX;
+    this.#onBroadcast = options.onBroadcast;
     if (options.positionCheckMs) {
       this.#positionTimer = setInterval(() => {
         if (this.#checking) return;
@@ -384,11 +404,15 @@ export class WsHub {
     else if (event.type === "device.changed") this.#deviceChanged(event.data);
   }
 
-  /** Unsubscribes from the bus and forgets every client (the sockets are closed elsewhere). */
+  /** Unsubscribes from the bus and closes every client with 1001 (going away). */
   close(): void {
     this.#stopBusWatch();
     clearInterval(this.#positionTimer);
-    for (const client of [...this.#clients.keys()]) this.detach(client);
+    for (const client of [...this.#clients.keys()]) {
+      this.detach(client);
+      // 1001 going away: clients reconnect (to another instance) and resume from their positions.
+      client.close(1001, "The gateway is shutting down");
+    }
     for (const sub of this.#topics.values()) sub.unsubscribe();
     this.#topics.clear();
   }
@@ -488,7 +512,7 @@ export class WsHub {
           continue;
         }
         this.stats.replayed++;
-        if (!this.#send(client, JSON.stringify(eventOf(row)))) return;
+        if (!this.#send(client, JSON.stringify(eventOf(row)), "meter.reading.accepted")) return;
         follow.seq = seq;
       }
     }
@@ -547,7 +571,7 @@ export class WsHub {
     }
     if (seq === follow.seq + 1) {
       text ??= JSON.stringify(event);
-      if (this.#send(client, text)) follow.seq = seq;
+      if (this.#send(client, text, event.type)) follow.seq = seq;
       return text;
     }
     // A gap: the missing readings are committed (their seq is smaller), so the store has them.
@@ -678,6 +702,15 @@ export class WsHub {
   }
 
   #onEvent(topic: Topic, event: GatewayEvent): void {
+    const onBroadcast = this.#onBroadcast;
+    if (!onBroadcast) return this.#fanOut(topic, event);
+    const started = performance.now();
+    this.#fanOut(topic, event);
+    this.stats.broadcasts++;
+    onBroadcast((performance.now() - started) / 1000);
+  }
+
+  #fanOut(topic: Topic, event: GatewayEvent): void {
     if (event.type === "meter.reading.accepted") {
       if (topic === "all") return this.#toFirehose(event);
       const meter = event.data.meter_id;
@@ -695,7 +728,7 @@ export class WsHub {
     }
     if (topic === "all") {
       const text = JSON.stringify(event);
-      for (const client of this.#all) this.#send(client, text);
+      for (const client of this.#all) this.#send(client, text, event.type);
       return;
     }
     if (topic.startsWith("user:")) {
@@ -704,7 +737,7 @@ export class WsHub {
       for (const client of this.#byPrincipal.get(userId) ?? []) {
         // Admins on the firehose get mint events from "all".
         if (!(event.type === "meter.reading.minted" && this.#clients.get(client)?.all)) {
-          this.#send(client, text);
+          this.#send(client, text, event.type);
         }
       }
     }
@@ -717,7 +750,9 @@ export class WsHub {
     for (const client of this.#all) {
       const follow = this.#clients.get(client)?.follows.get(event.data.meter_id);
       if (follow && seq <= follow.seq) continue;
-      if (this.#send(client, text) && follow && follow.held === null) follow.seq = seq;
+      if (this.#send(client, text, event.type) && follow && follow.held === null) {
+        follow.seq = seq;
+      }
     }
   }
 
@@ -782,6 +817,7 @@ export class WsHub {
         meters: [meter],
         reason: `Meter "${meter}" is no longer yours`,
       }),
+      "unsubscribed",
     );
   }
 
@@ -791,11 +827,15 @@ export class WsHub {
     this.stats.resyncs++;
     const positions: Record<string, string> = {};
     for (const meter of meters) positions[meter] = formatPosition(meter, this.#seqOf(state, meter));
-    this.#send(client, JSON.stringify({ type: "resync_required", reason, meters, positions }));
+    this.#send(
+      client,
+      JSON.stringify({ type: "resync_required", reason, meters, positions }),
+      "resync_required",
+    );
   }
 
   /** Sends, or disconnects a client that stopped reading; false when it was disconnected. */
-  #send(client: HubClient, text: string): boolean {
+  #send(client: HubClient, text: string, type: string): boolean {
     if (!this.#clients.has(client)) return false;
     if (client.bufferedAmount() > this.#sendBufferMax) {
       this.stats.dropped++;
@@ -804,6 +844,7 @@ export class WsHub {
       return false;
     }
     client.send(text);
+    this.stats.sent.set(type, (this.stats.sent.get(type) ?? 0) + 1);
     return true;
   }
 }

@@ -69,6 +69,18 @@ function Postgres(a, b) {
 
   Object.assign(sql, {
     get parameters() { return options.parameters },
+    // Gateway patch: the pool's state for metrics (connections by state, queries waiting).
+    stats: () => ({
+      max: options.max,
+      connecting: connecting.length,
+      reserved: reserved.length,
+      open: open.length,
+      busy: busy.length,
+      full: full.length,
+      closed: closed.length,
+      ended: ended.length,
+      waiting: queries.length
+    }),
     largeObject: largeObject.bind(null, sql),
     subscribe,
     CLOSE,

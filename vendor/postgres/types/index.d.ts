@@ -705,6 +705,11 @@ declare namespace postgres {
 
     options: ParsedOptions<TTypes>;
     parameters: ConnectionParameters;
+    /** Gateway patch: the pool's connections by state and the queries waiting for one. */
+    stats(): {
+      max: number; connecting: number; reserved: number; open: number; busy: number;
+      full: number; closed: number; ended: number; waiting: number;
+    };
 
     end(options?: { timeout?: number | undefined } | undefined): Promise<void>;
 
