@@ -124,10 +124,19 @@ async function main(): Promise<void> {
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
-    logger.info("shutting down", { signal });
+    logger.info("shutting down", { signal, deadline_ms: config.shutdownTimeoutMs });
+    // Past the deadline the process exits anyway (and says so): an orchestrator's SIGKILL would
+    // come next, without the log line.
+    const deadline = setTimeout(() => {
+      logger.error("shutdown deadline passed; exiting with work unfinished", {
+        deadline_ms: config.shutdownTimeoutMs,
+      });
+      Deno.exit(1);
+    }, config.shutdownTimeoutMs);
     await server.close();
     await gateway.close();
     await closeRedis();
+    clearTimeout(deadline);
     logger.info("stopped");
     Deno.exit(0);
   };

@@ -72,6 +72,8 @@ export class MeterActor {
   #pending: Map<number, Promise<unknown>> | undefined;
   /** Readings handed to the writer and not yet settled; an actor with any is not passivated. */
   inFlight = 0;
+  /** Readings this actor stored since its activation (the admin top-N view of meters). */
+  stored = 0;
   lastActive: number;
 
   constructor(meterId: string, device: DeviceState | null, recent: number[], now: number) {

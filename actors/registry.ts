@@ -227,6 +227,25 @@ export class ActorRegistry {
     );
   }
 
+  /**
+   * The `n` live meters that stored the most readings since their activation: the per-meter view
+   * that a metric label must not carry (one series per meter would explode at fleet size).
+   */
+  topMeters(n: number): { meter_id: string; stored: number; last_active: number }[] {
+    const top: MeterActor[] = [];
+    for (const actor of this.#actors.values()) {
+      if (actor.stored === 0) continue;
+      if (top.length === n && top[n - 1].stored >= actor.stored) continue;
+      let i = top.length < n ? top.length : n - 1;
+      top[i] = actor;
+      while (i > 0 && top[i - 1].stored < top[i].stored) {
+        [top[i - 1], top[i]] = [top[i], top[i - 1]];
+        i--;
+      }
+    }
+    return top.map((a) => ({ meter_id: a.meterId, stored: a.stored, last_active: a.lastActive }));
+  }
+
   /** Passivates actors idle for longer than the TTL; returns how many were dropped. */
   sweep(): number {
     const cutoff = this.#o.clock.now() - this.#o.idleTtlMs;
@@ -384,6 +403,7 @@ export class ActorRegistry {
           : { status: "rejected", code: "internal", message: result.message };
       }
       actor.settle(row.ts, result, settings);
+      if (result.status === "stored") actor.stored++;
       if (result.status === "duplicate") {
         return duplicateOf(row.meter_id, result.conflict_ts, row.ts);
       }

@@ -54,6 +54,7 @@ const envSchema = z.object({
   DEVICE_KEY_ROTATION_GRACE: duration("24h"),
   GATEWAY_INSTANCE_ID: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
   LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
+  SHUTDOWN_TIMEOUT: duration("30s").pipe(z.number().min(1_000, "must be at least 1s")),
   METRICS_TOKEN: z.string().min(16, "must be at least 16 characters").regex(
     /^[\x21-\x7e]+$/,
     "must be printable ASCII without spaces",
@@ -228,6 +229,8 @@ export interface Config {
   adminPassword?: string;
   /** Bearer token `/metrics` requires; absent: open to whoever reaches the port. */
   metricsToken?: string;
+  /** SIGTERM/SIGINT: longest wait for intake to stop and the writer to flush before exit 1. */
+  shutdownTimeoutMs: number;
   jwtSecret?: string;
   jwtTtlMs: number;
   /** 32-byte key-encryption key from hex, when given. */
@@ -452,6 +455,7 @@ export function loadConfig(
     adminEmail: e.ADMIN_EMAIL.toLowerCase(),
     adminPassword: e.ADMIN_PASSWORD,
     metricsToken: e.METRICS_TOKEN,
+    shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT,
     jwtSecret: e.JWT_SECRET,
     jwtTtlMs: e.JWT_TTL,
     kek: e.DEVICE_KEY_ENCRYPTION_KEY ? hexBytes(e.DEVICE_KEY_ENCRYPTION_KEY) : undefined,

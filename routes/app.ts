@@ -11,6 +11,7 @@ import type { TokenService } from "../services/tokens.ts";
 import type { UserService } from "../services/users.ts";
 import { adminDeviceRoutes } from "./admin_devices.ts";
 import { adminUserRoutes } from "./admin_users.ts";
+import { adminMetricsRoutes } from "./admin_metrics.ts";
 import { authRoutes } from "./auth.ts";
 import { docsRoutes } from "./docs.ts";
 import { errorHandler } from "./errors.ts";
@@ -109,6 +110,7 @@ export function createApp(deps: AppDeps): OpenAPIHono {
   app.route("/", metricsRoutes(deps.metrics, deps.metricsToken));
   app.route("/api/auth", authRoutes(deps));
   app.route("/api/admin/users", adminUserRoutes(deps));
+  app.route("/api/admin/metrics", adminMetricsRoutes(deps));
   app.route(
     "/api/admin/devices",
     adminDeviceRoutes({ ...deps, registerPerMinute: deps.registerPerMinute }),

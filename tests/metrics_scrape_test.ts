@@ -196,6 +196,20 @@ Deno.test("a scrape after a scripted workload shows the plan's metrics with exac
     for (const m of [...meters, "mx-gone"]) assert.ok(!text.includes(m), m);
   });
 
+  await t.step("the per-meter view is the admin top-N, not a label", async () => {
+    const res = await gw.request("GET", "/api/admin/metrics/top-meters?n=2", {
+      token: gw.adminToken,
+    });
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    // mx-1 stored 4 of the 10 (i = 0, 3, 6, 9), mx-2 and mx-3 three each.
+    assert.deepEqual(
+      res.body.items.map((m: { meter_id: string; stored: number }) => [m.meter_id, m.stored]),
+      [["mx-1", 4], ["mx-2", 3]],
+    );
+    const denied = await gw.request("GET", "/api/admin/metrics/top-meters", { token: user.token });
+    assert.equal(denied.status, 403);
+  });
+
   ws.close();
   await new Promise((resolve) => ws.onclose = resolve);
 });
