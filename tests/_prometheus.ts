@@ -10,24 +10,41 @@ import type { ServiceStatus } from "./_services.ts";
  * its `_count` series; a labelled counter appears once it has counted something.
  */
 export const EXPECTED_METRICS: readonly string[] = [
-  // Readings and the writer.
+  // Readings: the platform plan's names.
+  "meter_readings_submitted_total",
+  "meter_readings_processing_duration_seconds",
+  "device_signature_verifications_total",
+  "device_authentication_duration_seconds",
+  "device_keys_registered_total",
+  "device_keys_revoked_total",
   "gateway_readings_total",
+  // Actors and the writer.
   "gateway_actors_live",
+  "gateway_actor_activations_total",
+  "gateway_actor_passivations_total",
+  "gateway_mailbox_overflows_total",
   "gateway_writer_queue",
   "gateway_writer_batches_total",
   "gateway_writer_rows_total",
+  "gateway_writer_batch_size",
+  "gateway_writer_flush_duration_seconds",
   "gateway_writer_stalled",
+  // HTTP.
+  "http_request_duration_seconds",
   // Bus and WebSocket hub.
   "gateway_bus_connected",
-  "gateway_ws_clients",
+  "websocket_clients_connected",
+  "websocket_connection_attempts_total",
   // MQTT (embedded broker).
   "mqtt_messages_received_total",
+  "mqtt_broker_connected",
   "mqtt_sessions",
   // Batches.
   "batch_jobs_submitted_total",
   "batch_jobs_completed_total",
   "batch_jobs",
   "batch_processing_duration_seconds",
+  "batch_readings_per_job",
   // Read cache.
   "cache_hits_total",
   "cache_misses_total",
