@@ -41,6 +41,43 @@ export async function spawnGateway(env: Record<string, string>): Promise<Gateway
   }).spawn();
   const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let buffered = "";
+  // Below info (LOG_LEVEL=warn|error) the gateway does not say that it listens: ask /healthz.
+  const quiet = env.LOG_LEVEL === "warn" || env.LOG_LEVEL === "error";
+  let exited = false;
+  child.status.then(() => exited = true);
+  if (quiet) {
+    const drain = (async () => {
+      for (let r = await lines.read(); !r.done; r = await lines.read()) buffered += r.value;
+    })();
+    for (;;) {
+      if (exited) {
+        await drain;
+        throw new Error(`gateway exited before listening:\n${buffered}`);
+      }
+      const up = await fetch(`http://127.0.0.1:${port}/healthz`).then(
+        (r) => (r.body?.cancel(), r.ok),
+        () => false,
+      );
+      // The first admin is created once everything listens: wait for it too.
+      const ready = up &&
+        (!env.ADMIN_EMAIL || await fetch(`http://127.0.0.1:${port}/api/auth/login`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ email: env.ADMIN_EMAIL, password: env.ADMIN_PASSWORD }),
+        }).then((r) => (r.body?.cancel(), r.ok), () => false));
+      if (ready) break;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    const close = async () => {
+      try {
+        child.kill("SIGTERM");
+      } catch { /* already gone */ }
+      await child.status;
+      await drain;
+      await Deno.remove(dir, { recursive: true });
+    };
+    return { url: `http://127.0.0.1:${port}`, dir, child, [Symbol.asyncDispose]: close };
+  }
   while (!buffered.includes('"gateway listening"')) {
     const { value, done } = await lines.read();
     if (done) throw new Error(`gateway exited before listening:\n${buffered}`);

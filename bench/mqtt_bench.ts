@@ -764,6 +764,8 @@ Options:
   --sample S        Every S-th meter subscribes to its acks for latency (default 10)
   --database-url U  Run the gateway on PostgreSQL (a fresh schema on U, dropped at the end)
                     instead of Deno KV
+  --observability M on: the gateway with metrics and logging at production defaults; off:
+                    with them off; both (default): each, side by side, and their ratio
   --json            Also print the figures as one JSON object
   -h, --help        Show this help`,
     options: {
@@ -775,6 +777,7 @@ Options:
       seconds: { type: "string", default: "10" },
       sample: { type: "string", default: "10" },
       "database-url": { type: "string" },
+      observability: { type: "string", default: "both" },
       json: { type: "boolean", default: false },
     },
   });
@@ -998,165 +1001,222 @@ Options:
   }
 
   // ---- (b) the gateway ------------------------------------------------------------------
-  // The store is the bench's choice, never an inherited DATABASE_URL.
-  const store: Record<string, string> = { DATABASE_URL: "" };
-  let storeName = "Deno KV";
-  const schema = flags["database-url"] ? await createTestSchema(flags["database-url"]) : null;
-  await using _schema = tracked({
-    [Symbol.asyncDispose]: () => schema?.drop() ?? Promise.resolve(),
-  });
-  if (schema) {
-    Object.assign(store, {
-      DATABASE_URL: schema.url,
-      JWT_SECRET: randomHex(),
-      DEVICE_KEY_ENCRYPTION_KEY: randomHex(),
+  // Run once per observability mode, each on a fresh store and its own MQTT client id: "on" is
+  // the production defaults (metrics, LOG_LEVEL=info), "off" the instrumentation and logging
+  // off (METRICS_ENABLED=false, LOG_LEVEL=error), side by side in one run.
+  const gatewayPhase = async (mode: "on" | "off", clientId: string) => {
+    // The store is the bench's choice, never an inherited DATABASE_URL.
+    const store: Record<string, string> = { DATABASE_URL: "" };
+    let storeName = "Deno KV";
+    const schema = flags["database-url"] ? await createTestSchema(flags["database-url"]) : null;
+    await using _schema = tracked({
+      [Symbol.asyncDispose]: () => schema?.drop() ?? Promise.resolve(),
     });
-    storeName = `PostgreSQL (schema ${schema.name}, dropped at the end)`;
-  }
-  result.store = flags["database-url"] ? "postgres" : "kv";
-  await using gw = tracked(
-    await spawnGateway({
-      ...store,
-      MQTT_URL: mosquitto.url,
-      MQTT_CLIENT_ID: GATEWAY_CLIENT_ID,
-      ADMIN_EMAIL: ADMIN.email,
-      ADMIN_PASSWORD: ADMIN.password,
-      METER_RATE_BURST: "1000000",
-      DEVICE_REGISTER_RATE_LIMIT: "100000",
-      LOG_LEVEL: "info",
-    }),
-  );
-  await waitForIngress(mosquitto.url);
+    if (schema) {
+      Object.assign(store, {
+        DATABASE_URL: schema.url,
+        JWT_SECRET: randomHex(),
+        DEVICE_KEY_ENCRYPTION_KEY: randomHex(),
+      });
+      storeName = `PostgreSQL (schema ${schema.name}, dropped at the end)`;
+    }
+    result.store = flags["database-url"] ? "postgres" : "kv";
+    const out: Record<string, unknown> = {};
+    await using gw = tracked(
+      await spawnGateway({
+        ...store,
+        MQTT_URL: mosquitto.url,
+        MQTT_CLIENT_ID: clientId,
+        ADMIN_EMAIL: ADMIN.email,
+        ADMIN_PASSWORD: ADMIN.password,
+        METER_RATE_BURST: "1000000",
+        DEVICE_REGISTER_RATE_LIMIT: "100000",
+        // Production defaults, or the instrumentation and logging off (the overhead's baseline).
+        LOG_LEVEL: mode === "on" ? "info" : "error",
+        METRICS_ENABLED: mode === "on" ? "true" : "false",
+      }),
+    );
+    await waitForIngress(mosquitto.url);
 
-  const { access_token: token } = await api(gw, "/api/auth/login", ADMIN);
-  const user = await api(gw, "/api/admin/users", {
-    email: "prosumer@bench.local",
-    password: "solar-bench-9w4k2",
-    role: "user",
-  }, token);
-  const tProvision = performance.now();
-  const secrets = new Map<string, string>();
-  for (let i = 0; i < M; i += 1000) {
-    const devices = meters.slice(i, i + 1000).map((meter_id) => ({
-      meter_id,
-      user_id: user.id,
-      algorithm: "hmac-sha256",
-    }));
-    const { results } = await api(gw, "/api/admin/devices/import", { devices }, token);
-    for (const r of results) {
-      if (!r.secret_hex) throw new Error(`import of ${r.meter_id}: ${JSON.stringify(r.error)}`);
-      secrets.set(r.meter_id, r.secret_hex);
+    const { access_token: token } = await api(gw, "/api/auth/login", ADMIN);
+    const user = await api(gw, "/api/admin/users", {
+      email: "prosumer@bench.local",
+      password: "solar-bench-9w4k2",
+      role: "user",
+    }, token);
+    const tProvision = performance.now();
+    const secrets = new Map<string, string>();
+    for (let i = 0; i < M; i += 1000) {
+      const devices = meters.slice(i, i + 1000).map((meter_id) => ({
+        meter_id,
+        user_id: user.id,
+        algorithm: "hmac-sha256",
+      }));
+      const { results } = await api(gw, "/api/admin/devices/import", { devices }, token);
+      for (const r of results) {
+        if (!r.secret_hex) throw new Error(`import of ${r.meter_id}: ${JSON.stringify(r.error)}`);
+        secrets.set(r.meter_id, r.secret_hex);
+      }
+    }
+    log(
+      `(b) gateway (main.ts, MQTT_URL, client id ${clientId}, ${storeName}, metrics and ` +
+        `logging ${mode === "on" ? "at production defaults" : "off"}): ${fmt(M)} meters ` +
+        `provisioned via bulk import in ${((performance.now() - tProvision) / 1000).toFixed(1)} s`,
+    );
+
+    await using pubs = tracked(new Publishers());
+    await initPublishers(pubs, meters.map((id) => secrets.get(id)!), SAMPLE);
+    const cpu = new CpuMeter({
+      gateway: gw.child.pid,
+      mosquitto: mosquitto.pid,
+      bench: Deno.pid,
+    });
+
+    // Warm-up: one reading per meter activates every actor (device load, rehydration).
+    let accepted = 0;
+    {
+      const w = pubs.run(0, warmup, null);
+      const t0 = await w.started;
+      await w.published;
+      const { at: t1 } = await waitAccepted(gw, accepted += warmup);
+      await pubs.collect(5_000);
+      log(
+        `    warm-up: ${fmt(warmup)} readings (one per meter) in ${
+          ((t1 - t0) / 1000).toFixed(2)
+        } s`,
+      );
+    }
+    // The database server's work: every PostgreSQL process (backends come and go with the
+    // pools' load; the WAL writer and checkpointer work for every writer too).
+    if (flags["database-url"]) cpu.add("postgres", postgresProcesses);
+
+    // b1: closed loop
+    const before = await gatewayFigures(gw);
+    cpu.begin();
+    const b1 = pubs.run(warmup, N, null);
+    const t0 = await b1.started;
+    const pub = await b1.published;
+    const { at: t1Stored, samples: b1Samples } = await waitAccepted(gw, accepted += N);
+    // Ingested means stored and answered: the phase ends when the devices have their acks too
+    // (an ack path that lags behind the store would otherwise do its work after the clock stops).
+    const b1Acks = await pubs.collect(ACK_TIMEOUT_MS);
+    const bCpu = cpu.end();
+    const after = await gatewayFigures(gw);
+    const t1 = Math.max(t1Stored, b1Acks.lastAt);
+    const gwRate = N / ((t1 - t0) / 1000);
+    const b1Lat = latency(b1Acks.latencies);
+    log(
+      `    closed loop: ${fmt(N)} readings stored in ${
+        ((t1Stored - t0) / 1000).toFixed(2)
+      } s, acks in after ${((t1 - t0) / 1000).toFixed(2)} s → ` +
+        `${fmt(gwRate)} readings/s (Mosquitto PUBACKed the publishers at ${
+          fmt(pub.pubacks / ((pub.tEnd - pub.t0) / 1000))
+        }/s)`,
+    );
+    log(`    publish→ack under saturation (queueing included): ${fmtLatency(b1Lat)}`);
+    log(`    ${writerDelta(before, after, b1Samples)}`);
+    log(`    ${bCpu.text}`);
+    checkAcks("closed loop", b1Acks);
+    Object.assign(out, {
+      rate: Math.round(gwRate),
+      latency_ms: b1Lat,
+      writer: {
+        rows: after.rows - before.rows,
+        batches: after.batches - before.batches,
+        mean: round2((after.rows - before.rows) / Math.max(1, after.batches - before.batches)),
+        max: after.batchMax,
+        batch_ms_mean: b1Samples.batchMsMean,
+        queue_mean: b1Samples.queueMean,
+      },
+      cpu: bCpu.cores,
+      us_per_reading: Math.round((bCpu.cores.gateway ?? NaN) * 1e6 / gwRate),
+    });
+
+    // b2: open loop at the fixed rate
+    const before2 = await gatewayFigures(gw);
+    cpu.begin();
+    const b2 = pubs.run(warmup + N, FIXED, RATE);
+    const t2 = await b2.started;
+    const pub2 = await b2.published;
+    const { at: t3, samples: b2Samples } = await waitAccepted(gw, accepted += FIXED);
+    const b2Acks = await pubs.collect(ACK_TIMEOUT_MS);
+    const b2Cpu = cpu.end();
+    const after2 = await gatewayFigures(gw);
+    const b2Lat = latency(b2Acks.latencies);
+    log(
+      `    fixed ${fmt(RATE)}/s for ${SECONDS} s: offered ${
+        fmt(pub2.sent / ((pub2.tEnd - pub2.t0) / 1000))
+      }/s, all ${fmt(FIXED)} stored after ${((t3 - t2) / 1000).toFixed(2)} s (${
+        fmt(FIXED / ((t3 - t2) / 1000))
+      }/s), acks in after ${((Math.max(t3, b2Acks.lastAt) - t2) / 1000).toFixed(2)} s`,
+    );
+    log(`    publish→ack (from the scheduled send time): ${fmtLatency(b2Lat)}`);
+    log(`    ${writerDelta(before2, after2, b2Samples)}`);
+    log(`    ${b2Cpu.text}`);
+    checkAcks("fixed rate", b2Acks);
+    const fixedRate = FIXED / ((t3 - t2) / 1000);
+    out.fixed_rate = {
+      stored_rate: Math.round(FIXED / ((t3 - t2) / 1000)),
+      latency_ms: b2Lat,
+      writer: {
+        rows: after2.rows - before2.rows,
+        batches: after2.batches - before2.batches,
+        mean: round2((after2.rows - before2.rows) / Math.max(1, after2.batches - before2.batches)),
+        max: after2.batchMax,
+        batch_ms_mean: b2Samples.batchMsMean,
+        queue_mean: b2Samples.queueMean,
+      },
+      cpu: b2Cpu.cores,
+      us_per_reading: Math.round((b2Cpu.cores.gateway ?? NaN) * 1e6 / fixedRate),
+    };
+    return { out, gwRate, b2Lat };
+  };
+  const modes: ("on" | "off")[] = flags.observability === "both"
+    ? ["on", "off"]
+    : [flags.observability === "off" ? "off" : "on"];
+  const runs = new Map<string, Awaited<ReturnType<typeof gatewayPhase>>>();
+  for (const mode of modes) {
+    const clientId = `${GATEWAY_CLIENT_ID}-${mode}`;
+    runs.set(mode, await gatewayPhase(mode, clientId));
+    // The gateway's persistent session would keep queueing readings for it: end it.
+    try {
+      const cleaner = await connectAsync(mosquitto.url, { clientId, clean: true });
+      await cleaner.endAsync();
+    } catch (error) {
+      log(`    could not end the session of ${clientId}: ${(error as Error).message}`);
     }
   }
-  log(
-    `(b) gateway (main.ts, MQTT_URL, client id ${GATEWAY_CLIENT_ID}, ${storeName}): ${
-      fmt(M)
-    } meters ` +
-      `provisioned via bulk import in ${((performance.now() - tProvision) / 1000).toFixed(1)} s`,
-  );
-
-  await using pubs = tracked(new Publishers());
-  await initPublishers(pubs, meters.map((id) => secrets.get(id)!), SAMPLE);
-  const cpu = new CpuMeter({
-    gateway: gw.child.pid,
-    mosquitto: mosquitto.pid,
-    bench: Deno.pid,
-  });
-
-  // Warm-up: one reading per meter activates every actor (device load, rehydration).
-  let accepted = 0;
-  {
-    const w = pubs.run(0, warmup, null);
-    const t0 = await w.started;
-    await w.published;
-    const { at: t1 } = await waitAccepted(gw, accepted += warmup);
-    await pubs.collect(5_000);
+  const main = runs.get(modes[0])!;
+  result.gateway = main.out;
+  const gwRate = main.gwRate;
+  const b2Lat = main.b2Lat;
+  if (runs.has("on") && runs.has("off")) {
+    const on = runs.get("on")!.out as {
+      rate: number;
+      us_per_reading: number;
+      fixed_rate: { us_per_reading: number };
+    };
+    const off = runs.get("off")!.out as typeof on;
+    result.gateway_observability_off = off;
+    result.observability = {
+      rate_ratio: round2(on.rate / off.rate),
+      us_per_reading_ratio: round2(on.us_per_reading / off.us_per_reading),
+      fixed_rate_us_per_reading_ratio: round2(
+        on.fixed_rate.us_per_reading / off.fixed_rate.us_per_reading,
+      ),
+    };
     log(
-      `    warm-up: ${fmt(warmup)} readings (one per meter) in ${((t1 - t0) / 1000).toFixed(2)} s`,
+      `observability: metrics and logging on vs off: closed loop ${fmt(on.rate)} vs ${
+        fmt(off.rate)
+      } readings/s (ratio ${
+        (on.rate / off.rate).toFixed(3)
+      }), gateway CPU ${on.us_per_reading} vs ${off.us_per_reading} µs/reading (ratio ${
+        (on.us_per_reading / off.us_per_reading).toFixed(3)
+      }); at the fixed rate ${on.fixed_rate.us_per_reading} vs ${off.fixed_rate.us_per_reading} µs/reading`,
     );
   }
-  // The database server's work: every PostgreSQL process (backends come and go with the
-  // pools' load; the WAL writer and checkpointer work for every writer too).
-  if (flags["database-url"]) cpu.add("postgres", postgresProcesses);
 
-  // b1: closed loop
-  const before = await gatewayFigures(gw);
-  cpu.begin();
-  const b1 = pubs.run(warmup, N, null);
-  const t0 = await b1.started;
-  const pub = await b1.published;
-  const { at: t1Stored, samples: b1Samples } = await waitAccepted(gw, accepted += N);
-  // Ingested means stored and answered: the phase ends when the devices have their acks too
-  // (an ack path that lags behind the store would otherwise do its work after the clock stops).
-  const b1Acks = await pubs.collect(ACK_TIMEOUT_MS);
-  const bCpu = cpu.end();
-  const after = await gatewayFigures(gw);
-  const t1 = Math.max(t1Stored, b1Acks.lastAt);
-  const gwRate = N / ((t1 - t0) / 1000);
   const nullRate = (result.null_subscriber as { rate: number }).rate;
-  const b1Lat = latency(b1Acks.latencies);
-  log(
-    `    closed loop: ${fmt(N)} readings stored in ${
-      ((t1Stored - t0) / 1000).toFixed(2)
-    } s, acks in after ${((t1 - t0) / 1000).toFixed(2)} s → ` +
-      `${fmt(gwRate)} readings/s (Mosquitto PUBACKed the publishers at ${
-        fmt(pub.pubacks / ((pub.tEnd - pub.t0) / 1000))
-      }/s)`,
-  );
-  log(`    publish→ack under saturation (queueing included): ${fmtLatency(b1Lat)}`);
-  log(`    ${writerDelta(before, after, b1Samples)}`);
-  log(`    ${bCpu.text}`);
-  checkAcks("closed loop", b1Acks);
-  result.gateway = {
-    rate: Math.round(gwRate),
-    latency_ms: b1Lat,
-    writer: {
-      rows: after.rows - before.rows,
-      batches: after.batches - before.batches,
-      mean: round2((after.rows - before.rows) / Math.max(1, after.batches - before.batches)),
-      max: after.batchMax,
-      batch_ms_mean: b1Samples.batchMsMean,
-      queue_mean: b1Samples.queueMean,
-    },
-    cpu: bCpu.cores,
-  };
-
-  // b2: open loop at the fixed rate
-  const before2 = await gatewayFigures(gw);
-  cpu.begin();
-  const b2 = pubs.run(warmup + N, FIXED, RATE);
-  const t2 = await b2.started;
-  const pub2 = await b2.published;
-  const { at: t3, samples: b2Samples } = await waitAccepted(gw, accepted += FIXED);
-  const b2Acks = await pubs.collect(ACK_TIMEOUT_MS);
-  const b2Cpu = cpu.end();
-  const after2 = await gatewayFigures(gw);
-  const b2Lat = latency(b2Acks.latencies);
-  log(
-    `    fixed ${fmt(RATE)}/s for ${SECONDS} s: offered ${
-      fmt(pub2.sent / ((pub2.tEnd - pub2.t0) / 1000))
-    }/s, all ${fmt(FIXED)} stored after ${((t3 - t2) / 1000).toFixed(2)} s (${
-      fmt(FIXED / ((t3 - t2) / 1000))
-    }/s), acks in after ${((Math.max(t3, b2Acks.lastAt) - t2) / 1000).toFixed(2)} s`,
-  );
-  log(`    publish→ack (from the scheduled send time): ${fmtLatency(b2Lat)}`);
-  log(`    ${writerDelta(before2, after2, b2Samples)}`);
-  log(`    ${b2Cpu.text}`);
-  checkAcks("fixed rate", b2Acks);
-  (result.gateway as Record<string, unknown>).fixed_rate = {
-    stored_rate: Math.round(FIXED / ((t3 - t2) / 1000)),
-    latency_ms: b2Lat,
-    writer: {
-      rows: after2.rows - before2.rows,
-      batches: after2.batches - before2.batches,
-      mean: round2((after2.rows - before2.rows) / Math.max(1, after2.batches - before2.batches)),
-      max: after2.batchMax,
-      batch_ms_mean: b2Samples.batchMsMean,
-      queue_mean: b2Samples.queueMean,
-    },
-    cpu: b2Cpu.cores,
-  };
-
   const ratio = gwRate / nullRate;
   const echoRate = (result.echo as { rate: number }).rate;
   result.ratio = round2(ratio);

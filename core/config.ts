@@ -54,6 +54,7 @@ const envSchema = z.object({
   DEVICE_KEY_ROTATION_GRACE: duration("24h"),
   GATEWAY_INSTANCE_ID: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/).optional(),
   LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
+  METRICS_ENABLED: z.enum(["true", "false"]).default("true"),
   SHUTDOWN_TIMEOUT: duration("30s").pipe(z.number().min(1_000, "must be at least 1s")),
   METRICS_TOKEN: z.string().min(16, "must be at least 16 characters").regex(
     /^[\x21-\x7e]+$/,
@@ -229,6 +230,11 @@ export interface Config {
   adminPassword?: string;
   /** Bearer token `/metrics` requires; absent: open to whoever reaches the port. */
   metricsToken?: string;
+  /**
+   * The hot-path instrumentation (histograms, per-code counters, signature and HTTP timings).
+   * Off (benchmarks only), `/metrics` keeps the scrape-time figures and `gateway_readings_total`.
+   */
+  metricsEnabled: boolean;
   /** SIGTERM/SIGINT: longest wait for intake to stop and the writer to flush before exit 1. */
   shutdownTimeoutMs: number;
   jwtSecret?: string;
@@ -456,6 +462,7 @@ export function loadConfig(
     adminPassword: e.ADMIN_PASSWORD,
     metricsToken: e.METRICS_TOKEN,
     shutdownTimeoutMs: e.SHUTDOWN_TIMEOUT,
+    metricsEnabled: e.METRICS_ENABLED === "true",
     jwtSecret: e.JWT_SECRET,
     jwtTtlMs: e.JWT_TTL,
     kek: e.DEVICE_KEY_ENCRYPTION_KEY ? hexBytes(e.DEVICE_KEY_ENCRYPTION_KEY) : undefined,

@@ -59,6 +59,8 @@ export interface AppDeps {
   metrics: Metrics;
   /** Counts reading submissions and early refusals (metrics). */
   counters?: ReadingCounters;
+  /** HTTP request durations (`http_request_duration_seconds`); default on. */
+  httpMetrics?: boolean;
   /** Bearer token `/metrics` requires (METRICS_TOKEN); absent: open. */
   metricsToken?: string;
   /** Each meter's owner, cached (ownership checks of every read and subscribe). */
@@ -76,7 +78,7 @@ export interface AppDeps {
 export function createApp(deps: AppDeps): OpenAPIHono {
   const app = new OpenAPIHono();
   app.onError(errorHandler(deps.logger));
-  app.use(httpMetrics(deps.metrics));
+  if (deps.httpMetrics !== false) app.use(httpMetrics(deps.metrics));
   app.notFound((c) => {
     throw new GatewayError("not_found", `No route for ${c.req.method} ${c.req.path}`);
   });

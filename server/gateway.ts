@@ -95,8 +95,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     ? { ...spec, migrate: false, max: 2 * concurrency }
     : spec;
   const metrics = new Metrics();
-  const ingest = new IngestMetrics(metrics);
-  const onBatch = writerMetrics(metrics);
+  const observe = config.metricsEnabled;
+  const ingest = new IngestMetrics(metrics, observe);
+  const onBatch = observe ? writerMetrics(metrics) : undefined;
   let writer: WriterClient;
   try {
     writer = await WriterClient.start({
@@ -149,7 +150,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     mailboxMax: config.actors.mailboxMax,
     rate: deps.rate,
     onOutcome: (msg, outcome, seconds) => ingest.outcome(msg, outcome, seconds),
-    onVerify: (kind, result, seconds) => ingest.verified(kind, result, seconds),
+    onVerify: observe
+      ? (kind, result, seconds) => ingest.verified(kind, result, seconds)
+      : undefined,
   });
   const hub = new WsHub({
     bus,
@@ -159,7 +162,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     maxPerUser: config.wsMaxPerUser,
     resumeMax: config.wsResumeMax,
     positionCheckMs: config.wsPositionCheckMs,
-    onBroadcast: broadcastMetrics(metrics),
+    onBroadcast: observe ? broadcastMetrics(metrics) : undefined,
   });
   const userState = new UserStateCache({ load: (id) => store.getUser(id), clock });
   // Read on every per-meter read and subscribe; changed only by (re-)registration.
@@ -383,6 +386,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     busConnected: () => bus instanceof LocalBus ? undefined : bus.connected,
     metrics,
     metricsToken: config.metricsToken,
+    httpMetrics: observe,
     counters: ingest,
     // Batch readings count as submitted when their job is stored; those refused at submission
     // (schema, rights) are validation errors then.

@@ -96,6 +96,21 @@ export function declareGatewayMetrics(metrics: Metrics, parts: MeteredParts): vo
   );
   metrics.counterOf("gateway_writer_rows_total", "Rows written", () => writer.stats.rows);
   metrics.gauge(
+    "gateway_writer_batch_max",
+    "Largest batch so far",
+    () => writer.stats.maxBatchSize,
+  );
+  metrics.gauge(
+    "gateway_writer_last_batch_ms",
+    "Duration of the last batch",
+    () => writer.stats.lastBatchMs,
+  );
+  metrics.gauge(
+    "gateway_writer_last_round_trip_ms",
+    "From handing the last batch to the writer until its results were back",
+    () => writer.stats.lastRoundTripMs,
+  );
+  metrics.gauge(
     "gateway_writer_stalled",
     "1 while the store is failing",
     () => writer.stalled === null ? 0 : 1,
