@@ -24,7 +24,10 @@ async function main(): Promise<void> {
     console.error(error.message);
     Deno.exit(2);
   }
-  const logger = jsonLogger(config.logLevel, { base: { instance: config.instanceId } });
+  const logger = jsonLogger(config.logLevel, {
+    base: { instance: config.instanceId },
+    levels: config.logLevels,
+  });
 
   // Embedded mode generates its secrets once; with a database they come from the environment.
   const embedded = config.database
@@ -36,21 +39,22 @@ async function main(): Promise<void> {
   const storeSpec = storeSpecOf(config);
   // With Redis: the bus, the shared read cache and the cluster-wide rate limit; without it the
   // in-process bus and cache, and each instance's own buckets.
-  const bus = await openBus(config, logger);
+  const bus = await openBus(config, logger.child("bus"));
   let redis: RedisClient | undefined;
   let cache: Cache | undefined;
   let rate: ClusterRateLimiter | undefined;
   if (config.redis) {
     redis = openRedis(config.redis.spec, { connectionName: `gtx-cmd-${config.instanceId}` });
     // Outages are reported by the bus; commands of the cache and the limiter fail fast meanwhile.
-    redis.on("error", (error) => logger.debug("redis command connection", { error }));
+    const cacheLog = logger.child("cache");
+    redis.on("error", (error) => cacheLog.debug("redis command connection", { error }));
     cache = new RedisCache(redis, { prefix: `${config.redis.prefix}cache:` });
     rate = new ClusterRateLimiter({
       redis,
       prefix: config.redis.prefix,
       bucket: config.bucket,
       clock: systemClock,
-      logger,
+      logger: logger.child("actors"),
       intervalMs: config.rateSyncMs,
     });
   }
@@ -99,7 +103,7 @@ async function main(): Promise<void> {
       headerTimeoutMs: config.http.headerTimeoutMs,
       idleTimeoutMs: config.http.idleTimeoutMs,
       requestTimeoutMs: config.http.requestTimeoutMs,
-      logger,
+      logger: logger.child("http"),
       clock: systemClock,
       metrics: gateway.metrics,
     });
@@ -112,7 +116,7 @@ async function main(): Promise<void> {
     Deno.exit(1);
   }
   // Only once everything listens: a start that fails must not have shown a password nobody keeps.
-  await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, logger);
+  await gateway.users.bootstrapAdmin(config.adminEmail, config.adminPassword, logger.child("auth"));
   logger.info("gateway listening", {
     url: `http://${server.addr.hostname}:${server.addr.port}`,
     store: describeStore(storeSpec),

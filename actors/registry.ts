@@ -90,6 +90,9 @@ const FAILED_VERIFY: Record<string, VerifyResult> = {
 /** Verdicts that come after a valid signature. */
 const PAST_VERIFY = new Set(["accept", "duplicate", "wait"]);
 
+/** Rejections that come in floods under load (a runaway device, a full writer): debug only. */
+const QUIET_REJECTIONS = new Set<string>(["rate_limited", "overloaded"]);
+
 /** Activations loading at once, at most: each holds a store round trip. */
 const MAX_ACTIVATIONS = 10_000;
 
@@ -129,6 +132,13 @@ export class ActorRegistry {
 
   /** Hands a submission to its meter's actor and resolves with its final outcome. */
   submit(msg: Submission): Promise<Outcome> {
+    const result = this.#submit(msg);
+    // Rejections at info, the rest at debug: nothing to do when neither is logged.
+    if (this.#o.logger.enabled("info")) result.then((o) => this.#logOutcome(msg, o), () => {});
+    return result;
+  }
+
+  #submit(msg: Submission): Promise<Outcome> {
     const onOutcome = this.#o.onOutcome;
     if (!onOutcome) return this.#route(msg);
     const started = performance.now();
@@ -136,6 +146,31 @@ export class ActorRegistry {
       onOutcome(msg, outcome, (performance.now() - started) / 1000);
       return outcome;
     });
+  }
+
+  // One line per final outcome with the platform's fields; never the signature.
+  #logOutcome(msg: Submission, outcome: Outcome): void {
+    const logger = this.#o.logger;
+    const quiet = outcome.status !== "rejected" || QUIET_REJECTIONS.has(outcome.code);
+    if (quiet && !logger.enabled("debug")) return;
+    const fields = {
+      meter_id: msg.meter_id,
+      user_id: outcome.status === "accepted" ? outcome.reading.user_id : msg.caller?.user_id,
+      kwh_amount: outcome.status === "accepted" ? outcome.reading.kwh_amount : msg.kwh_amount,
+      reading_timestamp: msg.reading_timestamp,
+      source: msg.source,
+      ...(msg.batch_job_id === undefined ? {} : { batch_job_id: msg.batch_job_id }),
+      ...(msg.address === undefined ? {} : { address: msg.address }),
+    };
+    if (outcome.status === "accepted") {
+      logger.debug("reading accepted", { ...fields, reading_id: outcome.reading.id });
+    } else if (outcome.status === "duplicate") {
+      logger.debug("reading duplicate", { ...fields, reading_id: outcome.id, error: "duplicate" });
+    } else if (quiet) {
+      logger.debug("reading rejected", { ...fields, error: outcome.code, reason: outcome.message });
+    } else {
+      logger.info("reading rejected", { ...fields, error: outcome.code, reason: outcome.message });
+    }
   }
 
   #route(msg: Submission): Promise<Outcome> {

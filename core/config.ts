@@ -3,6 +3,7 @@ import { ConfigError } from "./errors.ts";
 import { parseDuration } from "./duration.ts";
 import { looksRandom } from "./secret_strength.ts";
 import { passwordSchema } from "./user.ts";
+import { LOG_COMPONENTS, type LogLevel } from "./logger.ts";
 
 const duration = (fallback: string) =>
   z.string().default(fallback).transform((text, ctx) => {
@@ -60,6 +61,15 @@ const envSchema = z.object({
     /^[\x21-\x7e]+$/,
     "must be printable ASCII without spaces",
   ).optional(),
+  // Levels per component over LOG_LEVEL: `mqtt=debug,http=warn`.
+  LOG_LEVELS: z.string().default("").transform((text, ctx) => {
+    const levels = parseLogLevels(text);
+    if (typeof levels === "string") {
+      ctx.addIssue({ code: "custom", message: levels });
+      return z.NEVER;
+    }
+    return levels;
+  }),
   // kWh are kept as integer ten-thousandths: beyond 1e9 they would not stay exact in a double.
   KWH_MAX: z.coerce.number().positive().max(1e9).default(100),
   READING_MAX_AGE: duration("7d"),
@@ -249,6 +259,8 @@ export interface Config {
   keyGraceMs: number;
   instanceId: string;
   logLevel: typeof LOG_LEVELS[number];
+  /** Levels of components over `logLevel` (`LOG_LEVELS`). */
+  logLevels: Partial<Record<string, LogLevel>>;
   rules: { kwhMax: number; maxAgeMs: number; maxFutureMs: number; dedupeWindowMs: number };
   bucket: { burst: number; refillPerMs: number };
   /** Milliseconds between rounds that reconcile the buckets across instances (with Redis). */
@@ -473,6 +485,7 @@ export function loadConfig(
     keyGraceMs: e.DEVICE_KEY_ROTATION_GRACE,
     instanceId,
     logLevel: e.LOG_LEVEL,
+    logLevels: e.LOG_LEVELS,
     rules: {
       kwhMax: e.KWH_MAX,
       maxAgeMs: e.READING_MAX_AGE,
@@ -704,4 +717,26 @@ export function hexBytes(hex: string): Uint8Array {
   const out = new Uint8Array(hex.length / 2);
   for (let i = 0; i < out.length; i++) out[i] = parseInt(hex.slice(i * 2, i * 2 + 2), 16);
   return out;
+}
+
+/**
+ * `component=level` pairs separated by commas (`mqtt=debug,http=warn`), components from
+ * LOG_COMPONENTS (a sub-component such as `mqtt.acks` also works); a message when it is not.
+ */
+export function parseLogLevels(text: string): Partial<Record<string, LogLevel>> | string {
+  const levels: Partial<Record<string, LogLevel>> = {};
+  for (const part of text.split(",").map((p) => p.trim()).filter((p) => p !== "")) {
+    const match = /^([a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*)\s*=\s*([a-z]+)$/i.exec(part);
+    if (!match) return `"${part}" is not component=level (like mqtt=debug,http=warn)`;
+    const component = match[1].toLowerCase();
+    const level = match[2].toLowerCase();
+    if (!(LOG_COMPONENTS as readonly string[]).includes(component.split(".")[0])) {
+      return `"${match[1]}" is not a component; one of ${LOG_COMPONENTS.join(", ")}`;
+    }
+    if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+      return `"${match[2]}" is not a level; one of ${LOG_LEVELS.join(", ")}`;
+    }
+    levels[component] = level as LogLevel;
+  }
+  return levels;
 }

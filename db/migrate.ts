@@ -81,7 +81,8 @@ const SUPERSEDED: Readonly<Record<string, readonly string[]>> = {
   ],
 };
 
-interface Migration {
+/** One migration file: its name, text and SHA-256. */
+export interface Migration {
   name: string;
   text: string;
   checksum: string;
@@ -172,8 +173,8 @@ export async function timescaleSchema(sql: postgres.Sql): Promise<string | null>
   return row.cagg ? row.nsp : null;
 }
 
-/** The migration files, ordered by name. */
-async function readMigrations(): Promise<Migration[]> {
+/** The migration files, ordered by name (`deno task doctor` compares them with the database). */
+export async function readMigrations(): Promise<Migration[]> {
   const names: string[] = [];
   for await (const entry of Deno.readDir(MIGRATIONS_DIR)) {
     if (entry.isFile && FILE_PATTERN.test(entry.name)) names.push(entry.name);

@@ -24,6 +24,7 @@ import type { Metrics } from "../core/metrics.ts";
 import { type AuthEnv, bearerAuth } from "./middleware.ts";
 import { BodyBudget, boundedBody } from "./body.ts";
 import { wsRoutes } from "./ws.ts";
+import { requestLog } from "./request_log.ts";
 import { adminBatchRoutes, BATCH_SUBMIT_PATH, batchRoutes } from "./batches.ts";
 import type { BatchRunner } from "../services/batch_runner.ts";
 import type { WsHub } from "../ws/hub.ts";
@@ -77,6 +78,8 @@ export interface AppDeps {
 /** Builds the Hono app: REST under /api, /ws, health, OpenAPI and docs. */
 export function createApp(deps: AppDeps): OpenAPIHono {
   const app = new OpenAPIHono();
+  // First: every request's log lines carry its request_id; one access line per request.
+  app.use("*", requestLog({ logger: deps.logger }));
   app.onError(errorHandler(deps.logger));
   if (deps.httpMetrics !== false) app.use(httpMetrics(deps.metrics));
   app.notFound((c) => {

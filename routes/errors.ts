@@ -3,6 +3,7 @@ import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { type ErrorCode, GatewayError } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
+import type { RequestLogEnv } from "./request_log.ts";
 
 /** The one place error codes become HTTP statuses. */
 const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
@@ -53,6 +54,8 @@ export function errorHandler(logger: Logger) {
       logger.error("unhandled error", { error, path: c.req.path });
       gw = new GatewayError("internal", "Internal error");
     }
+    // For the access log line (routes/request_log.ts).
+    (c as Context<RequestLogEnv>).set("errorCode", gw.code);
     if (gw.retryAfter !== undefined) c.header("Retry-After", String(gw.retryAfter));
     const body = {
       error: { code: gw.code, message: gw.message, ...(gw.details ? { details: gw.details } : {}) },

@@ -7,7 +7,7 @@ import type { ReadingRow } from "../core/reading.ts";
 import { eventOf } from "../ws/hub.ts";
 import type { Clock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
-import type { Logger } from "../core/logger.ts";
+import { componentLoggers, type Logger } from "../core/logger.ts";
 import { Metrics } from "../core/metrics.ts";
 import { SecurityLog } from "../core/security_log.ts";
 import { describeStore, openStore, type StoreSpec } from "../db/open_store.ts";
@@ -77,11 +77,13 @@ const POLICY_CHECK_MS = 5 * 60_000;
 
 /** Opens the store and the writer, wires actors, bus, services and routes. */
 export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
-  const { config, bus, clock, logger } = deps;
+  const { config, bus, clock } = deps;
+  // One logger per component: its lines say which, LOG_LEVELS sets its level.
+  const log = componentLoggers(deps.logger);
   const storeOptions = { dedupeWindowMs: config.rules.dedupeWindowMs };
-  const store = await openStore(deps.storeSpec, storeOptions, logger);
+  const store = await openStore(deps.storeSpec, storeOptions, log.db);
   const timescale = (store as { timescale?: boolean }).timescale;
-  logger.info("store ready", {
+  log.db.info("store ready", {
     store: describeStore(deps.storeSpec),
     ...(timescale === undefined ? {} : { mode: timescale ? "timescaledb" : "postgresql" }),
   });
@@ -110,10 +112,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       // One bus message per topic per committed batch, never one round trip per reading.
       onCommitted: (rows) => onCommitted(rows),
       onBatch,
+      logger: log.writer,
       onStall: (message) =>
         message === null
-          ? logger.info("writer recovered")
-          : logger.error("writer stalled; batch kept for retry", { reason: message }),
+          ? log.writer.info("writer recovered")
+          : log.writer.error("writer stalled; batch kept for retry", { reason: message }),
     });
   } catch (error) {
     await store.close();
@@ -131,13 +134,13 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       hourlyStatsMs: config.cache.hourlyStatsTtlMs,
     },
   });
-  const security = new SecurityLog({ logger, clock });
+  const security = new SecurityLog({ logger: log.security, clock });
   const registry = new ActorRegistry({
     store,
     sink: writer,
     security,
     clock,
-    logger,
+    logger: log.actors,
     kek: deps.kek,
     settings: {
       rules: config.rules,
@@ -157,7 +160,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const hub = new WsHub({
     bus,
     store,
-    logger,
+    logger: log.ws,
     sendBufferMax: config.wsSendBufferMax,
     maxPerUser: config.wsMaxPerUser,
     resumeMax: config.wsResumeMax,
@@ -185,7 +188,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     bus,
     store,
     clock,
-    logger,
+    logger: log.bus,
     intervalMs: config.deviceRecheckMs,
     onChanged: (meterId, status) => {
       registry.invalidate(meterId);
@@ -201,13 +204,13 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     bus.publish(events).then(
       () => {
         if (publishFailures > 0) {
-          logger.info("bus publishing again", { batches_failed: publishFailures });
+          log.bus.info("bus publishing again", { batches_failed: publishFailures });
           publishFailures = 0;
         }
       },
       (error) => {
         // Local clients already got the events; other instances catch up from the store.
-        if (publishFailures++ === 0) logger.warn("bus publish failed", { error });
+        if (publishFailures++ === 0) log.bus.warn("bus publish failed", { error });
       },
     );
     // The writer acknowledges the batch once stale cache entries are gone (read-your-writes).
@@ -229,7 +232,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     clock,
     bus,
     state: userState,
-    logger,
+    logger: log.auth,
     passwordParams: deps.passwordParams,
     loginBackoff: config.loginBackoff,
   });
@@ -241,7 +244,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     security,
   });
   // An external broker with an admin API disconnects and refuses revoked devices.
-  const brokerAdmin = openBrokerAdmin(config, logger);
+  const brokerAdmin = openBrokerAdmin(config, log.mqtt);
   if (brokerAdmin) cleanups.push(() => brokerAdmin.close());
   const devices = new DeviceService({
     store,
@@ -249,7 +252,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     clock,
     kek: deps.kek,
     policy: { rotationMs: config.keyRotationMs, graceMs: config.keyGraceMs },
-    logger,
+    logger: log.auth,
     brokerAdmin,
   });
   metrics.counter("mqtt_messages_received_total", "MQTT publishes received, by topic pattern");
@@ -274,10 +277,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
           password,
           clientId: `${clientId}-acks`,
           connections: ackConnections,
-          logger,
+          logger: log.mqtt,
           metrics,
         }),
-        logger,
+        logger: log.mqtt,
         metrics,
       });
       cleanups.push(() => external!.close());
@@ -289,7 +292,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), 10_000)),
       ]);
       clearTimeout(timer);
-      if (!subscribed) logger.warn("external MQTT broker not reachable yet; retrying", {});
+      if (!subscribed) log.mqtt.warn("external MQTT broker not reachable yet; retrying", {});
     } else if (config.mqtt.enabled) {
       broker = await EmbeddedBroker.start({
         host: config.mqtt.host,
@@ -303,7 +306,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         registry,
         intake,
         clock,
-        logger,
+        logger: log.mqtt,
         metrics,
         securityLog: security,
         limits: config.mqtt.limits,
@@ -330,7 +333,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     writerQueueMax: config.writer.queueMax,
     bus,
     clock,
-    logger,
+    logger: log.batch,
     metrics,
     instanceId: config.instanceId,
     concurrency: config.batch.concurrency,
@@ -373,7 +376,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     tokens,
     hub,
     clock,
-    logger,
+    logger: log.http,
     bodyLimit: config.httpBodyLimit,
     importBodyLimit: config.importBodyLimit,
     bodyBudget: config.http.bodyBudget,
@@ -413,10 +416,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         const failing = await store.failingPolicyJobs();
         policyJobs = failing.length === 0 ? "ok" : "failing";
         for (const job of failing) {
-          logger.warn("TimescaleDB policy job keeps failing", { ...job });
+          log.db.warn("TimescaleDB policy job keeps failing", { ...job });
         }
       } catch (error) {
-        logger.debug("TimescaleDB job check failed", { error });
+        log.db.debug("TimescaleDB job check failed", { error });
       }
     };
     await checkJobs();
@@ -432,7 +435,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     const retention = new RetentionWorker({
       store: store as unknown as Prunable,
       clock,
-      logger,
+      logger: log.db,
       keepMs: config.retention.keepMs,
       everyMs: config.retention.checkEveryMs,
     });

@@ -3,7 +3,7 @@ import { Backoff } from "../core/backoff.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
 import type { UserChangedEvent } from "../core/events.ts";
-import type { Logger } from "../core/logger.ts";
+import { type Logger, ShownOnce } from "../core/logger.ts";
 import {
   dummyHash,
   hashPassword,
@@ -279,7 +279,8 @@ export class UserService {
     if (generated) {
       logger.warn(
         "created the first admin with a generated password; it is shown only now: change it with POST /api/auth/password",
-        { email, password: pw },
+        // The one secret let through the log's redaction: the operator has no other way to it.
+        { email, password: new ShownOnce(pw) },
       );
     } else {
       logger.info("created the first admin", { email });

@@ -48,7 +48,16 @@ function memoryLogger(): Logger & {
   const at = (level: string) => (msg: string, fields: Record<string, unknown> = {}) => {
     entries.push({ level, msg, fields });
   };
-  return { entries, debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
+  const logger: ReturnType<typeof memoryLogger> = {
+    entries,
+    debug: at("debug"),
+    info: at("info"),
+    warn: at("warn"),
+    error: at("error"),
+    child: () => logger,
+    enabled: () => true,
+  };
+  return logger;
 }
 
 /**

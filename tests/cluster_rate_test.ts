@@ -311,7 +311,16 @@ async function commandCalls(port: number, command: string): Promise<number> {
 function capturingLogger(): Logger & { lines: { level: string; msg: string }[] } {
   const lines: { level: string; msg: string }[] = [];
   const log = (level: string) => (msg: string) => void lines.push({ level, msg });
-  return { lines, debug: log("debug"), info: log("info"), warn: log("warn"), error: log("error") };
+  const logger: ReturnType<typeof capturingLogger> = {
+    lines,
+    debug: log("debug"),
+    info: log("info"),
+    warn: log("warn"),
+    error: log("error"),
+    child: () => logger,
+    enabled: () => true,
+  };
+  return logger;
 }
 
 Deno.test({

@@ -206,7 +206,16 @@ function captureLogger(): Logger & { lines: { level: string; msg: string; fields
   const lines: { level: string; msg: string; fields: unknown }[] = [];
   const at = (level: string) => (msg: string, fields?: Record<string, unknown>) =>
     lines.push({ level, msg, fields });
-  return { lines, debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
+  const logger: ReturnType<typeof captureLogger> = {
+    lines,
+    debug: at("debug"),
+    info: at("info"),
+    warn: at("warn"),
+    error: at("error"),
+    child: () => logger,
+    enabled: () => true,
+  };
+  return logger;
 }
 
 const NOW = Date.parse("2026-11-29T12:00:00Z");

@@ -829,7 +829,16 @@ function memoryLogger(): Logger & {
   const at = (level: string) => (msg: string, fields: Record<string, unknown> = {}) => {
     entries.push({ level, msg, fields });
   };
-  return { entries, debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
+  const logger: ReturnType<typeof memoryLogger> = {
+    entries,
+    debug: at("debug"),
+    info: at("info"),
+    warn: at("warn"),
+    error: at("error"),
+    child: () => logger,
+    enabled: () => true,
+  };
+  return logger;
 }
 
 Deno.test("/readyz names failing checks only as down or stalled and logs the details", async () => {

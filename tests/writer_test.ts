@@ -175,6 +175,8 @@ Deno.test("WriterClient goes on when onCommitted throws, and logs it", async () 
     info() {},
     warn() {},
     error: (msg) => errors.push(msg),
+    child: () => logger,
+    enabled: () => true,
   };
   let calls = 0;
   await withWriter({
