@@ -345,6 +345,13 @@ Deno.test(`SIGTERM during a 5,000-reading MQTT stream: the gateway exits 0 withi
     meters = await provision(gw.url, token, "term");
     readings = readingsOf(meters);
     const clients = await connectDevices(embeddedMqttPort(gw), meters);
+    // An app watching live: told "going away" (1001), so it reconnects elsewhere and resumes.
+    const ws = new WebSocket(`${gw.url.replace("http", "ws")}/ws?token=${token}`);
+    const wsClosed = new Promise<CloseEvent>((resolve) => ws.onclose = resolve);
+    await new Promise<void>((resolve, reject) => {
+      ws.onopen = () => resolve();
+      ws.onerror = () => reject(new Error("WebSocket did not open"));
+    });
     let signalled = false;
     let outstanding = 0;
     let outstandingAtSignal = 0;
@@ -377,6 +384,8 @@ Deno.test(`SIGTERM during a 5,000-reading MQTT stream: the gateway exits 0 withi
       const tookMs = performance.now() - signalledAt;
       assert.equal(status.code, 0, gw.describe());
       assert.ok(tookMs < 20_000, `stopped after ${Math.round(tookMs)} ms`);
+      const closed = await wsClosed;
+      assert.equal(closed.code, 1001, `WebSocket closed with ${closed.code} ${closed.reason}`);
       const logs = gw.logs();
       assert.ok(logs.some((e) => e.msg === "stopped"), "the gateway says it stopped");
       assert.ok(!logs.some((e) => e.msg?.includes("deadline passed")), "within the deadline");
