@@ -84,6 +84,11 @@ interface InFlight {
 }
 
 const RESTART_DELAY_MS = 200;
+/**
+ * Batch-job rows per insert at most: their results come back in one burst on the actors'
+ * thread (~10 µs a row), which live readings wait behind.
+ */
+const BULK_BATCH_MAX = 250;
 const WORKER_URL = new URL("./writer.ts", import.meta.url);
 
 /**
@@ -158,6 +163,7 @@ export class WriterClient implements AsyncDisposable {
     const lane = this.#lanes[laneOf(row.meter_id, this.#lanes.length)];
     return new Promise((resolve) => {
       const queue = row.source === "batch" ? lane.bulk : lane.pending;
+      const bulkMax = Math.min(this.#options.batchMax, BULK_BATCH_MAX);
       queue.push({ row, resolve });
       if (lane.lingerDone) {
         // Past its linger (rows waited for a slot): a live row may find the slot batch rows
@@ -170,7 +176,9 @@ export class WriterClient implements AsyncDisposable {
           this.#flushLane(lane);
         }, this.#options.flushMs);
       }
-      if (queue.length >= this.#options.batchMax) this.#flushLane(lane);
+      if (queue.length >= (queue === lane.bulk ? bulkMax : this.#options.batchMax)) {
+        this.#flushLane(lane);
+      }
     });
   }
 
@@ -254,9 +262,9 @@ export class WriterClient implements AsyncDisposable {
   }
 
   /**
-   * Sends the lane's ready rows: live ones first; batch-job rows only while a slot stays free
-   * for live ones (with two or more slots), so a live row never waits behind more than the
-   * batch inserts already running.
+   * Sends the lane's ready rows: live ones first; batch-job rows (at most
+   * {@linkcode BULK_BATCH_MAX} an insert) only while a slot stays free for live ones (with two or
+   * more slots), so a live row never waits behind more than the batch insert already running.
    */
   #flushLane(lane: Lane): void {
     const { batchMax, maxInFlight } = this.#options;
@@ -267,9 +275,9 @@ export class WriterClient implements AsyncDisposable {
         rows = lane.pending.splice(0, batchMax);
       } else if (
         lane.bulk.length > 0 && lane.inFlight < bulkSlots &&
-        (lane.lingerDone || lane.bulk.length >= batchMax)
+        (lane.lingerDone || lane.bulk.length >= Math.min(batchMax, BULK_BATCH_MAX))
       ) {
-        rows = lane.bulk.splice(0, batchMax);
+        rows = lane.bulk.splice(0, Math.min(batchMax, BULK_BATCH_MAX));
       } else break;
       const batch = { lane, rows, sentAt: 0 };
       const id = this.#nextId++;
