@@ -1,8 +1,8 @@
+import { createHash } from "node:crypto";
 import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
 import { type BatchJob, checkBatchReadings } from "../core/batch.ts";
 import type { Clock } from "../core/clock.ts";
 import { GatewayError } from "../core/errors.ts";
-import { sha256 } from "../core/sha256.ts";
 import type { Store } from "../db/store.ts";
 import type { BatchRunner } from "../services/batch_runner.ts";
 import { isFinished } from "../services/batch_runner.ts";
@@ -209,7 +209,9 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
             "batches without it and follow status_url",
         );
       }
-      const digest = hex(sha256(canonicalJson(body)));
+      // One native hash over the whole body: core/sha256.ts is built for short messages and
+      // cost ~7 µs per reading here (1,000 readings ≈ 170 KB).
+      const digest = createHash("sha256").update(canonicalJson(body)).digest("hex");
       // Schema and rights now, recorded by index with the job; the runner checks the rest.
       const errors = await checkBatchReadings(body.readings, principal, ownerOf);
       const { job, created } = await deps.store.createBatchJob({
@@ -345,8 +347,4 @@ function depthOf(value: unknown, limit: number): number {
     for (const child of Object.values(v)) stack.push([child, d + 1]);
   }
   return max;
-}
-
-function hex(bytes: Uint8Array): string {
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }

@@ -1,6 +1,7 @@
 // The batch job runner of one gateway instance: claims durable batch jobs with a lease, runs
 // their readings through the same actors, rules, signatures and writer as single readings, and
 // records exact results (DESIGN.md §11).
+import { setImmediate } from "node:timers";
 import type { Submission } from "../actors/meter_actor.ts";
 import type { Bus } from "../bus/bus.ts";
 import type { BatchItemError, BatchJob, BatchStatus } from "../core/batch.ts";
@@ -9,7 +10,7 @@ import type { ErrorCode } from "../core/errors.ts";
 import type { Logger } from "../core/logger.ts";
 import type { Metrics } from "../core/metrics.ts";
 import type { Outcome } from "../core/outcome.ts";
-import { readingSubmissionSchema } from "../core/reading.ts";
+import { type ReadingSubmission, readingSubmissionSchema } from "../core/reading.ts";
 import type { Principal } from "../core/user.ts";
 import type { ClaimedBatchJob, Store } from "../db/store.ts";
 
@@ -51,8 +52,10 @@ export interface BatchRunnerOptions {
   patienceMs: number;
   /** Finished jobs older than this are purged (BATCH_RETENTION). */
   retentionMs: number;
-  /** Readings of one job in flight at most; default 64. */
+  /** Readings of one job in flight at first and at least; default 64. */
   window?: number;
+  /** Readings of one job in flight at most, while live intake leaves room; default 2,048. */
+  windowMax?: number;
   /** How often the store is polled for claimable jobs; default min(1 s, lease / 3). */
   pollMs?: number;
   /** How often the queue-depth gauge is refreshed; default 15 s. */
@@ -66,6 +69,11 @@ const OVERLOAD_RETRIES = 20;
 const OVERLOAD_PAUSE_MS = 25;
 /** While the writer's queue is over half full, the runner looks again this often. */
 const WRITER_BUSY_PAUSE_MS = 10;
+/** Readings handed to the registry per task (~2-3 ms of work) before live intake gets a turn. */
+const SLICE = 64;
+/** A turn given to live intake that took this long halves the window; under LOW it may grow. */
+const LAG_HIGH_MS = 40;
+const LAG_LOW_MS = 10;
 const MAX_BACKOFF_MS = 10 * 60_000;
 /** Pauses between tries of a reading answered `unavailable`, within one attempt. */
 const UNAVAILABLE_PAUSE_MIN_MS = 100;
@@ -102,6 +110,10 @@ interface Run {
   lost: boolean;
   lastProgressAt: number;
   lastDecile: number;
+  /** Readings of this job handed out and not yet settled. */
+  inFlight: number;
+  /** Called once when one of the job's readings settles (the dispatcher waits for room). */
+  wake: (() => void) | undefined;
 }
 
 /**
@@ -109,10 +121,16 @@ interface Run {
  * created one), at most `concurrency` at a time, heartbeats each lease every `leaseMs / 3` with
  * the progress so far and stops a job whose heartbeat is refused (another instance took it over).
  *
- * **Sharing the writer.** A job never has more than `window` readings in flight, and hands a
- * reading to the registry only while the writer's queue is under half its capacity: the other
+ * **Sharing the writer.** A job hands its readings to the registry in slices of
+ * {@linkcode SLICE}, one slice per event-loop task, with at most the runner's window in flight:
+ * `window` (64) at first, doubled up to `windowMax` (2,048) after each full window that settled
+ * while live intake got its turns promptly (a task boundary under {@linkcode LAG_LOW_MS}), halved back
+ * towards `window` when a turn took {@linkcode LAG_HIGH_MS} or more or the writer's queue is half
+ * full. It adds readings only while the writer's queue is under half its capacity: the other
  * half stays free for MQTT and HTTP intake, which therefore never see `overloaded` because of a
- * batch. A batch slows down when live traffic is heavy, never the other way round.
+ * batch. In the writer, batch rows go after live ones and never take a lane's last free slot
+ * (workers/writer_client.ts), so a live reading waits for at most one batch insert in progress.
+ * A batch slows down when live traffic is heavy, never the other way round.
  *
  * **Exact results.** At the start of every attempt the runner reads which readings this job
  * already stored ({@linkcode Store.readingsOfBatchJob}; rows carry the job id) and counts them as
@@ -124,6 +142,14 @@ interface Run {
 export class BatchRunner implements AsyncDisposable {
   #o: BatchRunnerOptions;
   #window: number;
+  #windowMax: number;
+  /**
+   * Readings each job may have in flight now, adapted between `window` and `windowMax`; one
+   * figure for the runner, so that every job starts where the last one left it.
+   */
+  #windowNow: number;
+  /** Readings settled since the window last changed. */
+  #sinceResize = 0;
   #pollMs: number;
   #active = new Map<string, { run?: Run; done: Promise<void> }>();
   #closed = false;
@@ -135,6 +161,8 @@ export class BatchRunner implements AsyncDisposable {
   constructor(options: BatchRunnerOptions) {
     this.#o = options;
     this.#window = options.window ?? 64;
+    this.#windowMax = Math.max(this.#window, options.windowMax ?? 2048);
+    this.#windowNow = this.#window;
     this.#pollMs = options.pollMs ?? Math.min(1_000, Math.max(50, options.leaseMs / 3));
     const m = options.metrics;
     m.counter("batch_jobs_submitted_total", "Batch jobs created");
@@ -313,6 +341,8 @@ export class BatchRunner implements AsyncDisposable {
       lost: false,
       lastProgressAt: o.clock.now(),
       lastDecile: 0,
+      inFlight: 0,
+      wake: undefined,
     };
     // Readings refused at submission, and those an earlier attempt reported, stay as they were.
     for (const error of job.errors) {
@@ -381,44 +411,108 @@ export class BatchRunner implements AsyncDisposable {
     }
   }
 
-  /** Hands the readings to the registry in index order, within the window and the writer's half. */
+  /**
+   * Hands the readings to the registry in index order, a slice per task, within the job's
+   * window and the writer's half; ends when every reading has settled.
+   */
   async #dispatch(run: Run): Promise<void> {
-    const inFlight = new Set<Promise<void>>();
-    const half = this.#o.writerQueueMax / 2;
-    for (let i = 0; i < run.readings.length; i++) {
-      if (run.settled.has(i)) continue;
-      for (;;) {
-        if (run.stop) break;
-        if (inFlight.size >= this.#window) {
-          await Promise.race(inFlight);
-        } else if (this.#o.writer.stats.queued >= half) {
-          await pause(WRITER_BUSY_PAUSE_MS, inFlight.size > 0 ? Promise.race(inFlight) : undefined);
-        } else break;
+    const o = this.#o;
+    const half = o.writerQueueMax / 2;
+    const n = run.readings.length;
+    let i = 0;
+    let lag = 0;
+    while (!run.stop) {
+      while (i < n && run.settled.has(i)) i++;
+      if (i >= n) break;
+      const queued = o.writer.stats.queued;
+      const room = Math.min(this.#windowNow - run.inFlight, half - queued, SLICE);
+      if (room <= 0) {
+        if (queued >= half) this.#shrink();
+        else this.#grow(lag, queued, half);
+        if (this.#windowNow > run.inFlight && queued < half) continue;
+        // Window full, or the writer's half taken: wait for a reading to settle (or a moment).
+        await this.#settledOne(run, queued >= half ? WRITER_BUSY_PAUSE_MS : undefined);
+        continue;
       }
-      if (run.stop) break;
-      const item: Promise<void> = this.#item(run, i).finally(() => inFlight.delete(item));
-      inFlight.add(item);
+      for (let k = 0; k < room && i < n; i++) {
+        if (run.settled.has(i)) continue;
+        this.#start(run, i);
+        k++;
+      }
+      // One slice per task: MQTT and HTTP get the event loop between slices, and how long they
+      // kept it (the lag) says how busy live intake is.
+      const before = o.clock.now();
+      await nextTask();
+      lag = o.clock.now() - before;
+      if (lag >= LAG_HIGH_MS) this.#shrink();
     }
-    await Promise.all(inFlight);
+    while (run.inFlight > 0) await this.#settledOne(run);
   }
 
-  /** One reading: validated, recognised as this job's own, or submitted like any other. */
+  /** Starts one reading; it counts against the window until its result is recorded. */
+  #start(run: Run, index: number): void {
+    run.inFlight++;
+    const done = () => {
+      run.inFlight--;
+      this.#sinceResize++;
+      const wake = run.wake;
+      run.wake = undefined;
+      wake?.();
+    };
+    this.#item(run, index).then(done, (error) => {
+      done();
+      // #item does not throw (the store is not touched here); if it ever does, retry the job.
+      run.transient ??= `Reading ${index} failed: ${(error as Error)?.message ?? String(error)}`;
+    });
+  }
+
+  /** Resolves when one of the job's readings settles, or after `ms`. */
+  #settledOne(run: Run, ms?: number): Promise<void> {
+    const settled = new Promise<void>((resolve) => run.wake = resolve);
+    return ms === undefined ? settled : pause(ms, settled);
+  }
+
+  /**
+   * Doubles the window (up to `windowMax`) after a full window of readings settled with the
+   * event loop free (lag under {@linkcode LAG_LOW_MS}) and room for it in the writer's half.
+   */
+  #grow(lag: number, queued: number, half: number): void {
+    if (this.#windowNow >= this.#windowMax || this.#sinceResize < this.#windowNow) return;
+    if (lag >= LAG_LOW_MS || queued + this.#windowNow > half) return;
+    this.#windowNow = Math.min(this.#windowMax, this.#windowNow * 2);
+    this.#sinceResize = 0;
+  }
+
+  /** Halves the window (down to `window`): live intake waits, or the writer is half full. */
+  #shrink(): void {
+    if (this.#windowNow <= this.#window) return;
+    this.#windowNow = Math.max(this.#window, Math.floor(this.#windowNow / 2));
+    this.#sinceResize = 0;
+  }
+
+  /** One reading: checked, recognised as this job's own, or submitted like any other. */
   async #item(run: Run, index: number): Promise<void> {
     const raw = run.readings[index];
-    const parsed = readingSubmissionSchema.safeParse(raw);
-    if (!parsed.success) {
-      const issue = parsed.error.issues[0];
-      const path = issue.path.join(".");
-      this.#fail(
-        run,
-        index,
-        meterIdOf(raw),
-        "invalid_payload",
-        `${path ? `${path}: ` : ""}${issue.message}`,
-      );
-      return;
+    // Every reading not settled passed readingSubmissionSchema at submission (which transforms
+    // nothing): a shape check guards against stored input that did not, and only then does the
+    // schema run again, for its message.
+    let reading = asSubmission(raw);
+    if (reading === null) {
+      const parsed = readingSubmissionSchema.safeParse(raw);
+      if (!parsed.success) {
+        const issue = parsed.error.issues[0];
+        const path = issue.path.join(".");
+        this.#fail(
+          run,
+          index,
+          meterIdOf(raw),
+          "invalid_payload",
+          `${path ? `${path}: ` : ""}${issue.message}`,
+        );
+        return;
+      }
+      reading = parsed.data;
     }
-    const reading = parsed.data;
     const key = `${reading.meter_id}\n${Date.parse(reading.reading_timestamp)}`;
     // Synchronous up to here, so the first index with a key claims this job's stored row.
     if (run.own.delete(key)) {
@@ -661,6 +755,33 @@ function sortedErrors(run: Run): BatchItemError[] {
 function meterIdOf(raw: unknown): string | null {
   const id = (raw as { meter_id?: unknown } | null)?.meter_id;
   return typeof id === "string" && id.length <= 64 ? id : null;
+}
+
+/** The reading as the actor takes it, when it has a submission's shape; else `null`. */
+function asSubmission(raw: unknown): ReadingSubmission | null {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) return null;
+  const r = raw as Record<string, unknown>;
+  for (const k in r) if (!SUBMISSION_KEYS.has(k)) return null;
+  const kwh = typeof r.kwh_amount;
+  if (
+    typeof r.meter_id !== "string" || typeof r.reading_timestamp !== "string" ||
+    typeof r.device_signature !== "string" || (kwh !== "string" && kwh !== "number") ||
+    (r.key_id !== undefined && typeof r.key_id !== "string")
+  ) return null;
+  return r as unknown as ReadingSubmission;
+}
+
+const SUBMISSION_KEYS = new Set([
+  "meter_id",
+  "kwh_amount",
+  "reading_timestamp",
+  "key_id",
+  "device_signature",
+]);
+
+/** Resolves at the start of a later task (after pending I/O and timers), without a 1 ms timer. */
+function nextTask(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
 }
 
 /** Resolves after `ms` or when `early` settles, whichever comes first; leaves no timer behind. */

@@ -66,7 +66,10 @@ interface Pending {
 
 /** Rows of the meters of one lane, waiting to be batched. */
 interface Lane {
+  /** Live rows (MQTT, HTTP): sent first. */
   pending: Pending[];
+  /** Rows of batch jobs (`source: "batch"`): sent after live ones, never in the last free slot. */
+  bulk: Pending[];
   /** Batches of this lane at the worker. */
   inFlight: number;
   timer: ReturnType<typeof setTimeout> | undefined;
@@ -83,6 +86,11 @@ interface InFlight {
 }
 
 const RESTART_DELAY_MS = 200;
+/**
+ * Batch-job rows per insert at most: their results come back in one burst on the actors'
+ * thread (~10 µs a row), which live readings wait behind.
+ */
+const BULK_BATCH_MAX = 250;
 const WORKER_URL = new URL("./writer.ts", import.meta.url);
 
 /**
@@ -121,6 +129,7 @@ export class WriterClient implements AsyncDisposable {
     this.#options = { lanes: 1, maxInFlight: 2, closeTimeoutMs: 30_000, ...options };
     this.#lanes = Array.from({ length: this.#options.lanes }, () => ({
       pending: [],
+      bulk: [],
       inFlight: 0,
       timer: undefined,
       lingerDone: false,
@@ -155,15 +164,23 @@ export class WriterClient implements AsyncDisposable {
     this.#queued++;
     const lane = this.#lanes[laneOf(row.meter_id, this.#lanes.length)];
     return new Promise((resolve) => {
-      lane.pending.push({ row, resolve });
-      if (lane.pending.length === 1 && lane.timer === undefined) {
+      const queue = row.source === "batch" ? lane.bulk : lane.pending;
+      const bulkMax = Math.min(this.#options.batchMax, BULK_BATCH_MAX);
+      queue.push({ row, resolve });
+      if (lane.lingerDone) {
+        // Past its linger (rows waited for a slot): a live row may find the slot batch rows
+        // leave free, at once.
+        this.#flushLane(lane);
+      } else if (lane.timer === undefined) {
         lane.timer = setTimeout(() => {
           lane.timer = undefined;
           lane.lingerDone = true;
           this.#flushLane(lane);
         }, this.#options.flushMs);
       }
-      if (lane.pending.length >= this.#options.batchMax) this.#flushLane(lane);
+      if (queue.length >= (queue === lane.bulk ? bulkMax : this.#options.batchMax)) {
+        this.#flushLane(lane);
+      }
     });
   }
 
@@ -246,18 +263,31 @@ export class WriterClient implements AsyncDisposable {
     for (const lane of this.#lanes) this.#flushLane(lane);
   }
 
+  /**
+   * Sends the lane's ready rows: live ones first; batch-job rows (at most
+   * {@linkcode BULK_BATCH_MAX} an insert) only while a slot stays free for live ones (with two or
+   * more slots), so a live row never waits behind more than the batch insert already running.
+   */
   #flushLane(lane: Lane): void {
-    while (
-      this.#worker && lane.pending.length > 0 && lane.inFlight < this.#options.maxInFlight &&
-      (lane.lingerDone || lane.pending.length >= this.#options.batchMax)
-    ) {
-      const batch = { lane, rows: lane.pending.splice(0, this.#options.batchMax), sentAt: 0 };
+    const { batchMax, maxInFlight } = this.#options;
+    const bulkSlots = maxInFlight > 1 ? maxInFlight - 1 : maxInFlight;
+    while (this.#worker && lane.inFlight < maxInFlight) {
+      let rows: Pending[];
+      if (lane.pending.length > 0 && (lane.lingerDone || lane.pending.length >= batchMax)) {
+        rows = lane.pending.splice(0, batchMax);
+      } else if (
+        lane.bulk.length > 0 && lane.inFlight < bulkSlots &&
+        (lane.lingerDone || lane.bulk.length >= Math.min(batchMax, BULK_BATCH_MAX))
+      ) {
+        rows = lane.bulk.splice(0, Math.min(batchMax, BULK_BATCH_MAX));
+      } else break;
+      const batch = { lane, rows, sentAt: 0 };
       const id = this.#nextId++;
       lane.inFlight++;
       this.#inFlight.set(id, batch);
       this.#sendBatch(id, batch);
     }
-    if (lane.pending.length === 0) {
+    if (lane.pending.length === 0 && lane.bulk.length === 0) {
       clearTimeout(lane.timer);
       lane.timer = undefined;
       lane.lingerDone = false;
@@ -285,7 +315,7 @@ export class WriterClient implements AsyncDisposable {
     for (let i = 0; i < batch.length; i++) batch[i].resolve(results(i));
     this.#queued -= batch.length;
     // Rows that waited behind a busy lane go out at once: batches grow with load.
-    if (lane.pending.length > 0) lane.lingerDone = true;
+    if (lane.pending.length > 0 || lane.bulk.length > 0) lane.lingerDone = true;
     this.#flushLane(lane);
     this.#wake();
   }
@@ -405,7 +435,7 @@ export class WriterClient implements AsyncDisposable {
       await Promise.all(this.#holding);
       // Whatever is left was never committed; its callers were never told it was.
       const left = [...this.#inFlight.values()].flatMap((e) => e.rows)
-        .concat(this.#lanes.flatMap((lane) => lane.pending.splice(0)));
+        .concat(this.#lanes.flatMap((lane) => [...lane.pending.splice(0), ...lane.bulk.splice(0)]));
       this.#inFlight.clear();
       for (const p of left) {
         p.resolve({ status: "failed", message: "Gateway shutting down", transient: true });
