@@ -567,3 +567,49 @@ Deno.test("hostile: ?mode=sync requests from one user are held open, not refused
     equal((await gw.request("GET", "/healthz")).status, 200);
   });
 });
+
+Deno.test("hostile: a disabled admin's queued job still runs with admin rights", async (t) => {
+  await using gw = await startTestGateway({ env: { BATCH_WORKER_CONCURRENCY: "1" } });
+  const alice = await gw.createUser("alice@disabled.test");
+  const rogue = await gw.createUser("rogue-admin@disabled.test", "admin");
+  const filler = await gw.createUser("filler@disabled.test");
+  const am = await gw.registerMeter("da-1", alice.id);
+  const fm = await gw.registerMeter("df-1", filler.id);
+
+  await t.step(
+    "BUG: readings of a job submitted by an admin who is disabled before it runs are stored",
+    async () => {
+      // Keep the single runner slot busy so the rogue job is still queued when it is disabled.
+      const junk = Array.from({ length: 1000 }, (_, i) => ({
+        ...signedReading("df-1", fm.secret_hex, isoAgo((i + 1) * 60_000)),
+        device_signature: "00".repeat(32),
+      }));
+      await Promise.all(Array.from({ length: 30 }, () => submit(gw, filler.token, junk)));
+      // Validly signed readings of alice's meter (e.g. captured from the wire), submitted by the
+      // admin: as an admin, the rights check at submission lets every meter through.
+      const readings = Array.from(
+        { length: 5 },
+        (_, i) => signedReading("da-1", am.secret_hex, isoAgo((i + 1) * 3_600_000)),
+      );
+      const res = await submit(gw, rogue.token, readings);
+      equal(res.status, 202);
+      const patch = await gw.request("PATCH", `/api/admin/users/${rogue.id}`, {
+        token: gw.adminToken,
+        body: { disabled: true },
+      });
+      equal(patch.status, 200, JSON.stringify(patch.body));
+      const before = await gw.request("GET", `/api/meters/batches/${res.body.job_id}`, {
+        token: gw.adminToken,
+      });
+      console.log("rogue job status when the account was disabled:", before.body.status);
+      const job = await waitForJob(gw, gw.adminToken, res.body.job_id, 120_000);
+      // runner: `role: user?.role ?? "user"` ignores `disabled`; a disabled account's job should
+      // not run (or should run with no rights), like its tokens stop working at once.
+      equal(
+        job.successful,
+        0,
+        `a disabled admin's job stored ${job.successful} of alice's readings`,
+      );
+    },
+  );
+});
