@@ -93,7 +93,7 @@ export async function checkBatchReadings(
       meter_id: meterIdOf(raw),
       code: "invalid_payload",
       // Stored as JSON (jsonb refuses U+0000): key names quoted by a message lose their controls.
-      message: `${path ? `${path}: ` : ""}${issue.message}`.replace(CONTROLS, "\uFFFD"),
+      message: storableMessage(`${path ? `${path}: ` : ""}${issue.message}`),
     });
   });
   if (caller.role !== "admin") {
@@ -121,6 +121,18 @@ export async function checkBatchReadings(
 
 // deno-lint-ignore no-control-regex -- the point is to find them
 const CONTROLS = /[\u0000-\u001f\u007f]/g;
+/** Longest stored error message: a message quoting a 200 KB key name is cut, not kept. */
+const MESSAGE_MAX = 256;
+
+/**
+ * An error message as the job stores it (JSON, also in PostgreSQL's jsonb): cut to
+ * {@linkcode MESSAGE_MAX} characters, controls and unpaired surrogates (quoted key names)
+ * replaced by U+FFFD, which jsonb refuses otherwise.
+ */
+export function storableMessage(text: string): string {
+  const cut = text.length > MESSAGE_MAX ? `${text.slice(0, MESSAGE_MAX - 1)}…` : text;
+  return cut.replace(CONTROLS, "\uFFFD").toWellFormed();
+}
 
 /** The meter id of a reading that failed its schema, when it has a well-formed one. */
 function meterIdOf(raw: unknown): string | null {

@@ -91,6 +91,7 @@ const envSchema = z.object({
   BATCH_MAX_SIZE: int(1000, 1, 10_000),
   BATCH_SYNC_MAX: int(100, 1, 10_000),
   BATCH_WORKER_CONCURRENCY: int(2, 1, 64),
+  BATCH_MAX_OPEN_PER_USER: int(20, 1, 100_000),
   BATCH_LEASE: duration("15s").pipe(z.number().min(300, "must be at least 300ms")),
   BATCH_MAX_ATTEMPTS: int(3, 1, 100),
   BATCH_RETRY_BACKOFF: duration("5s").pipe(z.number().min(10, "must be at least 10ms")),
@@ -311,6 +312,8 @@ export interface Config {
     maxSize: number;
     /** Batches up to this size may be submitted with `?mode=sync`. */
     syncMax: number;
+    /** Queued and running jobs one account may have. */
+    maxOpenPerUser: number;
     /** Jobs one instance runs at once. */
     concurrency: number;
     leaseMs: number;
@@ -554,6 +557,7 @@ export function loadConfig(
     importBodyLimit: e.HTTP_IMPORT_BODY_LIMIT,
     batch: {
       maxSize: e.BATCH_MAX_SIZE,
+      maxOpenPerUser: e.BATCH_MAX_OPEN_PER_USER,
       syncMax: Math.min(e.BATCH_SYNC_MAX, e.BATCH_MAX_SIZE),
       concurrency: e.BATCH_WORKER_CONCURRENCY,
       leaseMs: e.BATCH_LEASE,

@@ -25,9 +25,15 @@ export function decodeCursor(cursor: string): unknown {
   }
 }
 
-/** Whether `ms` is epoch milliseconds a `Date` (and PostgreSQL's timestamptz) can hold. */
+/** Latest instant the stores take: 9999-12-31T23:59:59.999Z (as query dates are bounded). */
+const MAX_MS = 253_402_300_799_999;
+
+/**
+ * Whether `ms` is epoch milliseconds from 1970 to the end of year 9999: what every store holds
+ * (PostgreSQL's timestamptz refuses much of what a `Date` can hold).
+ */
 export function validMs(ms: unknown): ms is number {
-  return typeof ms === "number" && Number.isSafeInteger(ms) && Math.abs(ms) <= 8.64e15;
+  return typeof ms === "number" && Number.isSafeInteger(ms) && ms >= 0 && ms <= MAX_MS;
 }
 
 /** Decodes a `[epoch ms, key]` cursor; throws `invalid_payload` for anything else. */

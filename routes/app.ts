@@ -70,7 +70,7 @@ export interface AppDeps {
   cache?: StoreReads;
   /** Runs batch jobs (wakes it when a job is created, waits for sync ones). */
   runner: Pick<BatchRunner, "submitted" | "awaitFinished" | "wake">;
-  batch: { maxSize: number; syncMax: number; bodyLimit: number };
+  batch: { maxSize: number; syncMax: number; bodyLimit: number; maxOpenPerUser: number };
   /** How long `?mode=sync` waits for a batch's result. */
   syncWaitMs: number;
 }

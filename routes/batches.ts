@@ -94,7 +94,8 @@ export interface BatchRoutesDeps {
   tokens: TokenService;
   clock: Clock;
   runner: Pick<BatchRunner, "submitted" | "awaitFinished" | "wake">;
-  batch: { maxSize: number; syncMax: number };
+  /** `maxOpenPerUser`: queued and running jobs one account may have (BATCH_MAX_OPEN_PER_USER). */
+  batch: { maxSize: number; syncMax: number; maxOpenPerUser: number };
   /** Each meter's owner, cached (the rights checked at submission); absent: the store. */
   owners?: MeterOwners;
   /** How long `?mode=sync` waits for the result before answering 202. */
@@ -184,6 +185,38 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
     : async (meterId: string) => (await deps.store.getDevice(meterId))?.user_id ?? null;
 
   const app = new OpenAPIHono<AuthEnv>({ defaultHook: validationHook });
+  const maxOpen = deps.batch.maxOpenPerUser;
+  /**
+   * One account's backlog is bounded: jobs run oldest first, so without a bound one user's
+   * flood would hold back everyone's (and fill the store). A retried submission of a job still
+   * open passes (its Idempotency-Key finds it); two submissions racing may both pass.
+   */
+  async function checkOpenJobs(userId: string, key: string | undefined): Promise<void> {
+    const open: BatchJob[] = [];
+    for (const status of ["queued", "running"] as const) {
+      const page = await deps.store.listBatchJobs({ user_id: userId, status, limit: maxOpen });
+      open.push(...page.items);
+    }
+    if (open.length < maxOpen) return;
+    if (key !== undefined && open.some((j) => j.idempotency_key === key)) return;
+    throw new GatewayError(
+      "rate_limited",
+      `This account has ${open.length} batch jobs queued or running (BATCH_MAX_OPEN_PER_USER ` +
+        `is ${maxOpen}); submit more once they finish`,
+      { retryAfter: 30 },
+    );
+  }
+  /** Runs `fn` after every earlier call for the same account has settled. */
+  const tails = new Map<string, Promise<unknown>>();
+  function serially<T>(userId: string, fn: () => Promise<T>): Promise<T> {
+    const run = (tails.get(userId) ?? Promise.resolve()).then(fn, fn);
+    const tail = run.catch(() => {});
+    tails.set(userId, tail);
+    tail.then(() => {
+      if (tails.get(userId) === tail) tails.delete(userId);
+    });
+    return run;
+  }
   app.use("/submit-readings-batch", bearerAuth(deps.tokens));
   app.use("/batches", bearerAuth(deps.tokens));
   app.use("/batches/*", bearerAuth(deps.tokens));
@@ -214,16 +247,21 @@ export function batchRoutes(deps: BatchRoutesDeps): OpenAPIHono<AuthEnv> {
       const digest = createHash("sha256").update(canonicalJson(body)).digest("hex");
       // Schema and rights now, recorded by index with the job; the runner checks the rest.
       const errors = await checkBatchReadings(body.readings, principal, ownerOf);
-      const { job, created } = await deps.store.createBatchJob({
-        id: crypto.randomUUID(),
-        user_id: principal.user_id,
-        idempotency_key: key ?? null,
-        body_sha256: digest,
-        total_submitted: body.readings.length,
-        created_at: deps.clock.now(),
-        failed: errors.length,
-        errors,
-      }, body.readings);
+      // The account's count of open jobs and the new job are one step per account on this
+      // instance: parallel submissions cannot all pass the check before any is stored.
+      const { job, created } = await serially(principal.user_id, async () => {
+        await checkOpenJobs(principal.user_id, key);
+        return await deps.store.createBatchJob({
+          id: crypto.randomUUID(),
+          user_id: principal.user_id,
+          idempotency_key: key ?? null,
+          body_sha256: digest,
+          total_submitted: body.readings.length,
+          created_at: deps.clock.now(),
+          failed: errors.length,
+          errors,
+        }, body.readings);
+      });
       if (!created && job.body_sha256 !== digest) {
         throw new GatewayError(
           "idempotency_mismatch",

@@ -27,6 +27,9 @@ export type RequestLogEnv = { Variables: { requestId: string; errorCode?: string
  * (see `withLogContext`), and writes one access line when it is answered: method, route
  * pattern, status, duration, client address.
  */
+/** Characters of a request path the access line keeps. */
+const PATH_MAX = 256;
+
 export function requestLog(options: RequestLogOptions): MiddlewareHandler<RequestLogEnv> {
   const { logger } = options;
   return async function requestLog(c, next) {
@@ -53,7 +56,8 @@ export function requestLog(options: RequestLogOptions): MiddlewareHandler<Reques
         const fields = {
           method: c.req.method,
           route,
-          path: c.req.path,
+          // Bounded: anyone can ask for a 40 KB path, and it would be a 40 KB line.
+          path: c.req.path.length > PATH_MAX ? `${c.req.path.slice(0, PATH_MAX)}…` : c.req.path,
           status,
           duration_ms: Math.round((performance.now() - started) * 10) / 10,
           address: clientAddress(c),

@@ -365,6 +365,14 @@ export class BatchRunner implements AsyncDisposable {
         return;
       }
       const user = await o.store.getUser(job.user_id);
+      if (user?.disabled) {
+        // A disabled account's rights end everywhere, its queued jobs included.
+        await this.#end(job, "failed", {
+          ...counts(run),
+          last_error: "The submitter's account is disabled",
+        });
+        return;
+      }
       // A deleted submitter keeps no rights beyond a user's (their meters may still be theirs).
       run.principal = { user_id: job.user_id, role: user?.role ?? "user" };
       for (const r of await o.store.readingsOfBatchJob(job.id)) {
