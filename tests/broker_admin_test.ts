@@ -27,6 +27,7 @@ import {
   startMosquitto,
   within,
 } from "./_mosquitto.ts";
+import { memoryLogger } from "./_memory_logger.ts";
 
 const DYNSEC_CONF = fileURLToPath(new URL("../deploy/mosquitto.dynsec.conf", import.meta.url));
 const PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
@@ -39,26 +40,6 @@ const tools = await binariesAvailable(["mosquitto", "mosquitto_ctrl"]);
 const pluginThere = await Deno.stat(PLUGIN).then(() => true, () => false);
 const skip = !tools.ok ? tools.reason : pluginThere ? undefined : `${PLUGIN} is missing`;
 const name = (title: string) => skip ? `${title} (ignored: ${skip})` : title;
-
-/** A logger that keeps its entries, for assertions. */
-function memoryLogger(): Logger & {
-  entries: { level: string; msg: string; fields: Record<string, unknown> }[];
-} {
-  const entries: { level: string; msg: string; fields: Record<string, unknown> }[] = [];
-  const at = (level: string) => (msg: string, fields: Record<string, unknown> = {}) => {
-    entries.push({ level, msg, fields });
-  };
-  const logger: ReturnType<typeof memoryLogger> = {
-    entries,
-    debug: at("debug"),
-    info: at("info"),
-    warn: at("warn"),
-    error: at("error"),
-    child: () => logger,
-    enabled: () => true,
-  };
-  return logger;
-}
 
 /**
  * Mosquitto with deploy/mosquitto.conf followed by deploy/mosquitto.dynsec.conf, its plugin file

@@ -24,6 +24,7 @@ import {
   startRedisServer,
 } from "./_redis_cluster.ts";
 import { redisUrl } from "./_services.ts";
+import { memoryLogger } from "./_memory_logger.ts";
 
 const KEK = new Uint8Array(32).fill(3);
 const SECRET = Buffer.alloc(32, 9);
@@ -308,21 +309,6 @@ async function commandCalls(port: number, command: string): Promise<number> {
   return match ? Number(match[1]) : 0;
 }
 
-function capturingLogger(): Logger & { lines: { level: string; msg: string }[] } {
-  const lines: { level: string; msg: string }[] = [];
-  const log = (level: string) => (msg: string) => void lines.push({ level, msg });
-  const logger: ReturnType<typeof capturingLogger> = {
-    lines,
-    debug: log("debug"),
-    info: log("info"),
-    warn: log("warn"),
-    error: log("error"),
-    child: () => logger,
-    enabled: () => true,
-  };
-  return logger;
-}
-
 Deno.test({
   name: "one script call per sync round however many readings and meters",
   ignore: !redisBinaries.ok,
@@ -392,7 +378,7 @@ Deno.test({
     await redis.connect();
     const store = await sharedStore(["m-out"]);
     const clock = new ManualClock(NOW);
-    const logger = capturingLogger();
+    const logger = memoryLogger();
     const one = instance(store, clock, { redis, prefix: "gtx:", logger });
     const limiter = one.limiter!;
     const key = "gtx:rate:m-out";
@@ -414,14 +400,14 @@ Deno.test({
       assert.equal(last.status === "rejected" && last.code, "rate_limited");
       assert.ok(limiter.degraded);
       assert.ok(limiter.stats.failures >= 15, `${limiter.stats.failures}`);
-      assert.deepEqual(logger.lines.map((l) => l.level), ["warn"]);
+      assert.deepEqual(logger.entries.map((l) => l.level), ["warn"]);
       assert.equal(limiter.pending, 1);
 
       await server.start();
       await until(() => redis.status === "ready", 10_000);
       await limiter.sync();
       assert.ok(!limiter.degraded);
-      assert.deepEqual(logger.lines.map((l) => l.level), ["warn", "info"]);
+      assert.deepEqual(logger.entries.map((l) => l.level), ["warn", "info"]);
       // The restarted server had lost the bucket (a full one): the outage's 15 are charged.
       assert.equal(Number(await redis.hget(key, "tokens")), BURST - 15);
       assert.equal(limiter.pending, 0);

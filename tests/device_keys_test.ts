@@ -13,6 +13,7 @@ import { canonicalMessage, connectMessage, ed25519Raw, signHmac } from "../core/
 import { KvStore } from "../db/kv_store.ts";
 import { deviceRecord, hmacDevice, plainUser, storeDevice } from "./_devices.ts";
 import { isoAgo, startTestGateway, type TestGateway } from "./_gateway.ts";
+import { memoryLogger } from "./_memory_logger.ts";
 
 const IDENTITY = "01" + "00".repeat(31);
 const ZERO = "00".repeat(32);
@@ -201,23 +202,6 @@ Deno.test("register, rotate and import responses carry Cache-Control: no-store",
   assert.equal(imported.headers.get("cache-control"), "no-store");
 });
 
-/** A logger that keeps every line. */
-function captureLogger(): Logger & { lines: { level: string; msg: string; fields: unknown }[] } {
-  const lines: { level: string; msg: string; fields: unknown }[] = [];
-  const at = (level: string) => (msg: string, fields?: Record<string, unknown>) =>
-    lines.push({ level, msg, fields });
-  const logger: ReturnType<typeof captureLogger> = {
-    lines,
-    debug: at("debug"),
-    info: at("info"),
-    warn: at("warn"),
-    error: at("error"),
-    child: () => logger,
-    enabled: () => true,
-  };
-  return logger;
-}
-
 const NOW = Date.parse("2026-11-29T12:00:00Z");
 const SECRET = Buffer.alloc(32, 5);
 
@@ -266,7 +250,7 @@ function reading(minutesAgo: number, signature?: string) {
 }
 
 Deno.test("a sealed key the gateway cannot decrypt is reported as that, once", async (t) => {
-  const logger = captureLogger();
+  const logger = memoryLogger();
   const { store, registry } = await registryWith(new Uint8Array(32).fill(2), logger);
   try {
     await t.step(
@@ -286,7 +270,7 @@ Deno.test("a sealed key the gateway cannot decrypt is reported as that, once", a
       },
     );
     await t.step("the error is logged once with the meter id, not per reading", () => {
-      const errors = logger.lines.filter((l) => l.level === "error");
+      const errors = logger.entries.filter((l) => l.level === "error");
       assert.equal(errors.length, 1, JSON.stringify(errors));
       assert.match(errors[0].msg, /cannot be decrypted.*DEVICE_KEY_ENCRYPTION_KEY/);
       assert.deepEqual(errors[0].fields, { meter_id: "m1", key_ids: ["k1"] });
@@ -298,7 +282,7 @@ Deno.test("a sealed key the gateway cannot decrypt is reported as that, once", a
 });
 
 Deno.test("bad signatures are logged as security events, without the signature", async () => {
-  const logger = captureLogger();
+  const logger = memoryLogger();
   const security = new SecurityLog({ logger, clock: new ManualClock(NOW) });
   const kek = new Uint8Array(32).fill(1);
   const { store, registry } = await registryWith(kek, logger, security);
@@ -307,8 +291,8 @@ Deno.test("bad signatures are logged as security events, without the signature",
     const outcome = await registry.submit({ ...reading(60, forged), address: "192.0.2.7" });
     assert.equal(outcome.status === "rejected" && outcome.code, "bad_signature");
     assert.equal((await registry.submit(reading(30))).status, "accepted");
-    const warns = logger.lines.filter((l) => l.level === "warn");
-    assert.equal(warns.length, 1, JSON.stringify(logger.lines));
+    const warns = logger.entries.filter((l) => l.level === "warn");
+    assert.equal(warns.length, 1, JSON.stringify(logger.entries));
     assert.equal(warns[0].msg, "security: bad_signature");
     assert.deepEqual(warns[0].fields, {
       event: "bad_signature",
@@ -316,7 +300,7 @@ Deno.test("bad signatures are logged as security events, without the signature",
       meter_id: "m1",
       source: "mqtt",
     });
-    assert.doesNotMatch(JSON.stringify(logger.lines), new RegExp(forged));
+    assert.doesNotMatch(JSON.stringify(logger.entries), new RegExp(forged));
   } finally {
     await store.close();
   }

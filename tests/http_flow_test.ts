@@ -4,7 +4,6 @@ import { deepEqual, equal, match, notEqual, ok } from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { LocalBus } from "../bus/local_bus.ts";
 import { ManualClock } from "../core/clock.ts";
-import type { Logger } from "../core/logger.ts";
 import { KvStore } from "../db/kv_store.ts";
 import type { Store } from "../db/store.ts";
 import { healthRoutes } from "../routes/health.ts";
@@ -16,6 +15,7 @@ import {
   startTestGateway,
   type TestGateway,
 } from "./_gateway.ts";
+import { memoryLogger } from "./_memory_logger.ts";
 
 type Res = Awaited<ReturnType<TestGateway["request"]>>;
 
@@ -820,26 +820,6 @@ Deno.test("the health, readiness, OpenAPI and docs endpoints answer", async (t) 
     assertError(res, 404, "not_found");
   });
 });
-
-/** A logger that keeps every entry, for asserting what was logged. */
-function memoryLogger(): Logger & {
-  entries: { level: string; msg: string; fields: Record<string, unknown> }[];
-} {
-  const entries: { level: string; msg: string; fields: Record<string, unknown> }[] = [];
-  const at = (level: string) => (msg: string, fields: Record<string, unknown> = {}) => {
-    entries.push({ level, msg, fields });
-  };
-  const logger: ReturnType<typeof memoryLogger> = {
-    entries,
-    debug: at("debug"),
-    info: at("info"),
-    warn: at("warn"),
-    error: at("error"),
-    child: () => logger,
-    enabled: () => true,
-  };
-  return logger;
-}
 
 Deno.test("/readyz names failing checks only as down or stalled and logs the details", async () => {
   const secret = "connect ECONNREFUSED db.internal:5432 for user gateway_rw";
